@@ -1,0 +1,187 @@
+"""Settings: `settings.toml` defaults per environment, overridden by environment variables.
+
+Environment variables use the plain names of the contract (``REDIS_HOST``, ``JWT_SECRET``,
+...). ``CHAT_ENV`` picks the environment section (development, testing, production).
+Everything is validated once at start; a bad value stops the process with a message that
+names the variable and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+from dynaconf import Dynaconf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS_FILE = ROOT / "settings.toml"
+ENV_SWITCH = "CHAT_ENV"
+
+
+class ConfigError(Exception):
+    """Raised when the settings cannot start a server; the message says what to fix."""
+
+
+class Settings(BaseModel):
+    """The validated configuration of one instance."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    env: str = "development"
+    INSTANCE_ID: str = ""
+    HOST: str = "127.0.0.1"
+    PORT: int = Field(8000, ge=1, le=65535)
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    LOG_FORMAT: Literal["json", "console"] = "json"
+
+    REDIS_URL: str = ""
+    REDIS_HOST: str = ""
+    REDIS_PORT: int = Field(6379, ge=1, le=65535)
+    REDIS_USERNAME: str = ""
+    REDIS_PASSWORD: str = ""
+    REDIS_SSL: bool = False
+    REDIS_DB: int = Field(0, ge=0)
+    REDIS_CLUSTER: bool = False
+    REDIS_PUBSUB_URL: str = ""
+    REDIS_KEY_PREFIX: str = "chat:"
+    REDIS_TIMEOUT: float = Field(5.0, gt=0)
+
+    WS_GRACE_PERIOD: float = Field(60, ge=0)
+    WS_HEARTBEAT_INTERVAL: float = Field(25, gt=0)
+
+    JWT_SECRET: str = ""
+    JWT_ALGORITHMS: list[str] = ["HS256"]
+    JWT_PUBLIC_KEY: str = ""
+    JWT_JWKS_URL: str = ""
+    JWT_AUDIENCE: str = ""
+    JWT_ISSUER: str = ""
+    JWT_LEEWAY: float = Field(0, ge=0)
+
+    STORE: Literal["sqlite", "firestore", "memory"] = "sqlite"
+    SQLITE_PATH: str = "data/chat.db"
+    FIRESTORE_PROJECT: str = ""
+    FIRESTORE_DATABASE: str = "(default)"
+    FIRESTORE_EMULATOR_HOST: str = ""
+    GOOGLE_APPLICATION_CREDENTIALS: str = ""
+    STORE_TIMEOUT: float = Field(5.0, gt=0)
+
+    MAX_MESSAGE_LENGTH: int = Field(4000, ge=1, le=100_000)
+    MAX_FRAME_BYTES: int = Field(65536, ge=1024)
+    RATE_LIMIT_CONNECTS_PER_MINUTE: int = Field(60, ge=1)
+    RATE_LIMIT_EVENTS_PER_SECOND: float = Field(20, gt=0)
+    RATE_LIMIT_EVENTS_BURST: int = Field(40, ge=1)
+    TRUST_PROXY_HEADERS: bool = False
+
+    DEV_TOKENS: bool = False
+    CORS_ORIGINS: list[str] = []
+    SHUTDOWN_TIMEOUT: float = Field(25, gt=0)
+    HEALTH_CHECK_TIMEOUT: float = Field(2.0, gt=0)
+
+    @field_validator("REDIS_PASSWORD", "REDIS_USERNAME", "JWT_SECRET", "INSTANCE_ID", mode="before")
+    @classmethod
+    def _as_text(cls, value: Any) -> str:
+        return "" if value is None else str(value)
+
+    @field_validator("JWT_ALGORITHMS", "CORS_ORIGINS", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> list[str]:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return list(value)
+
+    @field_validator("JWT_ALGORITHMS")
+    @classmethod
+    def _known_algorithms(cls, value: list[str]) -> list[str]:
+        allowed = {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"}
+        unknown = [alg for alg in value if alg not in allowed]
+        if unknown or not value:
+            raise ValueError(f"unsupported algorithms {unknown or value}; choose from {sorted(allowed)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        uses_hmac = any(alg.startswith("HS") for alg in self.JWT_ALGORITHMS)
+        uses_keys = any(not alg.startswith("HS") for alg in self.JWT_ALGORITHMS)
+        if uses_hmac and uses_keys:
+            raise ValueError(
+                "JWT_ALGORITHMS mixes HMAC (HS*) and public-key algorithms; that allows "
+                "algorithm confusion. Configure one family."
+            )
+        if uses_hmac and not self.JWT_SECRET:
+            raise ValueError("JWT_SECRET is empty: set it (HS* algorithms need a shared secret)")
+        if uses_hmac and self.env == "production" and len(self.JWT_SECRET) < 32:
+            raise ValueError("JWT_SECRET must be at least 32 characters in production")
+        if uses_keys and not (self.JWT_PUBLIC_KEY or self.JWT_JWKS_URL):
+            raise ValueError("RS/ES algorithms need JWT_PUBLIC_KEY (PEM) or JWT_JWKS_URL")
+        if self.STORE == "firestore" and not (self.FIRESTORE_PROJECT or self.FIRESTORE_EMULATOR_HOST):
+            raise ValueError("STORE=firestore needs FIRESTORE_PROJECT (or FIRESTORE_EMULATOR_HOST)")
+        if self.REDIS_CLUSTER and not self.redis_configured:
+            raise ValueError("REDIS_CLUSTER=true needs REDIS_URL or REDIS_HOST")
+        if self.WS_HEARTBEAT_INTERVAL >= 300:
+            raise ValueError("WS_HEARTBEAT_INTERVAL must stay below the load balancer idle timeout (< 300 s)")
+        return self
+
+    @property
+    def instance_id(self) -> str:
+        return self.INSTANCE_ID or _default_instance_id()
+
+    @property
+    def redis_configured(self) -> bool:
+        return bool(self.REDIS_URL or self.REDIS_HOST)
+
+    @property
+    def redis_url(self) -> str:
+        """One URL for Redis, built from REDIS_URL or the REDIS_HOST family."""
+        if self.REDIS_URL:
+            return self.REDIS_URL
+        if not self.REDIS_HOST:
+            return ""
+        scheme = "rediss" if self.REDIS_SSL else "redis"
+        auth = ""
+        if self.REDIS_USERNAME or self.REDIS_PASSWORD:
+            auth = f"{quote(self.REDIS_USERNAME, safe='')}:{quote(self.REDIS_PASSWORD, safe='')}@"
+        return f"{scheme}://{auth}{self.REDIS_HOST}:{self.REDIS_PORT}/{self.REDIS_DB}"
+
+    @property
+    def pubsub_url(self) -> str:
+        return self.REDIS_PUBSUB_URL or self.redis_url
+
+    @property
+    def sqlite_path(self) -> Path:
+        path = Path(self.SQLITE_PATH)
+        return path if path.is_absolute() else ROOT / path
+
+
+_INSTANCE_SUFFIX = uuid.uuid4().hex[:6]
+
+
+def _default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{_INSTANCE_SUFFIX}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Load and validate settings; raise ConfigError naming every bad variable."""
+    env = os.environ.get(ENV_SWITCH, "development")
+    raw = Dynaconf(
+        settings_files=[str(SETTINGS_FILE)],
+        environments=True,
+        env=env,
+        env_switcher=ENV_SWITCH,
+        envvar_prefix=False,
+        load_dotenv=False,
+    )
+    values = {key: raw.get(key) for key in Settings.model_fields if raw.get(key) is not None}
+    values["env"] = env
+    values.update(overrides)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration ({ENV_SWITCH}={env}): {problems}") from None

@@ -1,0 +1,104 @@
+"""Domain records shared by the stores, the services and the wire format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+RoomKind = Literal["public", "private", "direct"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(ts: datetime | None) -> str | None:
+    """ISO 8601 UTC with milliseconds, e.g. ``2026-11-27T05:17:12.123Z``."""
+    if ts is None:
+        return None
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+
+
+def parse_iso(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def room_kind(room_id: str) -> RoomKind:
+    """Direct rooms are recognised by their id; others are public until created private."""
+    return "direct" if room_id.startswith("dm:") else "public"
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    id: str
+    kind: RoomKind
+    name: str
+    owner: str | None = None
+    created_at: datetime = field(default_factory=utcnow)
+
+    def to_wire(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "name": self.name}
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDraft:
+    """What a sender asks to store; the store gives it an id, a seq and a time."""
+
+    room: str
+    sender_id: str
+    sender_name: str
+    text: str
+    client_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: str
+    room: str
+    seq: int
+    sender_id: str
+    sender_name: str
+    text: str
+    client_id: str
+    created_at: datetime
+
+    def to_wire(self) -> dict:
+        return {
+            "id": self.id,
+            "room": self.room,
+            "seq": self.seq,
+            "sender": {"id": self.sender_id, "name": self.sender_name},
+            "text": self.text,
+            "client_id": self.client_id,
+            "created_at": iso(self.created_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    id: str
+    name: str
+    last_seen: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    """Outcome of storing a draft: the stored message and whether this call created it."""
+
+    message: Message
+    created: bool
+
+
+def message_id(room: str, sender_id: str, client_id: str) -> str:
+    """Deterministic id of a message: the same (room, sender, client_id) always maps to it.
+
+    Stores use it to make retried sends idempotent (a second create of the same id fails),
+    and it is random-looking, so Firestore document ids do not hotspot.
+    """
+    import hashlib
+
+    key = f"{room}\x00{sender_id}\x00{client_id}".encode()
+    return hashlib.blake2b(key, digest_size=12).hexdigest()

@@ -1,0 +1,98 @@
+"""The store interface: rooms, members, messages, read markers and user records.
+
+One implementation per file beside this one (``memory.py``, ``sqlite.py``,
+``firestore.py``); ``tests/test_store_contract.py`` runs the same suite against each.
+Every method may raise :class:`server.errors.StoreUnavailable` when the backend does not
+answer; callers turn that into the ``unavailable`` ack.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from datetime import datetime
+
+from ..models import AddResult, Message, MessageDraft, Room, UserRecord
+
+
+class Store(ABC):
+    """Durable chat state. Implementations must be safe for concurrent use on one loop."""
+
+    #: True when the store can allocate a room's next seq itself cheaply and atomically
+    #: for every writer (SQLite, memory). False when an external allocator (Redis INCR)
+    #: should do it when available, because the store's own way is slow (Firestore).
+    allocates_seq_cheaply: bool = True
+
+    async def start(self) -> None:
+        """Open connections and create what is missing (tables, health document)."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise if the store cannot serve a read now (used by /api/health)."""
+
+    # rooms and members
+    @abstractmethod
+    async def get_room(self, room_id: str) -> Room | None: ...
+
+    @abstractmethod
+    async def create_room(self, room: Room, members: list[str]) -> tuple[Room, bool]:
+        """Create ``room`` with ``members`` unless it exists; return (stored room, created)."""
+
+    @abstractmethod
+    async def add_members(self, room_id: str, user_ids: list[str]) -> None: ...
+
+    @abstractmethod
+    async def remove_members(self, room_id: str, user_ids: list[str]) -> None: ...
+
+    @abstractmethod
+    async def is_member(self, room_id: str, user_id: str) -> bool: ...
+
+    @abstractmethod
+    async def list_members(self, room_id: str) -> list[str]:
+        """Member ids, sorted."""
+
+    # messages
+    @abstractmethod
+    async def add_message(self, draft: MessageDraft, seq: int | None = None) -> AddResult:
+        """Store ``draft`` durably and return it with its id, seq and time.
+
+        Idempotent on (room, sender, client_id): a repeat returns the stored message with
+        ``created=False``. With ``seq=None`` the store allocates ``last_seq + 1``
+        atomically; with a given ``seq`` it stores that one and raises
+        :class:`server.errors.SeqTaken` if the room already has it.
+        """
+
+    @abstractmethod
+    async def find_message(self, room_id: str, sender_id: str, client_id: str) -> Message | None: ...
+
+    @abstractmethod
+    async def last_seq(self, room_id: str) -> int:
+        """Highest stored seq of the room, 0 when it has no message."""
+
+    @abstractmethod
+    async def messages_after(self, room_id: str, after: int, limit: int) -> list[Message]:
+        """Up to ``limit`` messages with seq > ``after``, ascending."""
+
+    @abstractmethod
+    async def messages_before(self, room_id: str, before: int | None, limit: int) -> list[Message]:
+        """The ``limit`` messages closest below ``before`` (latest when None), ascending."""
+
+    # read markers
+    @abstractmethod
+    async def set_read_marker(self, room_id: str, user_id: str, seq: int) -> int:
+        """Move the marker forward to ``seq`` (never backwards); return the stored value."""
+
+    @abstractmethod
+    async def get_read_marker(self, room_id: str, user_id: str) -> int: ...
+
+    # users
+    @abstractmethod
+    async def upsert_user(self, user_id: str, name: str) -> None: ...
+
+    @abstractmethod
+    async def set_last_seen(self, user_id: str, when: datetime) -> None: ...
+
+    @abstractmethod
+    async def get_users(self, user_ids: list[str]) -> dict[str, UserRecord]: ...

@@ -1,0 +1,111 @@
+"""In-process store: the fastest backend, for tests and throwaway single instances."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import replace
+from datetime import datetime
+
+from ..errors import SeqTaken
+from ..models import AddResult, Message, MessageDraft, Room, UserRecord, message_id, utcnow
+from .base import Store
+
+
+class MemoryStore(Store):
+    """Keeps everything in dicts; nothing survives a restart."""
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, Room] = {}
+        self._members: dict[str, set[str]] = {}
+        self._messages: dict[str, list[Message]] = {}  # room -> ascending by seq
+        self._by_id: dict[str, Message] = {}
+        self._markers: dict[tuple[str, str], int] = {}
+        self._users: dict[str, UserRecord] = {}
+
+    async def ping(self) -> None:
+        return None
+
+    async def get_room(self, room_id: str) -> Room | None:
+        return self._rooms.get(room_id)
+
+    async def create_room(self, room: Room, members: list[str]) -> tuple[Room, bool]:
+        existing = self._rooms.get(room.id)
+        if existing is not None:
+            return existing, False
+        self._rooms[room.id] = room
+        self._members[room.id] = set(members)
+        return room, True
+
+    async def add_members(self, room_id: str, user_ids: list[str]) -> None:
+        self._members.setdefault(room_id, set()).update(user_ids)
+
+    async def remove_members(self, room_id: str, user_ids: list[str]) -> None:
+        self._members.get(room_id, set()).difference_update(user_ids)
+
+    async def is_member(self, room_id: str, user_id: str) -> bool:
+        return user_id in self._members.get(room_id, ())
+
+    async def list_members(self, room_id: str) -> list[str]:
+        return sorted(self._members.get(room_id, ()))
+
+    async def add_message(self, draft: MessageDraft, seq: int | None = None) -> AddResult:
+        mid = message_id(draft.room, draft.sender_id, draft.client_id)
+        existing = self._by_id.get(mid)
+        if existing is not None:
+            return AddResult(existing, created=False)
+        room_messages = self._messages.setdefault(draft.room, [])
+        last = room_messages[-1].seq if room_messages else 0
+        if seq is None:
+            seq = last + 1
+        elif self._has_seq(room_messages, seq):
+            raise SeqTaken(draft.room, last)
+        message = Message(
+            id=mid, room=draft.room, seq=seq, sender_id=draft.sender_id,
+            sender_name=draft.sender_name, text=draft.text, client_id=draft.client_id,
+            created_at=utcnow(),
+        )
+        bisect.insort(room_messages, message, key=lambda m: m.seq)
+        self._by_id[mid] = message
+        return AddResult(message, created=True)
+
+    @staticmethod
+    def _has_seq(messages: list[Message], seq: int) -> bool:
+        index = bisect.bisect_left(messages, seq, key=lambda m: m.seq)
+        return index < len(messages) and messages[index].seq == seq
+
+    async def find_message(self, room_id: str, sender_id: str, client_id: str) -> Message | None:
+        return self._by_id.get(message_id(room_id, sender_id, client_id))
+
+    async def last_seq(self, room_id: str) -> int:
+        messages = self._messages.get(room_id)
+        return messages[-1].seq if messages else 0
+
+    async def messages_after(self, room_id: str, after: int, limit: int) -> list[Message]:
+        messages = self._messages.get(room_id, [])
+        start = bisect.bisect_right(messages, after, key=lambda m: m.seq)
+        return messages[start : start + limit]
+
+    async def messages_before(self, room_id: str, before: int | None, limit: int) -> list[Message]:
+        messages = self._messages.get(room_id, [])
+        end = len(messages) if before is None else bisect.bisect_left(messages, before, key=lambda m: m.seq)
+        return messages[max(0, end - limit) : end]
+
+    async def set_read_marker(self, room_id: str, user_id: str, seq: int) -> int:
+        key = (room_id, user_id)
+        value = max(self._markers.get(key, 0), seq)
+        self._markers[key] = value
+        return value
+
+    async def get_read_marker(self, room_id: str, user_id: str) -> int:
+        return self._markers.get((room_id, user_id), 0)
+
+    async def upsert_user(self, user_id: str, name: str) -> None:
+        current = self._users.get(user_id)
+        self._users[user_id] = replace(current, name=name) if current else UserRecord(user_id, name)
+
+    async def set_last_seen(self, user_id: str, when: datetime) -> None:
+        current = self._users.get(user_id) or UserRecord(user_id, user_id)
+        self._users[user_id] = replace(current, last_seen=when)
+
+    async def get_users(self, user_ids: list[str]) -> dict[str, UserRecord]:
+        return {uid: self._users[uid] for uid in user_ids if uid in self._users}

@@ -1,0 +1,48 @@
+"""Shared fixtures. Server processes, Redis and the Firestore emulator live in tests/support/."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+
+import pytest
+
+from server.store.base import Store
+
+STORE_BACKENDS = ["memory", "sqlite"]
+if os.environ.get("CHAT_TEST_FIRESTORE", "1") != "0":
+    STORE_BACKENDS.append("firestore")
+
+
+@pytest.fixture
+def uid():
+    """Unique ids per test, so tests never collide on shared backends."""
+    run = uuid.uuid4().hex[:8]
+    counter = itertools.count()
+
+    def make(prefix: str = "x") -> str:
+        return f"{prefix}-{run}-{next(counter)}"
+
+    return make
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+async def store(request, tmp_path) -> Store:
+    backend = request.param
+    if backend == "memory":
+        from server.store.memory import MemoryStore
+
+        instance: Store = MemoryStore()
+    elif backend == "sqlite":
+        from server.store.sqlite import SQLiteStore
+
+        instance = SQLiteStore(tmp_path / "chat.db")
+    else:
+        emulator = request.getfixturevalue("firestore_emulator")
+        from server.store.firestore import FirestoreStore
+
+        instance = FirestoreStore(project="chat-test", emulator_host=emulator, timeout=5.0)
+    await instance.start()
+    yield instance
+    await instance.close()

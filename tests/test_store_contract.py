@@ -1,0 +1,129 @@
+"""One behaviour suite for every Store implementation (see the ``store`` fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from server.errors import SeqTaken
+from server.models import MessageDraft, Room
+
+
+def draft(room: str, client_id: str, text: str = "hi", sender: str = "alice") -> MessageDraft:
+    return MessageDraft(room=room, sender_id=sender, sender_name=sender.title(), text=text, client_id=client_id)
+
+
+async def test_ping(store):
+    await store.ping()
+
+
+async def test_room_create_is_idempotent_and_keeps_owner(store, uid):
+    room = Room(id=uid("r"), kind="private", name="Team", owner="alice")
+    stored, created = await store.create_room(room, ["alice", "bob"])
+    assert created and stored.owner == "alice"
+    again, created_again = await store.create_room(Room(id=room.id, kind="public", name="x"), ["eve"])
+    assert not created_again
+    assert again.kind == "private" and again.owner == "alice" and again.name == "Team"
+    assert await store.list_members(room.id) == ["alice", "bob"]
+    assert await store.get_room(uid("missing")) is None
+
+
+async def test_members_add_remove(store, uid):
+    rid = uid("r")
+    await store.create_room(Room(id=rid, kind="private", name=rid, owner="a"), ["a"])
+    await store.add_members(rid, ["c", "b", "b"])
+    assert await store.list_members(rid) == ["a", "b", "c"]
+    assert await store.is_member(rid, "b")
+    await store.remove_members(rid, ["b", "zz"])
+    assert await store.list_members(rid) == ["a", "c"]
+    assert not await store.is_member(rid, "b")
+
+
+async def test_seq_starts_at_one_and_increases(store, uid):
+    rid = uid("r")
+    assert await store.last_seq(rid) == 0
+    first = await store.add_message(draft(rid, "c1"))
+    second = await store.add_message(draft(rid, "c2"))
+    assert (first.message.seq, second.message.seq) == (1, 2)
+    assert first.created and second.created
+    assert await store.last_seq(rid) == 2
+    assert first.message.created_at.tzinfo is not None
+
+
+async def test_client_id_is_idempotent_per_sender_and_room(store, uid):
+    rid = uid("r")
+    original = await store.add_message(draft(rid, "same", text="one"))
+    repeat = await store.add_message(draft(rid, "same", text="changed"))
+    assert not repeat.created
+    assert repeat.message == original.message
+    other_sender = await store.add_message(draft(rid, "same", sender="bob"))
+    assert other_sender.created and other_sender.message.seq == 2
+    found = await store.find_message(rid, "alice", "same")
+    assert found == original.message
+    assert await store.find_message(rid, "alice", "nope") is None
+
+
+async def test_concurrent_adds_get_unique_dense_seqs(store, uid):
+    rid = uid("r")
+    results = await asyncio.gather(*(store.add_message(draft(rid, f"c{i}")) for i in range(30)))
+    seqs = sorted(r.message.seq for r in results)
+    assert seqs == list(range(1, 31))
+
+
+async def test_explicit_seq_and_conflict(store, uid):
+    rid = uid("r")
+    added = await store.add_message(draft(rid, "a"), seq=5)
+    assert added.message.seq == 5
+    with pytest.raises(SeqTaken) as info:
+        await store.add_message(draft(rid, "b"), seq=5)
+    assert info.value.max_seq >= 5
+    assert await store.find_message(rid, "alice", "b") is None
+    # an explicit seq on a repeated client_id returns the original, no conflict
+    repeat = await store.add_message(draft(rid, "a"), seq=9)
+    assert not repeat.created and repeat.message.seq == 5
+
+
+async def test_history_paging(store, uid):
+    rid = uid("r")
+    for i in range(1, 11):
+        await store.add_message(draft(rid, f"c{i}", text=f"m{i}"))
+    latest = await store.messages_before(rid, None, 3)
+    assert [m.seq for m in latest] == [8, 9, 10]
+    before = await store.messages_before(rid, 8, 3)
+    assert [m.seq for m in before] == [5, 6, 7]
+    assert [m.seq for m in await store.messages_before(rid, 2, 5)] == [1]
+    after = await store.messages_after(rid, 7, 10)
+    assert [m.seq for m in after] == [8, 9, 10]
+    assert [m.seq for m in await store.messages_after(rid, 0, 2)] == [1, 2]
+    assert await store.messages_after(rid, 10, 5) == []
+    assert after[0].text == "m8" and after[0].sender_name == "Alice"
+    assert await store.messages_after(uid("empty"), 0, 5) == []
+
+
+async def test_read_marker_never_moves_backwards(store, uid):
+    rid = uid("r")
+    assert await store.get_read_marker(rid, "alice") == 0
+    assert await store.set_read_marker(rid, "alice", 5) == 5
+    assert await store.set_read_marker(rid, "alice", 3) == 5
+    assert await store.get_read_marker(rid, "alice") == 5
+    assert await store.set_read_marker(rid, "alice", 7) == 7
+    assert await store.get_read_marker(rid, "bob") == 0
+
+
+async def test_user_records_and_last_seen(store, uid):
+    u = uid("u")
+    await store.upsert_user(u, "Alice")
+    users = await store.get_users([u, uid("nobody")])
+    assert list(users) == [u]
+    assert users[u].name == "Alice" and users[u].last_seen is None
+    when = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+    await store.set_last_seen(u, when)
+    await store.upsert_user(u, "Alice B")
+    record = (await store.get_users([u]))[u]
+    assert record.name == "Alice B"
+    assert record.last_seen == when
+    stranger = uid("s")
+    await store.set_last_seen(stranger, when)
+    assert (await store.get_users([stranger]))[stranger].last_seen == when
