@@ -46,3 +46,30 @@ async def store(request, tmp_path) -> Store:
     await instance.start()
     yield instance
     await instance.close()
+
+
+@pytest.fixture(scope="session")
+def server():
+    """One single-instance server (memory store) shared by the tests that use unique ids."""
+    from tests.support.servers import ServerProcess
+
+    proc = ServerProcess({"STORE": "memory"}).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+async def clients(server):
+    """Factory of connected ChatClients on ``server``; all disconnected at the end."""
+    from tests.support.clients import ChatClient
+
+    made: list[ChatClient] = []
+
+    async def make(user: str, url: str | None = None, **kwargs) -> ChatClient:
+        client = await ChatClient(user).connect(url or server.url, **kwargs)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.disconnect()

@@ -1,0 +1,96 @@
+"""The chat server of one instance: builds its parts from settings and runs their lifecycle."""
+
+from __future__ import annotations
+
+import socketio
+import structlog
+
+from . import __version__
+from .auth import TokenVerifier
+from .cluster.manager import LocalManager
+from .config import Settings
+from .gateway import Gateway
+from .jsoncodec import OrjsonCodec
+from .messages import MessageService
+from .models import iso
+from .presence.base import Presence, Transition
+from .presence.memory import MemoryPresence
+from .ratelimit import WindowCounter
+from .rooms import RoomService
+from .store import Store, create_store
+
+log = structlog.get_logger(__name__)
+
+
+class ChatServer:
+    """Owns the store, presence, Socket.IO server and services of this instance."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.instance_id = settings.instance_id
+        self.version = __version__
+        self.store: Store = create_store(settings)
+        self.verifier = TokenVerifier(settings)
+        self.connect_limiter = WindowCounter(settings.RATE_LIMIT_CONNECTS_PER_MINUTE, 60.0)
+        self.cluster = None
+        manager = self._manager()
+        self.sio = socketio.AsyncServer(
+            async_mode="asgi",
+            client_manager=manager,
+            cors_allowed_origins=settings.CORS_ORIGINS or [],
+            ping_interval=settings.WS_HEARTBEAT_INTERVAL,
+            ping_timeout=max(5.0, settings.WS_HEARTBEAT_INTERVAL),
+            max_http_buffer_size=settings.MAX_FRAME_BYTES,
+            json=OrjsonCodec,
+            logger=False,
+            engineio_logger=False,
+        )
+        self.gateway = Gateway(self)
+        manager.control_handler = self.gateway.on_control
+        self.presence: Presence = self._presence()
+        self.rooms = RoomService(self.store)
+        self.messages = MessageService(
+            self.store, self.rooms, self.gateway, settings.MAX_MESSAGE_LENGTH, allocator=None
+        )
+
+    def _manager(self) -> LocalManager:
+        return LocalManager()
+
+    def _presence(self) -> Presence:
+        return MemoryPresence(self.settings.WS_GRACE_PERIOD, self.on_transition)
+
+    async def start(self) -> None:
+        await self.store.start()
+        await self.presence.start()
+        # The manager's listener would otherwise start on the first connection only.
+        if not self.sio.manager_initialized:
+            self.sio.manager_initialized = True
+            self.sio.manager.set_server(self.sio)
+            self.sio.manager.initialize()
+        log.info("server.started", instance_id=self.instance_id, store=self.settings.STORE,
+                 redis=bool(self.settings.redis_configured), version=self.version)
+
+    async def stop(self) -> None:
+        await self.presence.close()
+        await self.sio.shutdown()
+        await self.store.close()
+
+    async def on_transition(self, transition: Transition) -> None:
+        """A user went online/offline cluster-wide: remember last_seen, tell subscribers."""
+        if transition.status == "offline" and transition.last_seen is not None:
+            try:
+                await self.store.set_last_seen(transition.user_id, transition.last_seen)
+            except Exception as exc:
+                log.warning("presence.last_seen_not_stored", user=transition.user_id, error=str(exc))
+        await self.gateway.announce(transition)
+
+    async def presence_states(self, user_ids: list[str]) -> dict[str, dict]:
+        """``{id: {status, last_seen}}``; offline users without a live last_seen use the store's."""
+        states = await self.presence.states(user_ids)
+        unknown = [uid for uid, s in states.items() if s.status == "offline" and s.last_seen is None]
+        records = await self.store.get_users(unknown) if unknown else {}
+        result = {}
+        for uid, state in states.items():
+            last_seen = state.last_seen or (records[uid].last_seen if uid in records else None)
+            result[uid] = {"status": state.status, "last_seen": iso(last_seen)}
+        return result

@@ -1,0 +1,146 @@
+"""Messages: send (validate → allocate seq → store durably → fan out), history, read, typing."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import structlog
+
+from . import metrics
+from .auth import Identity
+from .errors import ChatError, SeqTaken, StoreUnavailable
+from .models import AddResult, Message, MessageDraft
+from .payloads import History, MarkRead, SendMessage
+from .rooms import RoomService
+from .store.base import Store
+
+log = structlog.get_logger(__name__)
+
+SEQ_ATTEMPTS = 8
+MISSED_LIMIT = 100
+
+
+class Fanout(Protocol):
+    """Delivers an event to every socket joined to a room, on every instance."""
+
+    async def to_room(self, room_id: str, event: str, data: dict, skip_sid: str | None = None) -> None: ...
+
+
+class SeqAllocator(Protocol):
+    """Hands out a room's next seq outside the store (e.g. Redis INCR)."""
+
+    async def next(self, room_id: str) -> int: ...
+
+    async def advance(self, room_id: str, at_least: int) -> None:
+        """Make sure the next value handed out is above ``at_least``."""
+
+
+def page(messages: list[Message], limit: int, newest_first_trim: bool) -> tuple[list[Message], bool]:
+    """Trim a ``limit + 1`` fetch to ``limit`` and say whether more exist that way."""
+    if len(messages) <= limit:
+        return messages, False
+    return (messages[1:] if newest_first_trim else messages[:limit]), True
+
+
+class MessageService:
+    def __init__(
+        self,
+        store: Store,
+        rooms: RoomService,
+        fanout: Fanout,
+        max_length: int,
+        allocator: SeqAllocator | None = None,
+    ) -> None:
+        self.store = store
+        self.rooms = rooms
+        self.fanout = fanout
+        self.max_length = max_length
+        self.allocator = allocator
+
+    def _text(self, raw: str) -> str:
+        text = raw.strip()
+        if not text:
+            raise ChatError("bad_request", "text is empty after trimming")
+        if len(text) > self.max_length:
+            raise ChatError("too_large", f"text is {len(text)} characters; the limit is {self.max_length}")
+        return text
+
+    async def send(self, who: Identity, sid: str, request: SendMessage) -> Message:
+        """Store the message, then broadcast it to the room except the sending socket."""
+        text = self._text(request.text)
+        await self.rooms.may_send(who, request.room)
+        draft = MessageDraft(request.room, who.user_id, who.name, text, request.client_id)
+        result = await self._store(draft)
+        if result.created:
+            metrics.MESSAGES_RECEIVED.inc()
+            await self.fanout.to_room(request.room, "message:new", result.message.to_wire(), skip_sid=sid)
+        return result.message
+
+    async def _store(self, draft: MessageDraft) -> AddResult:
+        if self.allocator is None:
+            return await self.store.add_message(draft)
+        existing = await self.store.find_message(draft.room, draft.sender_id, draft.client_id)
+        if existing is not None:
+            return AddResult(existing, created=False)
+        for _ in range(SEQ_ATTEMPTS):
+            seq = await self._next_seq(draft.room)
+            try:
+                return await self.store.add_message(draft, seq)
+            except SeqTaken as taken:
+                log.warning("messages.seq_taken", room=draft.room, seq=seq, stored_max=taken.max_seq)
+                await self._advance(draft.room, taken.max_seq)
+        raise StoreUnavailable(f"could not allocate a free seq in room {draft.room!r}")
+
+    async def _next_seq(self, room_id: str) -> int:
+        """Seq from the allocator; when it is down, the store's max + 1 (conflicts retried)."""
+        try:
+            return await self.allocator.next(room_id)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            log.warning("messages.allocator_unavailable", room=room_id, error=str(exc))
+            return await self.store.last_seq(room_id) + 1
+
+    async def _advance(self, room_id: str, at_least: int) -> None:
+        try:
+            await self.allocator.advance(room_id, at_least)
+        except Exception as exc:
+            log.warning("messages.allocator_advance_failed", room=room_id, error=str(exc))
+
+    async def missed(self, room_id: str, since: int | None) -> tuple[int, list[Message], bool]:
+        """(last_seq, messages after ``since`` up to 100, has_more) for ``room:join``."""
+        last_seq = await self.store.last_seq(room_id)
+        if since is None or since >= last_seq:
+            return last_seq, [], False
+        messages, has_more = page(
+            await self.store.messages_after(room_id, since, MISSED_LIMIT + 1), MISSED_LIMIT, False
+        )
+        return last_seq, messages, has_more
+
+    async def history(self, who: Identity, request: History) -> tuple[list[Message], bool]:
+        await self.rooms.readable(who, request.room)
+        if request.before is not None and request.after is not None:
+            raise ChatError("bad_request", "give before or after, not both")
+        if request.after is not None:
+            fetched = await self.store.messages_after(request.room, request.after, request.limit + 1)
+            return page(fetched, request.limit, newest_first_trim=False)
+        fetched = await self.store.messages_before(request.room, request.before, request.limit + 1)
+        return page(fetched, request.limit, newest_first_trim=True)
+
+    async def mark_read(self, who: Identity, request: MarkRead) -> int:
+        await self.rooms.readable(who, request.room)
+        last_seq = await self.store.last_seq(request.room)
+        if request.seq > last_seq:
+            raise ChatError("bad_request", f"seq {request.seq} is beyond the room's last message ({last_seq})")
+        previous = await self.store.get_read_marker(request.room, who.user_id)
+        stored = await self.store.set_read_marker(request.room, who.user_id, request.seq)
+        if stored > previous:
+            await self.fanout.to_room(
+                request.room, "message:read", {"room": request.room, "user": who.user_id, "seq": stored}
+            )
+        return stored
+
+    async def typing(self, who: Identity, sid: str, room_id: str, typing: bool) -> None:
+        await self.fanout.to_room(
+            room_id, "typing", {"room": room_id, "user": who.user_id, "typing": typing}, skip_sid=sid
+        )

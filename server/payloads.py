@@ -1,0 +1,78 @@
+"""Pydantic models of every client→server payload; ``parse`` turns errors into ``bad_request``."""
+
+from __future__ import annotations
+
+from typing import Annotated, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+from .errors import ChatError
+
+RoomId = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+UserId = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")]
+Seq = Annotated[StrictInt, Field(ge=0, le=2**53)]
+
+
+class Payload(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class RoomRef(Payload):
+    room: RoomId
+
+
+class JoinRoom(RoomRef):
+    since: Seq | None = None
+
+
+class CreateRoom(RoomRef):
+    name: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
+    private: StrictBool = False
+    members: Annotated[list[UserId], Field(max_length=1000)] = []
+
+
+class ChangeMembers(RoomRef):
+    users: Annotated[list[UserId], Field(min_length=1, max_length=1000)]
+
+
+class SendMessage(RoomRef):
+    text: StrictStr
+    client_id: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+
+
+class History(RoomRef):
+    before: Annotated[StrictInt, Field(ge=1, le=2**53)] | None = None
+    after: Seq | None = None
+    limit: Annotated[StrictInt, Field(ge=1, le=100)] = 50
+
+
+class MarkRead(RoomRef):
+    seq: Seq
+
+
+class Typing(RoomRef):
+    typing: StrictBool
+
+
+class PresenceUsers(Payload):
+    users: Annotated[list[UserId], Field(min_length=1, max_length=500)]
+
+
+class RefreshToken(Payload):
+    token: Annotated[StrictStr, Field(min_length=1, max_length=8192)]
+
+
+P = TypeVar("P", bound=Payload)
+
+
+def parse(model: type[P], data: object) -> P:
+    """Validate ``data`` as ``model`` or raise ``ChatError('bad_request')`` naming the fields."""
+    if not isinstance(data, dict):
+        raise ChatError("bad_request", f"payload must be an object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'payload'}: {err['msg']}" for err in exc.errors()[:5]
+        )
+        raise ChatError("bad_request", problems) from None

@@ -1,0 +1,112 @@
+"""Rooms: who may join, read and manage each kind (public, private, direct)."""
+
+from __future__ import annotations
+
+from .auth import USER_ID, Identity
+from .errors import ChatError
+from .models import Room
+from .payloads import ChangeMembers, CreateRoom
+from .store.base import Store
+
+
+def direct_members(room_id: str) -> tuple[str, str] | None:
+    """The two users of ``dm:<a>:<b>`` (sorted, a < b), or None when the id is not one.
+
+    User ids may contain ``:``, so every split point is tried; exactly one must give two
+    valid ids in sorted order.
+    """
+    if not room_id.startswith("dm:"):
+        return None
+    rest = room_id[3:]
+    found = []
+    for index, char in enumerate(rest):
+        if char == ":":
+            a, b = rest[:index], rest[index + 1 :]
+            if USER_ID.match(a) and USER_ID.match(b) and a < b:
+                found.append((a, b))
+    return found[0] if len(found) == 1 else None
+
+
+class RoomService:
+    """Room rules on top of the store. Every check happens here, on the server."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def open_for_join(self, who: Identity, room_id: str) -> Room:
+        """The room ``who`` may join, creating public and direct rooms on first join."""
+        room = await self.store.get_room(room_id)
+        if room is None:
+            return await self._create_on_join(who, room_id)
+        if room.kind == "public":
+            if not await self.store.is_member(room_id, who.user_id):
+                await self.store.add_members(room_id, [who.user_id])
+            return room
+        if not await self.store.is_member(room_id, who.user_id):
+            raise ChatError("forbidden", f"{room.kind} room {room_id!r}: you are not a member")
+        return room
+
+    async def _create_on_join(self, who: Identity, room_id: str) -> Room:
+        if room_id.startswith("dm:"):
+            pair = direct_members(room_id)
+            if pair is None:
+                raise ChatError("bad_request", "direct room ids are dm:<a>:<b> with the two user ids sorted")
+            if who.user_id not in pair:
+                raise ChatError("forbidden", "only the two users of a direct room may join it")
+            room, _ = await self.store.create_room(Room(room_id, "direct", room_id), list(pair))
+        else:
+            room, _ = await self.store.create_room(Room(room_id, "public", room_id), [who.user_id])
+        if room.kind == "public":
+            await self.store.add_members(room_id, [who.user_id])
+        elif not await self.store.is_member(room_id, who.user_id):
+            raise ChatError("forbidden", f"{room.kind} room {room_id!r}: you are not a member")
+        return room
+
+    async def readable(self, who: Identity, room_id: str) -> Room:
+        """The room if ``who`` may read its history and members, else not_found/forbidden."""
+        room = await self.store.get_room(room_id)
+        if room is None:
+            raise ChatError("not_found", f"room {room_id!r} does not exist")
+        if room.kind != "public" and not await self.store.is_member(room_id, who.user_id):
+            raise ChatError("forbidden", f"{room.kind} room {room_id!r}: you are not a member")
+        return room
+
+    async def may_send(self, who: Identity, room_id: str) -> None:
+        """Membership of private rooms is re-checked at send (a removal may be in flight)."""
+        room = await self.store.get_room(room_id)
+        if room is None:
+            raise ChatError("not_found", f"room {room_id!r} does not exist")
+        if room.kind == "private" and not await self.store.is_member(room_id, who.user_id):
+            raise ChatError("forbidden", f"private room {room_id!r}: you are not a member")
+
+    async def create(self, who: Identity, request: CreateRoom) -> Room:
+        if request.room.startswith("dm:"):
+            raise ChatError("bad_request", "direct rooms are created by joining dm:<a>:<b>")
+        kind = "private" if request.private else "public"
+        members = sorted({who.user_id, *request.members})
+        room, created = await self.store.create_room(
+            Room(request.room, kind, request.name or request.room, owner=who.user_id), members
+        )
+        if not created and room.owner != who.user_id:
+            raise ChatError("forbidden", f"room {request.room!r} exists and you are not its owner")
+        return room
+
+    async def change_members(self, who: Identity, request: ChangeMembers, add: bool) -> list[str]:
+        """Add or remove members as the owner; returns the ids whose membership changed."""
+        room = await self.store.get_room(request.room)
+        if room is None:
+            raise ChatError("not_found", f"room {request.room!r} does not exist")
+        if room.owner != who.user_id:
+            raise ChatError("forbidden", "only the room's owner manages its members")
+        if room.kind != "private":
+            raise ChatError("bad_request", "only private rooms have managed members")
+        users = sorted(set(request.users))
+        if add:
+            await self.store.add_members(room.id, users)
+            return users
+        if room.owner in users:
+            raise ChatError("bad_request", "the owner cannot be removed from their room")
+        current = set(await self.store.list_members(room.id))
+        removed = [u for u in users if u in current]
+        await self.store.remove_members(room.id, removed)
+        return removed

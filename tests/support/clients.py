@@ -1,0 +1,63 @@
+"""python-socketio AsyncClient helpers that record what each client receives."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+import socketio
+
+from .servers import make_token
+
+NAMESPACE = "/chat"
+
+
+class ChatClient:
+    """A connected test user: records events by name, sends events with acks."""
+
+    def __init__(self, user: str, name: str | None = None) -> None:
+        self.user = user
+        self.name = name
+        self.sio = socketio.AsyncClient(reconnection=False)
+        self.events: dict[str, list[Any]] = defaultdict(list)
+        self._arrived = asyncio.Event()
+        self.sio.on("*", self._record, namespace=NAMESPACE)
+
+    async def _record(self, event: str, data: Any = None) -> None:
+        self.events[event].append(data)
+        self._arrived.set()
+
+    async def connect(self, url: str, token: str | None = None, transports=("websocket",), **kwargs) -> ChatClient:
+        token = token or make_token(self.user, self.name)
+        await self.sio.connect(url, namespaces=[NAMESPACE], auth={"token": token},
+                               transports=list(transports), wait_timeout=10, **kwargs)
+        await self.wait_for("session")
+        return self
+
+    async def call(self, event: str, data: Any = None, timeout: float = 10) -> Any:
+        return await self.sio.call(event, data, namespace=NAMESPACE, timeout=timeout)
+
+    async def wait_for(self, event: str, count: int = 1, timeout: float = 10, where=None) -> list[Any]:
+        """Wait until ``count`` events named ``event`` (matching ``where``) have arrived."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            found = [e for e in self.events[event] if where is None or where(e)]
+            if len(found) >= count:
+                return found
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.user}: {len(found)}/{count} {event!r} events; got {dict(self.events)}")
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    async def disconnect(self) -> None:
+        if self.sio.connected:
+            await self.sio.disconnect()
+
+
+async def connected(url: str, *users: str) -> list[ChatClient]:
+    return list(await asyncio.gather(*(ChatClient(u).connect(url) for u in users)))

@@ -1,0 +1,98 @@
+"""Real server processes for tests: uvicorn on a free port, stopped and killed on demand."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import jwt
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_SECRET = "test-secret-0123456789-0123456789-abcdef"
+LOG_DIR = ROOT / ".run" / "logs"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_token(user: str, name: str | None = None, ttl: float = 3600, secret: str = TEST_SECRET,
+               **claims) -> str:
+    now = int(time.time())
+    payload = {"sub": user, "iat": now, "exp": now + ttl, **claims}
+    if name:
+        payload["name"] = name
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+@dataclass
+class ServerProcess:
+    """One uvicorn process of the chat server."""
+
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True, timeout: float = 20.0) -> ServerProcess:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOG_DIR / f"server-{self.port}-{int(time.time() * 1000)}.log"
+        env = {**os.environ, "CHAT_ENV": "testing", "JWT_SECRET": TEST_SECRET, **self.env,
+               "PORT": str(self.port)}
+        log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "server.main:app", "--host", "127.0.0.1",
+             "--port", str(self.port), "--ws-per-message-deflate", "false", "--no-access-log",
+             "--timeout-graceful-shutdown", "5"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        if wait:
+            self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float = 20.0, accept_unhealthy: bool = False) -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                response = httpx.get(f"{self.url}/api/health", timeout=2)
+                last = response.json()
+                if response.status_code == 200 or accept_unhealthy:
+                    return last
+            except httpx.HTTPError as exc:
+                last = str(exc)
+            time.sleep(0.1)
+        raise TimeoutError(f"server on {self.port} not healthy: {last}\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
