@@ -1,0 +1,42 @@
+# Two commands: `make run` (install and serve on http://127.0.0.1:8000) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install install-node run run-firestore test lint format clean
+
+$(UV):
+	$(PYTHON) -m pip install --quiet --user "uv==$(UV_VERSION)" || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
+
+.venv/.installed: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen
+	touch $@
+
+install: .venv/.installed
+
+node_modules/.installed: package.json package-lock.json
+	command -v node >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install-node: node_modules/.installed
+
+run: install
+	$(UV) run --frozen uvicorn server.main:app --host $(HOST) --port $(PORT) --ws-per-message-deflate false
+
+test: install install-node
+	$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+lint: install
+	$(UV) run --frozen ruff check server tests bench
+	$(UV) run --frozen ruff format --check server tests bench
+
+format: install
+	$(UV) run --frozen ruff format server tests bench
+	$(UV) run --frozen ruff check --fix server tests bench
+
+clean:
+	rm -rf .venv node_modules .pytest_cache .ruff_cache .run data
