@@ -10,6 +10,8 @@ import pytest
 
 from server.store.base import Store
 
+pytest_plugins = ["tests.support.fixtures_firestore"]
+
 STORE_BACKENDS = ["memory", "sqlite"]
 if os.environ.get("CHAT_TEST_FIRESTORE", "1") != "0":
     STORE_BACKENDS.append("firestore")

@@ -60,7 +60,11 @@ def ensure_installed() -> None:
     if npm is None:
         raise EmulatorError(f"{PACKAGE_DIR} is missing and npm is not on PATH to install it")
     result = subprocess.run(
-        [npm, "ci", "--no-audit", "--no-fund"], cwd=ROOT, capture_output=True, text=True, check=False
+        [npm, "ci", "--no-audit", "--no-fund"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0 or not PACKAGE_DIR.is_dir():
         raise EmulatorError(f"npm ci failed in {ROOT}:\n{result.stdout}\n{result.stderr}")
