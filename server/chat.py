@@ -7,7 +7,9 @@ import structlog
 
 from . import __version__
 from .auth import TokenVerifier
+from .cluster.backend import RedisBackend
 from .cluster.manager import LocalManager
+from .cluster.seq import RedisSeqAllocator
 from .config import Settings
 from .gateway import Gateway
 from .jsoncodec import OrjsonCodec
@@ -15,6 +17,7 @@ from .messages import MessageService
 from .models import iso
 from .presence.base import Presence, Transition
 from .presence.memory import MemoryPresence
+from .presence.redis import RedisPresence
 from .ratelimit import WindowCounter
 from .rooms import RoomService
 from .store import Store, create_store
@@ -32,8 +35,8 @@ class ChatServer:
         self.store: Store = create_store(settings)
         self.verifier = TokenVerifier(settings)
         self.connect_limiter = WindowCounter(settings.RATE_LIMIT_CONNECTS_PER_MINUTE, 60.0)
-        self.cluster = None
-        manager = self._manager()
+        self.cluster = RedisBackend(settings, self.instance_id) if settings.redis_configured else None
+        manager = self.cluster.manager() if self.cluster else LocalManager()
         self.sio = socketio.AsyncServer(
             async_mode="asgi",
             client_manager=manager,
@@ -50,29 +53,52 @@ class ChatServer:
         self.presence: Presence = self._presence()
         self.rooms = RoomService(self.store)
         self.messages = MessageService(
-            self.store, self.rooms, self.gateway, settings.MAX_MESSAGE_LENGTH, allocator=None
+            self.store, self.rooms, self.gateway, settings.MAX_MESSAGE_LENGTH, allocator=self._allocator()
         )
 
-    def _manager(self) -> LocalManager:
-        return LocalManager()
-
     def _presence(self) -> Presence:
-        return MemoryPresence(self.settings.WS_GRACE_PERIOD, self.on_transition)
+        grace = self.settings.WS_GRACE_PERIOD
+        if self.cluster is None:
+            return MemoryPresence(grace, self.on_transition)
+        return RedisPresence(grace, self.on_transition, self.cluster.redis, self.cluster.keys,
+                             self.cluster.registry)
+
+    def _allocator(self) -> RedisSeqAllocator | None:
+        """Redis INCR for stores whose own seq allocation is slow (Firestore), when Redis is there."""
+        if self.cluster is None or self.store.allocates_seq_cheaply:
+            return None
+        return RedisSeqAllocator(self.cluster.redis, self.cluster.keys, self.store.last_seq)
 
     async def start(self) -> None:
-        await self.store.start()
-        await self.presence.start()
+        try:
+            await self.store.start()
+            await self.presence.start()
+        except Exception as exc:
+            log.error("server.start_failed", error=str(exc), error_type=type(exc).__name__)
+            await self._close_backends()
+            raise
         # The manager's listener would otherwise start on the first connection only.
         if not self.sio.manager_initialized:
             self.sio.manager_initialized = True
-            self.sio.manager.set_server(self.sio)
             self.sio.manager.initialize()
         log.info("server.started", instance_id=self.instance_id, store=self.settings.STORE,
                  redis=bool(self.settings.redis_configured), version=self.version)
 
     async def stop(self) -> None:
+        for sid, conn in list(self.gateway.connections.items()):
+            await self.gateway.on_disconnect(sid, "server shutdown")
         await self.presence.close()
         await self.sio.shutdown()
+        if self.cluster is not None:
+            try:
+                await self.cluster.registry.deregister()
+            except Exception as exc:
+                log.warning("cluster.deregister_failed", error=str(exc))
+        await self._close_backends()
+
+    async def _close_backends(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.close()
         await self.store.close()
 
     async def on_transition(self, transition: Transition) -> None:

@@ -75,3 +75,8 @@ async def clients(server):
     yield make
     for client in made:
         await client.disconnect()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    return "redis://127.0.0.1:6379/0"

@@ -564,7 +564,9 @@ class FirestoreStore(Store):
         room_ref = self._room(draft.room)
         message_ref = room_ref.collection("messages").document(mid)
         seqs = room_ref.collection("seqs")
-        floor = 0  # raised when guards show seqs above the room's last_seq (explicit-seq writes)
+        # Raised past a seq whose guard turned out to be taken (a concurrent explicit-seq
+        # write): the next attempt allocates above it.
+        floor = 0
 
         async def once(timeout: float) -> AddResult:
             chosen = 0
@@ -578,8 +580,12 @@ class FirestoreStore(Store):
                     )
                 room = await room_ref.get(transaction=transaction, retry=None, timeout=timeout)
                 last = (room.to_dict() or {}).get("last_seq", 0) if room.exists else 0
-                chosen = max(int(last), floor) + 1
-                # Guard first: if it is taken, nothing of this commit may apply.
+                # Seqs stored with an explicit seq do not move last_seq: also read the top
+                # message so this path never allocates below them.
+                top = await self._max_seq(draft.room, timeout, transaction)
+                chosen = max(int(last), top, floor) + 1
+                # Guard first. A Firestore commit is all-or-nothing; the emulator applies
+                # writes in order until one fails, so a taken guard must fail first there too.
                 transaction.create(seqs.document(str(chosen)), {"message_id": mid})
                 transaction.create(message_ref, self._message_record(draft, chosen, now, write_id))
                 transaction.set(room_ref, {"last_seq": chosen}, merge=True)
@@ -641,7 +647,7 @@ class FirestoreStore(Store):
             if existing is not None:
                 return existing
             batch = self.client.batch()
-            # Guard first: if it is taken, nothing of this commit may apply.
+            # Guard first (see _add_allocating): a taken seq leaves nothing behind.
             batch.create(guard_ref, {"message_id": mid})
             batch.create(message_ref, self._message_record(draft, seq, now, write_id))
             try:
@@ -671,14 +677,14 @@ class FirestoreStore(Store):
 
         return await self._call(f"find_message({room_id!r})", op)
 
-    async def _max_seq(self, room_id: str, timeout: float) -> int:
+    async def _max_seq(self, room_id: str, timeout: float, transaction: Any = None) -> int:
         query = (
             self._room(room_id)
             .collection("messages")
             .order_by("seq", direction="DESCENDING")
             .limit(1)
         )
-        rows = await query.get(retry=None, timeout=timeout)
+        rows = await query.get(transaction=transaction, retry=None, timeout=timeout)
         return int(rows[0].get("seq")) if rows else 0
 
     async def last_seq(self, room_id: str) -> int:

@@ -1,0 +1,108 @@
+"""Instance registry: heartbeats, live instances and their figures, dead-instance claims.
+
+Each instance writes ``info:<id>`` (expires after 3 heartbeats) and its score in
+``all`` every ``WS_HEARTBEAT_INTERVAL``. An instance whose score is older than three
+intervals is dead; exactly one live instance claims it (ZREM wins once) and reaps its
+connections through presence.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from .connection import RedisClient
+from .keys import Keys
+
+MISSED_HEARTBEATS = 3
+# Scripts touch keys of the ``{P:instances}`` tag only, so they work on Redis Cluster.
+REGISTER = """
+if redis.call('EXISTS', KEYS[2]) == 1 and ARGV[4] == '1' then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+local added = redis.call('ZADD', KEYS[1], ARGV[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+if added == 1 and ARGV[4] == '0' then return 2 end
+return 1
+"""
+
+
+class DuplicateInstance(Exception):
+    """Another live instance already holds this INSTANCE_ID."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceInfo:
+    id: str
+    connections: int
+    started_at: float
+    heartbeat_at: float
+
+
+class InstanceRegistry:
+    def __init__(self, redis: RedisClient, keys: Keys, instance_id: str, interval: float) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.instance_id = instance_id
+        self.interval = interval
+        self.started_at = time.time()
+        self._register = redis.register_script(REGISTER)
+
+    @property
+    def dead_after_ms(self) -> int:
+        return int(self.interval * MISSED_HEARTBEATS * 1000)
+
+    @property
+    def keep_ms(self) -> int:
+        """How long registry keys outlive the last heartbeat (long enough to be reaped)."""
+        return max(3_600_000, self.dead_after_ms * 20)
+
+    async def heartbeat(self, connections: int, first: bool = False) -> bool:
+        """Write this instance's heartbeat; True when Redis had lost track of it.
+
+        Lost track means Redis lost its data or another instance reaped this one (it
+        missed heartbeats); the caller must then re-register its live connections.
+        """
+        now = time.time()
+        info = json.dumps({"id": self.instance_id, "connections": connections,
+                           "started_at": self.started_at, "heartbeat_at": now})
+        ok = await self._register(
+            keys=[self.keys.instances, self.keys.instance_info(self.instance_id)],
+            args=[int(now * 1000), info, self.dead_after_ms, "1" if first else "0",
+                  self.instance_id, self.keep_ms],
+        )
+        if not ok:
+            raise DuplicateInstance(
+                f"another live instance holds INSTANCE_ID={self.instance_id!r}; give each instance "
+                f"its own id (or leave INSTANCE_ID empty), or wait {self.dead_after_ms / 1000:.0f}s "
+                "for the old one to expire"
+            )
+        return ok == 2
+
+    async def deregister(self) -> None:
+        await self.redis.zrem(self.keys.instances, self.instance_id)
+        await self.redis.delete(self.keys.instance_info(self.instance_id))
+
+    async def live(self) -> list[InstanceInfo]:
+        cutoff = int(time.time() * 1000) - self.dead_after_ms
+        ids = await self.redis.zrangebyscore(self.keys.instances, cutoff, "+inf")
+        result = []
+        for raw_id in ids:
+            instance_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+            raw = await self.redis.get(self.keys.instance_info(instance_id))
+            if raw:
+                data = json.loads(raw)
+                result.append(InstanceInfo(instance_id, int(data["connections"]),
+                                           float(data["started_at"]), float(data["heartbeat_at"])))
+        return result
+
+    async def claim_dead(self) -> list[str]:
+        """Ids of instances that stopped heartbeating; each is returned to exactly one caller."""
+        cutoff = int(time.time() * 1000) - self.dead_after_ms
+        stale = await self.redis.zrangebyscore(self.keys.instances, "-inf", f"({cutoff}", start=0, num=20)
+        claimed = []
+        for raw_id in stale:
+            instance_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+            if instance_id != self.instance_id and await self.redis.zrem(self.keys.instances, instance_id):
+                claimed.append(instance_id)
+        return claimed

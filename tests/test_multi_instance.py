@@ -1,0 +1,206 @@
+"""Several real server processes on one Redis behave as one server (contract §4–§6)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import httpx
+import pytest
+
+from tests.support.clients import ChatClient
+from tests.support.servers import ServerProcess
+
+GRACE = 1.0
+HEARTBEAT = 0.5
+
+
+def cluster_env(redis_url: str, prefix: str, tmp_path, **extra) -> dict[str, str]:
+    return {
+        "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": prefix,
+        "STORE": "sqlite",
+        "SQLITE_PATH": str(tmp_path / "shared.db"),
+        "WS_GRACE_PERIOD": str(GRACE),
+        "WS_HEARTBEAT_INTERVAL": str(HEARTBEAT),
+        **{k: str(v) for k, v in extra.items()},
+    }
+
+
+@pytest.fixture(scope="module")
+def trio(redis_url, tmp_path_factory):
+    """Three instances sharing one Redis and one SQLite file."""
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    tmp = tmp_path_factory.mktemp("trio")
+    servers = [ServerProcess(cluster_env(redis_url, prefix, tmp, INSTANCE_ID=f"node-{i}")) for i in range(3)]
+    for server in servers:
+        server.start(wait=False)
+    for server in servers:
+        server.wait_healthy()
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+async def users():
+    made: list[ChatClient] = []
+
+    async def connect(user: str, server: ServerProcess) -> ChatClient:
+        client = await ChatClient(user).connect(server.url)
+        made.append(client)
+        return client
+
+    yield connect
+    for client in made:
+        await client.disconnect()
+
+
+async def test_session_names_the_instance(trio, users, uid):
+    clients = [await users(uid("u"), server) for server in trio]
+    assert [c.events["session"][0]["instance_id"] for c in clients] == ["node-0", "node-1", "node-2"]
+
+
+async def test_every_broadcast_kind_crosses_instances(trio, users, uid):
+    room, a_id, b_id = uid("room"), uid("a"), uid("b")
+    a, b = await users(a_id, trio[0]), await users(b_id, trio[1])
+    watcher = await users(uid("w"), trio[2])
+    sub = await watcher.call("presence:subscribe", {"users": [b_id]})
+    assert sub["presence"][b_id]["status"] == "online"
+    for client in (a, b):
+        assert (await client.call("room:join", {"room": room}))["ok"]
+
+    sent = await a.call("message:send", {"room": room, "text": "across", "client_id": "x1"})
+    assert (await b.wait_for("message:new")) == [sent["message"]]
+
+    assert (await b.call("message:read", {"room": room, "seq": 1}))["ok"]
+    read = await a.wait_for("message:read")
+    assert read == [{"room": room, "user": b_id, "seq": 1}]
+
+    assert (await a.call("typing", {"room": room, "typing": True}))["ok"]
+    assert (await b.wait_for("typing")) == [{"room": room, "user": a_id, "typing": True}]
+
+    await b.disconnect()
+    offline = await watcher.wait_for("presence", timeout=GRACE + 5)
+    assert offline[0]["user"] == b_id and offline[0]["status"] == "offline"
+    assert offline[0]["last_seen"].endswith("Z")
+
+
+async def test_removed_member_leaves_room_on_every_instance(trio, users, uid):
+    room, owner_id, member_id = uid("priv"), uid("owner"), uid("member")
+    owner = await users(owner_id, trio[0])
+    member_tabs = [await users(member_id, trio[1]), await users(member_id, trio[2])]
+    created = await owner.call("room:create", {"room": room, "private": True, "members": [member_id]})
+    assert created["ok"] and created["room"]["kind"] == "private"
+    for client in (owner, *member_tabs):
+        assert (await client.call("room:join", {"room": room}))["ok"]
+    removed = await owner.call("room:members:remove", {"room": room, "users": [member_id]})
+    assert removed["ok"] and removed["removed"] == [member_id]
+    for tab in member_tabs:
+        assert (await tab.wait_for("room:removed")) == [{"room": room}]
+    await owner.call("message:send", {"room": room, "text": "secret", "client_id": "s1"})
+    await asyncio.sleep(0.4)
+    assert all(tab.events["message:new"] == [] for tab in member_tabs)
+    refused = await member_tabs[0].call("message:send", {"room": room, "text": "hi", "client_id": "m"})
+    assert refused["error"]["code"] == "forbidden"
+
+
+async def test_presence_exactly_once_with_three_instances_and_two_devices(trio, users, uid):
+    alice_id, bob_id = uid("alice"), uid("bob")
+    watchers = [await users(uid("watch"), server) for server in trio]
+    for watcher in watchers:
+        await watcher.call("presence:subscribe", {"users": [alice_id, bob_id]})
+    alice = [await users(alice_id, trio[0]), await users(alice_id, trio[1])]
+    bob = [await users(bob_id, trio[1]), await users(bob_id, trio[2])]
+    for watcher in watchers:
+        await watcher.wait_for("presence", count=2)
+    await asyncio.sleep(0.3)
+    for watcher in watchers:
+        got = sorted((e["user"], e["status"]) for e in watcher.events["presence"])
+        assert got == sorted([(alice_id, "online"), (bob_id, "online")])
+    await alice[0].disconnect()
+    await bob[1].disconnect()
+    await asyncio.sleep(GRACE + 1.0)
+    assert all(len(w.events["presence"]) == 2 for w in watchers)  # one device left each
+    await alice[1].disconnect()
+    await bob[0].disconnect()
+    for watcher in watchers:
+        await watcher.wait_for("presence", count=4, timeout=GRACE + 5)
+    await asyncio.sleep(GRACE)
+    for watcher in watchers:
+        statuses = sorted((e["user"], e["status"]) for e in watcher.events["presence"])
+        assert statuses == sorted([(alice_id, "online"), (bob_id, "online"),
+                                   (alice_id, "offline"), (bob_id, "offline")])
+
+
+async def test_reconnect_to_another_instance_inside_grace_is_silent(trio, users, uid):
+    user_id = uid("roamer")
+    watcher = await users(uid("w"), trio[0])
+    await watcher.call("presence:subscribe", {"users": [user_id]})
+    first = await users(user_id, trio[1])
+    await watcher.wait_for("presence")
+    await first.disconnect()
+    await asyncio.sleep(GRACE / 3)
+    await users(user_id, trio[2])
+    await asyncio.sleep(GRACE + 1.0)
+    assert [e["status"] for e in watcher.events["presence"]] == ["online"]
+    state = await watcher.call("presence:subscribe", {"users": [user_id]})
+    assert state["presence"][user_id]["status"] == "online"
+
+
+async def test_concurrent_sends_on_two_instances_get_unique_dense_seqs(trio, users, uid):
+    room = uid("busy")
+    senders = [await users(uid("s"), trio[0]), await users(uid("s"), trio[1]), await users(uid("s"), trio[2])]
+    for sender in senders:
+        await sender.call("room:join", {"room": room})
+
+    async def burst(client: ChatClient, n: int) -> list[int]:
+        acks = await asyncio.gather(*(client.call("message:send", {"room": room, "text": f"m{i}", "client_id": f"{client.user}-{i}"}) for i in range(n)))
+        return [ack["message"]["seq"] for ack in acks]
+
+    results = await asyncio.gather(*(burst(s, 20) for s in senders))
+    seqs = sorted(seq for result in results for seq in result)
+    assert seqs == list(range(1, 61))
+    history = await senders[0].call("message:history", {"room": room, "limit": 100})
+    assert [m["seq"] for m in history["messages"]] == list(range(1, 61))
+
+
+async def test_cluster_figures_in_health(trio, users, uid):
+    for server in trio:
+        await users(uid("h"), server)
+    body = httpx.get(f"{trio[0].url}/api/health").json()
+    assert body["status"] == "healthy" and body["checks"]["redis"]["ok"] is True
+
+
+def test_duplicate_instance_id_is_refused(trio, redis_url, tmp_path):
+    env = {**trio[0].env, "SQLITE_PATH": str(tmp_path / "other.db")}
+    twin = ServerProcess(env)
+    twin.start(wait=False)
+    code = twin.proc.wait(20)
+    assert code != 0
+    assert "another live instance holds INSTANCE_ID='node-0'" in twin.log_tail(80)
+
+
+async def test_crashed_instance_users_go_offline(redis_url, tmp_path, uid):
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    survivor = ServerProcess(cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID="survivor")).start()
+    doomed = ServerProcess(cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID="doomed")).start()
+    victim_id = uid("victim")
+    watcher = await ChatClient(uid("w")).connect(survivor.url)
+    victim = await ChatClient(victim_id).connect(doomed.url)
+    try:
+        await watcher.call("presence:subscribe", {"users": [victim_id]})
+        await asyncio.sleep(0.3)
+        doomed.kill()
+        started = asyncio.get_running_loop().time()
+        events = await watcher.wait_for("presence", where=lambda e: e["status"] == "offline",
+                                        timeout=3 * HEARTBEAT + GRACE + 6)
+        elapsed = asyncio.get_running_loop().time() - started
+        assert events[0]["user"] == victim_id
+        assert elapsed >= GRACE  # the grace period still ran after the reaping
+        assert len([e for e in watcher.events["presence"] if e["status"] == "offline"]) == 1
+    finally:
+        await victim.disconnect()
+        await watcher.disconnect()
+        survivor.stop()
+        doomed.stop()
