@@ -85,7 +85,7 @@ class ChatServer:
                  redis=bool(self.settings.redis_configured), version=self.version)
 
     async def stop(self) -> None:
-        for sid, conn in list(self.gateway.connections.items()):
+        for sid in list(self.gateway.connections):
             await self.gateway.on_disconnect(sid, "server shutdown")
         await self.presence.close()
         await self.sio.shutdown()

@@ -168,7 +168,8 @@ async def test_concurrent_sends_on_two_instances_get_unique_dense_seqs(trio, use
 async def test_cluster_figures_in_health(trio, users, uid):
     for server in trio:
         await users(uid("h"), server)
-    body = httpx.get(f"{trio[0].url}/api/health").json()
+    async with httpx.AsyncClient() as http:
+        body = (await http.get(f"{trio[0].url}/api/health")).json()
     assert body["status"] == "healthy" and body["checks"]["redis"]["ok"] is True
 
 
