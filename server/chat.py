@@ -20,6 +20,7 @@ from .presence.memory import MemoryPresence
 from .presence.redis import RedisPresence
 from .ratelimit import WindowCounter
 from .rooms import RoomService
+from .shutdown import Drainer
 from .store import Store, create_store
 
 log = structlog.get_logger(__name__)
@@ -49,6 +50,7 @@ class ChatServer:
             engineio_logger=False,
         )
         self.gateway = Gateway(self)
+        self.drainer = Drainer(self)
         manager.control_handler = self.gateway.on_control
         self.presence: Presence = self._presence()
         self.rooms = RoomService(self.store)
@@ -81,6 +83,7 @@ class ChatServer:
         if not self.sio.manager_initialized:
             self.sio.manager_initialized = True
             self.sio.manager.initialize()
+        self.drainer.install()
         log.info("server.started", instance_id=self.instance_id, store=self.settings.STORE,
                  redis=bool(self.settings.redis_configured), version=self.version)
 

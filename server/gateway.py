@@ -91,6 +91,7 @@ class Gateway:
         self.sio: socketio.AsyncServer = chat.sio
         self.connections: dict[str, Connection] = {}
         self.draining = False
+        self.in_flight = 0
         self._register()
 
     # --- registration -------------------------------------------------------------------
@@ -120,6 +121,7 @@ class Gateway:
     def _guarded(self, event: str, model: type[Payload], handler: Handler):
         async def run(sid: str, data: Any = None, *extra: Any) -> dict:
             conn = self.connections.get(sid)
+            self.in_flight += 1
             try:
                 if conn is None:
                     raise ChatError("unavailable", "connection is not established; reconnect")
@@ -139,6 +141,8 @@ class Gateway:
                 log.exception("handler.failed", event=event, sid=sid)
                 metrics.ACKS.labels("internal").inc()
                 return ChatError("internal", "internal error; it has been logged").to_ack()
+            finally:
+                self.in_flight -= 1
 
         run.__name__ = f"on_{event.replace(':', '_')}"
         return run
@@ -208,6 +212,21 @@ class Gateway:
         conn = self._forget(sid)
         if conn is not None:
             await self._quietly("presence.disconnect", self.chat.presence.disconnect(conn.identity.user_id, sid))
+
+    async def close_all_transports(self) -> None:
+        """Close every client's transport so that it reconnects (elsewhere) by itself."""
+        eio = self.sio.eio
+        for sid in list(self.connections):
+            eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
+            socket = eio.sockets.get(eio_sid) if eio_sid else None
+            if socket is None:
+                continue
+            try:
+                await socket.close(wait=False, reason="server shutting down")
+                if socket.upgraded:  # end the websocket writer: it closes the websocket itself
+                    await socket.queue.put(None)
+            except Exception as exc:
+                log.warning("shutdown.close_failed", sid=sid, error=str(exc))
 
     def _forget(self, sid: str) -> Connection | None:
         conn = self.connections.pop(sid, None)

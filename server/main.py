@@ -40,8 +40,31 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     api.include_router(router)
     api.mount("/static", StaticFiles(directory=DEMO_DIR), name="static")
     asgi = socketio.ASGIApp(chat.sio, other_asgi_app=api, socketio_path="socket.io")
-    asgi.chat = chat
-    return asgi
+    return RefuseWhileDraining(asgi, chat)
+
+
+class RefuseWhileDraining:
+    """While draining, new Engine.IO handshakes get 503 so that clients retry elsewhere."""
+
+    def __init__(self, app: socketio.ASGIApp, chat: ChatServer) -> None:
+        self.app = app
+        self.chat = chat
+
+    async def __call__(self, scope, receive, send) -> None:
+        if (
+            self.chat.gateway.draining
+            and scope["type"] in ("http", "websocket")
+            and scope["path"].startswith("/socket.io")
+            and b"sid=" not in scope.get("query_string", b"")
+        ):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1013})
+                return
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"text/plain"), (b"retry-after", b"1")]})
+            await send({"type": "http.response.body", "body": b"draining"})
+            return
+        await self.app(scope, receive, send)
 
 
 app = create_app()
