@@ -1,0 +1,73 @@
+"""Operator commands: ``chat-server check-config`` (and ``chat-server serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from .config import ConfigError, Settings, load_settings
+
+
+async def _check_backends(settings: Settings) -> list[str]:
+    from .store import create_store
+
+    problems: list[str] = []
+    store = create_store(settings)
+    try:
+        await asyncio.wait_for(store.start(), settings.STORE_TIMEOUT * 2)
+        await asyncio.wait_for(store.ping(), settings.STORE_TIMEOUT)
+        print(f"store      ok ({settings.STORE})")
+    except Exception as exc:
+        problems.append(f"store ({settings.STORE}): {exc or type(exc).__name__}")
+    finally:
+        try:
+            await store.close()
+        except Exception:
+            pass
+    if settings.redis_configured:
+        from .cluster.connection import create_redis
+
+        redis = create_redis(settings)
+        try:
+            await asyncio.wait_for(redis.ping(), settings.REDIS_TIMEOUT)
+            mode = "cluster" if settings.REDIS_CLUSTER else "standalone/sentinel"
+            print(f"redis      ok ({mode})")
+        except Exception as exc:
+            problems.append(f"redis: {exc or type(exc).__name__}")
+        finally:
+            await redis.aclose()
+    else:
+        print("redis      not configured: single instance, in-process rooms and presence")
+    return problems
+
+
+def check_config() -> int:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"configuration invalid: {exc}", file=sys.stderr)
+        return 2
+    print(f"environment {settings.env}")
+    print(f"instance   {settings.instance_id}")
+    print(f"auth       {','.join(settings.JWT_ALGORITHMS)}"
+          + (f" via JWKS {settings.JWT_JWKS_URL}" if settings.JWT_JWKS_URL else ""))
+    print(f"dev tokens {'on' if settings.DEV_TOKENS else 'off'}")
+    problems = asyncio.run(_check_backends(settings))
+    for problem in problems:
+        print(f"PROBLEM    {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chat-server", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("check-config", help="validate settings and test Redis and store connectivity")
+    args = parser.parse_args(argv)
+    if args.command == "check-config":
+        return check_config()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
