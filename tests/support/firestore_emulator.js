@@ -1,17 +1,19 @@
 // Runs the in-memory Firestore emulator (@firestore-emulator/server) on one port.
 //
-//   node tests/support/firestore_emulator.js PORT
+//   node tests/support/firestore_emulator.js PORT [--exit-with-stdin]
 //
 // Prints "firestore-emulator listening on 127.0.0.1:PORT" once the port is bound and
-// stops on SIGTERM / SIGINT or when stdin closes (so it never outlives its parent).
-// State lives in memory: every start begins empty.
+// stops on SIGTERM / SIGINT. With --exit-with-stdin it also stops when its stdin closes, so
+// it never outlives the test process that started it. State lives in memory: every start
+// begins empty.
 "use strict";
 
 const { FirestoreServer } = require("@firestore-emulator/server");
 
 const port = Number.parseInt(process.argv[2] ?? "", 10);
+const exitWithStdin = process.argv.includes("--exit-with-stdin");
 if (!Number.isInteger(port) || port <= 0 || port > 65535) {
-  console.error("usage: node firestore_emulator.js PORT");
+  console.error("usage: node firestore_emulator.js PORT [--exit-with-stdin]");
   process.exit(2);
 }
 
@@ -27,9 +29,11 @@ function stop() {
 
 process.on("SIGTERM", stop);
 process.on("SIGINT", stop);
-process.stdin.on("end", stop);
-process.stdin.on("error", stop);
-process.stdin.resume();
+if (exitWithStdin) {
+  process.stdin.on("end", stop);
+  process.stdin.on("error", stop);
+  process.stdin.resume();
+}
 
 server.start(port).then(
   () => console.log(`firestore-emulator listening on 127.0.0.1:${port}`),

@@ -118,7 +118,7 @@ class FirestoreEmulator:
                 raise EmulatorError(f"port {self.port} is still taken by another process")
             time.sleep(0.05)
         self._process = subprocess.Popen(
-            ["node", str(LAUNCHER), str(self.port)],
+            ["node", str(LAUNCHER), str(self.port), "--exit-with-stdin"],
             cwd=ROOT,
             stdin=subprocess.PIPE,  # the launcher exits when this pipe closes
             stdout=self._log,

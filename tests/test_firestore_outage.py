@@ -1,0 +1,185 @@
+"""The Firestore store when the backend fails, stalls, loses answers or races.
+
+Each test runs its own emulator (not the session one) so that stopping it disturbs no
+other test. The emulator keeps state in memory: after a restart it is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+from google.api_core import exceptions as gexc
+
+from server.errors import SeqTaken, StoreUnavailable
+from server.models import MessageDraft
+from server.store import firestore as firestore_module
+from server.store.firestore import FirestoreStore
+from tests.support.firestore_emulator import FirestoreEmulator
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("CHAT_TEST_FIRESTORE", "1") == "0", reason="CHAT_TEST_FIRESTORE=0"
+)
+
+TIMEOUT = 1.0
+
+
+def draft(room: str, client_id: str, sender: str = "alice") -> MessageDraft:
+    return MessageDraft(
+        room=room, sender_id=sender, sender_name=sender.title(), text="hi", client_id=client_id
+    )
+
+
+@pytest.fixture
+def emulator():
+    instance = FirestoreEmulator.launch()
+    yield instance
+    instance.close()
+
+
+@pytest.fixture
+async def fs(emulator):
+    store = FirestoreStore(project="chat-outage", emulator_host=emulator.host, timeout=TIMEOUT)
+    await store.start()
+    yield store
+    await store.close()
+
+
+async def timed(coro) -> tuple[float, BaseException | None]:
+    started = time.monotonic()
+    try:
+        await coro
+    except BaseException as exc:  # returned to the test
+        return time.monotonic() - started, exc
+    return time.monotonic() - started, None
+
+
+async def test_stopped_backend_fails_within_bound_then_recovers(fs, emulator, uid):
+    room = uid("r")
+    assert (await fs.add_message(draft(room, "before"))).message.seq == 1
+
+    await asyncio.to_thread(emulator.stop)
+    for seq in (None, 2):
+        elapsed, error = await timed(fs.add_message(draft(room, f"during-{seq}"), seq=seq))
+        assert isinstance(error, StoreUnavailable), error
+        assert elapsed < 3 * TIMEOUT, elapsed
+        assert "add_message" in str(error) and room in str(error)
+    elapsed, error = await timed(fs.ping())
+    assert isinstance(error, StoreUnavailable) and elapsed < 3 * TIMEOUT
+
+    await asyncio.to_thread(emulator.start)  # same port, empty state
+    after = await fs.add_message(draft(room, "after"))  # same store object, no restart
+    assert after.created and after.message.seq == 1
+    await fs.ping()
+
+
+async def test_stalled_backend_hits_the_deadline(fs, emulator, uid):
+    room = uid("r")
+    await fs.add_message(draft(room, "before"))
+    emulator.pause()  # port open, no answers
+    try:
+        elapsed, error = await timed(fs.add_message(draft(room, "stalled")))
+        assert isinstance(error, StoreUnavailable), error
+        assert elapsed < 3 * TIMEOUT, elapsed
+        elapsed, error = await timed(fs.messages_after(room, 0, 10))
+        assert isinstance(error, StoreUnavailable) and elapsed < 3 * TIMEOUT
+    finally:
+        emulator.resume()
+    later = await fs.add_message(draft(room, "later"))
+    assert later.created and later.message.seq == 2
+
+
+async def test_lost_commit_answer_is_retried_idempotently(fs, uid, monkeypatch):
+    """A commit that applied but whose answer was lost: the retry reports the stored message."""
+    original = firestore_module._Transaction._commit
+    lost = 0
+
+    async def commit_then_lose_answer(self):
+        nonlocal lost
+        result = await original(self)
+        if lost == 0:
+            lost += 1
+            raise gexc.DeadlineExceeded("answer lost")
+        return result
+
+    monkeypatch.setattr(firestore_module._Transaction, "_commit", commit_then_lose_answer)
+    room = uid("r")
+    first = await fs.add_message(draft(room, "c1"))
+    assert lost == 1
+    assert first.created and first.message.seq == 1
+    second = await fs.add_message(draft(room, "c2"))
+    assert second.message.seq == 2
+    repeat = await fs.add_message(draft(room, "c1"))
+    assert not repeat.created and repeat.message == first.message
+
+
+async def test_lost_batch_answer_on_explicit_seq_is_retried_idempotently(fs, uid, monkeypatch):
+    from google.cloud.firestore_v1.async_batch import AsyncWriteBatch
+
+    original = AsyncWriteBatch.commit
+    lost = 0
+
+    async def commit_then_lose_answer(self, *args, **kwargs):
+        nonlocal lost
+        result = await original(self, *args, **kwargs)
+        if lost == 0:
+            lost += 1
+            raise gexc.ServiceUnavailable("connection reset after commit")
+        return result
+
+    monkeypatch.setattr(AsyncWriteBatch, "commit", commit_then_lose_answer)
+    room = uid("r")
+    added = await fs.add_message(draft(room, "c1"), seq=7)
+    assert lost == 1 and added.created and added.message.seq == 7
+    assert await fs.last_seq(room) == 7
+
+
+async def test_allocating_path_moves_above_explicit_seqs(fs, uid):
+    room = uid("r")
+    for seq in (1, 2, 3):
+        await fs.add_message(draft(room, f"x{seq}"), seq=seq)
+    assert (await fs.add_message(draft(room, "a"))).message.seq == 4
+    await fs.add_message(draft(room, "x10"), seq=10)
+    assert (await fs.add_message(draft(room, "b"))).message.seq == 11
+    with pytest.raises(SeqTaken) as info:
+        await fs.add_message(draft(room, "y"), seq=11)
+    assert info.value.max_seq == 11
+
+
+async def test_two_clients_racing_get_unique_seqs(emulator, uid):
+    """Two stores (two processes' worth of clients) sending to one room at once."""
+    stores = [
+        FirestoreStore(project="chat-race", emulator_host=emulator.host, timeout=5.0)
+        for _ in range(2)
+    ]
+    for store in stores:
+        await store.start()
+    try:
+        room = uid("r")
+        sends = [
+            stores[i % 2].add_message(draft(room, f"c{i}", sender=f"u{i % 2}")) for i in range(40)
+        ]
+        results = await asyncio.gather(*sends)
+        assert sorted(r.message.seq for r in results) == list(range(1, 41))
+
+        # explicit seqs: the same seq from both clients, one wins
+        outcomes = await asyncio.gather(
+            stores[0].add_message(draft(room, "e0", sender="u0"), seq=100),
+            stores[1].add_message(draft(room, "e1", sender="u1"), seq=100),
+            return_exceptions=True,
+        )
+        assert sum(isinstance(o, SeqTaken) for o in outcomes) == 1
+        assert sum(not isinstance(o, BaseException) and o.created for o in outcomes) == 1
+
+        # the same client_id from both clients: one message, both answers agree
+        same = await asyncio.gather(
+            stores[0].add_message(draft(room, "dup", sender="u0"), seq=200),
+            stores[1].add_message(draft(room, "dup", sender="u0"), seq=201),
+        )
+        assert same[0].message == same[1].message
+        assert [r.created for r in same].count(True) == 1
+    finally:
+        for store in stores:
+            await store.close()
