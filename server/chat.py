@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime
+
 import socketio
 import structlog
 
-from . import __version__
+from . import __version__, metrics
 from .auth import TokenVerifier
 from .cluster.backend import RedisBackend
 from .cluster.manager import LocalManager
@@ -14,7 +17,7 @@ from .config import Settings
 from .gateway import Gateway
 from .jsoncodec import OrjsonCodec
 from .messages import MessageService
-from .models import iso
+from .models import iso, utcnow
 from .presence.base import Presence, Transition
 from .presence.memory import MemoryPresence
 from .presence.redis import RedisPresence
@@ -84,10 +87,13 @@ class ChatServer:
             self.sio.manager_initialized = True
             self.sio.manager.initialize()
         self.drainer.install()
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_metrics())
         log.info("server.started", instance_id=self.instance_id, store=self.settings.STORE,
                  redis=bool(self.settings.redis_configured), version=self.version)
 
     async def stop(self) -> None:
+        if getattr(self, "_sampler", None) is not None:
+            self._sampler.cancel()
         for sid in list(self.gateway.connections):
             await self.gateway.on_disconnect(sid, "server shutdown")
         await self.presence.close()
@@ -112,6 +118,44 @@ class ChatServer:
             except Exception as exc:
                 log.warning("presence.last_seen_not_stored", user=transition.user_id, error=str(exc))
         await self.gateway.announce(transition)
+
+    async def figures(self) -> dict:
+        """This instance and the cluster: live instances with their connections and heartbeats."""
+        local = len(self.gateway.connections)
+        if self.cluster is None:
+            instances = [{"id": self.instance_id, "connections": local, "last_heartbeat": iso(utcnow())}]
+        else:
+            instances = [
+                {"id": info.id, "connections": info.connections,
+                 "last_heartbeat": iso(datetime.fromtimestamp(info.heartbeat_at, UTC))}
+                for info in await self.cluster.registry.live()
+            ]
+        return {
+            "instance": {"id": self.instance_id, "version": self.version, "connections": local,
+                         "in_flight": self.gateway.in_flight, "draining": self.gateway.draining},
+            "cluster": {
+                "instances": instances,
+                "connections": sum(i["connections"] for i in instances),
+                "online_users": await self.presence.online_users(),
+            },
+        }
+
+    async def _sample_metrics(self) -> None:
+        """Refresh the cluster-wide gauges every heartbeat interval."""
+        while True:
+            try:
+                figures = await self.figures()
+                metrics.CLUSTER_CONNECTIONS.set(figures["cluster"]["connections"])
+                metrics.ONLINE_USERS.set(figures["cluster"]["online_users"])
+                if self.cluster is not None:
+                    used = await self.cluster.used_memory()
+                    if used is not None:
+                        metrics.REDIS_MEMORY.set(used)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("metrics.sample_failed", error=str(exc))
+            await asyncio.sleep(self.settings.WS_HEARTBEAT_INTERVAL)
 
     async def presence_states(self, user_ids: list[str]) -> dict[str, dict]:
         """``{id: {status, last_seen}}``; offline users without a live last_seen use the store's."""

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from .auth import mint_dev_token
+from .auth import AuthError, mint_dev_token
 
 if TYPE_CHECKING:
     from .chat import ChatServer
@@ -73,6 +73,21 @@ async def dev_token(body: DevTokenRequest, request: Request) -> dict:
     if not settings.JWT_ALGORITHMS[0].startswith("HS"):
         raise HTTPException(404, "development tokens need an HS* algorithm and JWT_SECRET")
     return {"token": mint_dev_token(settings, body.user, body.name)}
+
+
+@router.get("/api/stats")
+async def stats(request: Request) -> dict:
+    """Instance and cluster figures, for an admin token (claim ``role: "admin"``)."""
+    chat = chat_of(request)
+    header = request.headers.get("authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else request.query_params.get("token")
+    try:
+        identity = await chat.verifier.verify(token)
+    except AuthError as exc:
+        raise HTTPException(401, f"{exc.code}: {exc.reason}") from None
+    if identity.role != "admin":
+        raise HTTPException(403, "an admin token (claim role: admin) is required")
+    return await chat.figures()
 
 
 @router.get("/metrics")

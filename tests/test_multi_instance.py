@@ -205,3 +205,43 @@ async def test_crashed_instance_users_go_offline(redis_url, tmp_path, uid):
         await watcher.disconnect()
         survivor.stop()
         doomed.stop()
+
+
+async def test_stats_lists_every_live_instance_for_admins(trio, users, uid):
+    from tests.support.servers import make_token
+
+    for server in trio:
+        await users(uid("st"), server)
+    async with httpx.AsyncClient() as http:
+        denied = await http.get(f"{trio[1].url}/api/stats", headers={"Authorization": f"Bearer {make_token(uid('x'))}"})
+        assert denied.status_code == 403
+        assert (await http.get(f"{trio[1].url}/api/stats")).status_code == 401
+        admin = make_token(uid("admin"), role="admin")
+        await asyncio.sleep(HEARTBEAT * 2)  # heartbeats carry the new connection counts
+        body = (await http.get(f"{trio[1].url}/api/stats", headers={"Authorization": f"Bearer {admin}"})).json()
+    assert body["instance"]["id"] == "node-1"
+    ids = sorted(i["id"] for i in body["cluster"]["instances"])
+    assert ids == ["node-0", "node-1", "node-2"]
+    assert all(i["connections"] >= 1 and i["last_heartbeat"].endswith("Z") for i in body["cluster"]["instances"])
+    assert body["cluster"]["connections"] == sum(i["connections"] for i in body["cluster"]["instances"])
+    assert body["cluster"]["online_users"] >= 3
+
+
+async def test_metrics_expose_cluster_figures(trio, users, uid):
+    room = uid("m")
+    a, b = await users(uid("a"), trio[0]), await users(uid("b"), trio[1])
+    for client in (a, b):
+        await client.call("room:join", {"room": room})
+    await a.call("message:send", {"room": room, "text": "x", "client_id": "1"})
+    await b.wait_for("message:new")
+    await asyncio.sleep(HEARTBEAT * 2)
+    async with httpx.AsyncClient() as http:
+        text_a = (await http.get(f"{trio[0].url}/metrics")).text
+        text_b = (await http.get(f"{trio[1].url}/metrics")).text
+    assert 'chat_acks_total{code="ok"}' in text_a
+    lines = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text_b.splitlines()
+             if line and not line.startswith("#")}
+    assert lines["chat_messages_delivered_total"] >= 1
+    assert lines["chat_cluster_connections"] >= 2
+    assert lines["chat_online_users"] >= 2
+    assert lines["chat_redis_used_memory_bytes"] > 0

@@ -40,9 +40,9 @@ class ControlEvents(socketio.AsyncManager):
                                   callback=callback, to=to, **kwargs)
 
     def _local_count(self, namespace: str, room: str | None, skip_sid) -> int:
-        skipped = 1 if skip_sid else 0
+        skip = set(skip_sid) if isinstance(skip_sid, list | tuple | set) else {skip_sid}
         try:
-            return max(0, sum(1 for _ in self.get_participants(namespace, room)) - skipped)
+            return sum(1 for sid, _ in self.get_participants(namespace, room) if sid not in skip)
         except Exception:  # an unknown room has no participants
             return 0
 
