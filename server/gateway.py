@@ -97,8 +97,8 @@ class Gateway:
     # --- registration -------------------------------------------------------------------
     def _register(self) -> None:
         on = self.sio.on
-        on("connect", self.on_connect, namespace=NAMESPACE)
-        on("disconnect", self.on_disconnect, namespace=NAMESPACE)
+        on("connect", self._connect_handler, namespace=NAMESPACE)
+        on("disconnect", self._disconnect_handler, namespace=NAMESPACE)
         on("*", self.on_unknown, namespace=NAMESPACE)
         routes: dict[str, tuple[type[Payload], Handler]] = {
             "auth:refresh": (RefreshToken, self.auth_refresh),
@@ -152,6 +152,31 @@ class Gateway:
         return ChatError("bad_request", f"unknown event {event!r}").to_ack()
 
     # --- connection lifecycle -------------------------------------------------------------
+    def _spoofed_lifecycle(self, sid: str, event: str) -> dict | None:
+        """An error ack when ``connect``/``disconnect`` arrives as an event from a connected socket.
+
+        python-socketio routes a client's event named like a lifecycle handler to that
+        handler; a real connect or disconnect never finds the socket fully connected.
+        """
+        if not self.sio.manager.is_connected(sid, NAMESPACE):
+            return None
+        metrics.ACKS.labels("bad_request").inc()
+        return ChatError("bad_request", f"unknown event {event!r}").to_ack()
+
+    async def _connect_handler(self, sid: str, environ: Any = None, auth: Any = None, *extra: Any) -> dict | None:
+        spoofed = self._spoofed_lifecycle(sid, "connect")
+        if spoofed is not None:
+            return spoofed
+        await self.on_connect(sid, environ, auth)
+        return None
+
+    async def _disconnect_handler(self, sid: str, reason: Any = None, *extra: Any) -> dict | None:
+        spoofed = self._spoofed_lifecycle(sid, "disconnect")
+        if spoofed is not None:
+            return spoofed
+        await self.on_disconnect(sid, reason)
+        return None
+
     async def on_connect(self, sid: str, environ: dict, auth: Any = None) -> None:
         """Authenticate and register; anything unexpected refuses cleanly (never half-connects)."""
         try:
