@@ -134,11 +134,11 @@ class Gateway:
                 metrics.ACKS.labels(exc.code).inc()
                 return exc.to_ack()
             except StoreUnavailable as exc:
-                log.warning("store.unavailable", event=event, error=str(exc))
+                log.warning("store.unavailable", request=event, error=str(exc))
                 metrics.ACKS.labels("unavailable").inc()
                 return ChatError("unavailable", "storage is unavailable; retry shortly").to_ack()
             except Exception:
-                log.exception("handler.failed", event=event, sid=sid)
+                log.exception("handler.failed", request=event, sid=sid)
                 metrics.ACKS.labels("internal").inc()
                 return ChatError("internal", "internal error; it has been logged").to_ack()
             finally:
