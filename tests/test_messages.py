@@ -516,3 +516,44 @@ async def test_sqlite_messages_survive_restarts(tmp_path, uid):
             await client.disconnect()
     finally:
         third.stop()
+
+
+async def test_store_unavailable_then_retry_is_safe(tmp_path, uid):
+    """A store that cannot write answers `unavailable`, broadcasts nothing; the retry stores once."""
+    import sqlite3
+
+    path = tmp_path / "chat.db"
+    proc = ServerProcess({"STORE": "sqlite", "SQLITE_PATH": str(path), "STORE_TIMEOUT": "1"}).start()
+    room = uid("room")
+    alice, bob = ChatClient(uid("alice")), ChatClient(uid("bob"))
+    locker = None
+    try:
+        await alice.connect(proc.url)
+        await bob.connect(proc.url)
+        await joined(room, alice, bob)
+        before = await send(alice, room, "before", "c1")
+        await bob.wait_for("message:new")
+        locker = sqlite3.connect(path, isolation_level=None, timeout=5)
+        locker.execute("BEGIN EXCLUSIVE")  # another writer holds the database
+        failed = await send(alice, room, "during", "c2")
+        assert error_code(failed) == "unavailable"
+        await asyncio.sleep(QUIET)
+        assert bob.events["message:new"] == [before["message"]]
+        locker.execute("ROLLBACK")
+        locker.close()
+        locker = None
+        retried = await send(alice, room, "during", "c2")
+        assert retried["ok"] is True and retried["message"]["seq"] == 2
+        assert await send(alice, room, "during", "c2") == retried
+        received = await bob.wait_for("message:new", 2)
+        await asyncio.sleep(QUIET)
+        assert bob.events["message:new"] == [before["message"], retried["message"]] == received
+        assert (await history(bob, room))["messages"] == [before["message"], retried["message"]]
+        third = await send(alice, room, "after", "c3")
+        assert third["message"]["seq"] == 3
+    finally:
+        if locker is not None:
+            locker.close()
+        await alice.disconnect()
+        await bob.disconnect()
+        proc.stop()
