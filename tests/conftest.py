@@ -10,7 +10,7 @@ import pytest
 
 from server.store.base import Store
 
-pytest_plugins = ["tests.support.fixtures_firestore"]
+pytest_plugins = ["tests.support.fixtures_firestore", "tests.support.fixtures_redis"]
 
 STORE_BACKENDS = ["memory", "sqlite"]
 if os.environ.get("CHAT_TEST_FIRESTORE", "1") != "0":
@@ -75,8 +75,3 @@ async def clients(server):
     yield make
     for client in made:
         await client.disconnect()
-
-
-@pytest.fixture(scope="session")
-def redis_url():
-    return "redis://127.0.0.1:6379/0"

@@ -1,0 +1,86 @@
+"""Instances on a 6-node Redis Cluster (REDIS_CLUSTER=true): delivery, presence, failover."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from tests.support.clients import ChatClient
+from tests.support.servers import ServerProcess
+from tests.test_multi_instance import GRACE, cluster_env
+
+
+@pytest.fixture(scope="module")
+def cluster_pair(redis_cluster, tmp_path_factory):
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    tmp = tmp_path_factory.mktemp("cluster")
+    servers = [
+        ServerProcess(cluster_env(redis_cluster.url, prefix, tmp, REDIS_CLUSTER="true", INSTANCE_ID=f"c{i}"))
+        for i in range(2)
+    ]
+    for server in servers:
+        server.start(wait=False)
+    for server in servers:
+        server.wait_healthy()
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+async def test_delivery_and_presence_across_instances_on_a_cluster(cluster_pair, uid):
+    node_a, node_b = cluster_pair
+    room, a_id, b_id = uid("room"), uid("a"), uid("b")
+    watcher = await ChatClient(uid("w")).connect(node_a.url)
+    a = await ChatClient(a_id).connect(node_a.url)
+    try:
+        await watcher.call("presence:subscribe", {"users": [b_id]})
+        b = await ChatClient(b_id).connect(node_b.url)
+        online = await watcher.wait_for("presence")
+        assert online[0]["user"] == b_id and online[0]["status"] == "online"
+        for client in (a, b):
+            assert (await client.call("room:join", {"room": room}))["ok"]
+        sent = await a.call("message:send", {"room": room, "text": "sharded", "client_id": "1"})
+        assert (await b.wait_for("message:new")) == [sent["message"]]
+        await b.call("typing", {"room": room, "typing": True})
+        assert (await a.wait_for("typing"))[0]["user"] == b_id
+        await b.disconnect()
+        offline = await watcher.wait_for("presence", count=2, timeout=GRACE + 5)
+        assert offline[1]["status"] == "offline"
+    finally:
+        await a.disconnect()
+        await watcher.disconnect()
+
+
+async def test_delivery_resumes_after_master_failover(cluster_pair, redis_cluster, uid):
+    node_a, node_b = cluster_pair
+    room = uid("room")
+    a, b = await ChatClient(uid("a")).connect(node_a.url), await ChatClient(uid("b")).connect(node_b.url)
+    channel_master = redis_cluster.master_for_key(node_a.env["REDIS_KEY_PREFIX"] + "socketio")
+    try:
+        for client in (a, b):
+            await client.call("room:join", {"room": room})
+        redis_cluster.kill_node(channel_master)
+        await asyncio.get_running_loop().run_in_executor(None, redis_cluster.wait_failover, channel_master, 20)
+        deadline = asyncio.get_running_loop().time() + 25
+        n = 0
+        while True:  # keep sending until one crosses: the listener resubscribes to the new master
+            n += 1
+            ack = await a.call("message:send", {"room": room, "text": f"after {n}", "client_id": str(n)})
+            assert ack["ok"], ack
+            try:
+                await b.wait_for("message:new", timeout=1)
+                break
+            except TimeoutError:
+                assert asyncio.get_running_loop().time() < deadline, node_b.log_tail()
+        # Once resumed, every following message crosses, in order.
+        before = len(b.events["message:new"])
+        for i in range(5):
+            await a.call("message:send", {"room": room, "text": f"steady {i}", "client_id": f"s{i}"})
+        got = await b.wait_for("message:new", count=before + 5)
+        assert [m["text"] for m in got[before:]] == [f"steady {i}" for i in range(5)]
+    finally:
+        await a.disconnect()
+        await b.disconnect()
+        await asyncio.get_running_loop().run_in_executor(None, redis_cluster.heal)
