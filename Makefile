@@ -27,6 +27,15 @@ install-node: node_modules/.installed
 run: install
 	$(UV) run --frozen uvicorn server.main:app --host $(HOST) --port $(PORT) --ws-per-message-deflate false
 
+FIRESTORE_PORT ?= 8085
+# The same server on a local Firestore emulator (in memory: emptied when it stops).
+run-firestore: install install-node
+	node tests/support/firestore_emulator.js $(FIRESTORE_PORT) & \
+	  trap "kill $$! 2>/dev/null" EXIT INT TERM; \
+	  for i in $$(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$(FIRESTORE_PORT)) 2>/dev/null && break; sleep 0.2; done; \
+	  STORE=firestore FIRESTORE_EMULATOR_HOST=127.0.0.1:$(FIRESTORE_PORT) FIRESTORE_PROJECT=demo-chat \
+	  $(UV) run --frozen uvicorn server.main:app --host $(HOST) --port $(PORT) --ws-per-message-deflate false
+
 test: install install-node
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
 
