@@ -1,0 +1,141 @@
+"""Instances sharing Firestore and Redis: seq by Redis INCR, outages of Firestore mid-test."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import httpx
+import pytest
+
+from tests.support.clients import ChatClient
+from tests.support.firestore_emulator import FirestoreEmulator
+from tests.support.servers import ServerProcess
+
+
+def firestore_env(redis_url: str, prefix: str, emulator: FirestoreEmulator, **extra) -> dict[str, str]:
+    return {
+        "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": prefix,
+        "STORE": "firestore",
+        "FIRESTORE_EMULATOR_HOST": emulator.host,
+        "FIRESTORE_PROJECT": "chat-test",
+        "STORE_TIMEOUT": "1.5",
+        "WS_GRACE_PERIOD": "1",
+        "WS_HEARTBEAT_INTERVAL": "0.5",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    instance = FirestoreEmulator.launch()
+    yield instance
+    instance.close()
+
+
+@pytest.fixture(scope="module")
+def fs_pair(redis_url, emulator):
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    servers = [ServerProcess(firestore_env(redis_url, prefix, emulator, INSTANCE_ID=f"f{i}")) for i in range(2)]
+    for server in servers:
+        server.start(wait=False)
+    for server in servers:
+        server.wait_healthy(30)
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+async def joined(url: str, user: str, room: str) -> ChatClient:
+    client = await ChatClient(user).connect(url)
+    assert (await client.call("room:join", {"room": room}))["ok"]
+    return client
+
+
+async def test_concurrent_sends_on_two_instances_share_one_seq_line(fs_pair, uid):
+    room = uid("room")
+    a = await joined(fs_pair[0].url, uid("a"), room)
+    b = await joined(fs_pair[1].url, uid("b"), room)
+    try:
+        async def burst(client: ChatClient) -> list[int]:
+            acks = await asyncio.gather(*(
+                client.call("message:send", {"room": room, "text": f"{client.user} {i}", "client_id": str(i)})
+                for i in range(25)))
+            assert all(ack["ok"] for ack in acks), acks
+            return [ack["message"]["seq"] for ack in acks]
+
+        seqs = sorted(sum(await asyncio.gather(burst(a), burst(b)), []))
+        assert seqs == list(range(1, 51))
+        await b.wait_for("message:new", count=25)
+        await a.wait_for("message:new", count=25)
+        page = await a.call("message:history", {"room": room, "limit": 100})
+        assert [m["seq"] for m in page["messages"]] == list(range(1, 51))
+        # A retried client_id on the other instance is the same message, not a new one.
+        again = await b.call("message:send", {"room": room, "text": "a 0 again", "client_id": "0"})
+        assert again["ok"] and again["message"]["seq"] in seqs and again["message"]["sender"]["id"] == b.user
+    finally:
+        await a.disconnect()
+        await b.disconnect()
+
+
+async def test_firestore_outage_fails_cleanly_then_recovers(fs_pair, emulator, uid):
+    room = uid("room")
+    a = await joined(fs_pair[0].url, uid("a"), room)
+    b = await joined(fs_pair[1].url, uid("b"), room)
+    try:
+        first = await a.call("message:send", {"room": room, "text": "before", "client_id": "1"})
+        assert first["ok"]
+        await b.wait_for("message:new")
+
+        emulator.pause()  # the store stops answering (state kept)
+        try:
+            started = asyncio.get_running_loop().time()
+            failed = await a.call("message:send", {"room": room, "text": "during", "client_id": "2"}, timeout=20)
+            assert failed == {"ok": False, "error": {"code": "unavailable", "message": failed["error"]["message"]}}
+            assert asyncio.get_running_loop().time() - started < 10
+            async with httpx.AsyncClient(timeout=10) as http:
+                health = await http.get(f"{fs_pair[0].url}/api/health")
+            assert health.status_code == 503 and health.json()["checks"]["store"]["ok"] is False
+        finally:
+            emulator.resume()
+        await asyncio.sleep(0.3)
+        assert b.events["message:new"] == [first["message"]]  # nothing broadcast for the failure
+
+        retried = await a.call("message:send", {"room": room, "text": "during", "client_id": "2"}, timeout=20)
+        assert retried["ok"], retried
+        await b.wait_for("message:new", count=2)
+        history = await b.call("message:history", {"room": room})
+        assert [m["text"] for m in history["messages"]] == ["before", "during"]
+        seqs = [m["seq"] for m in history["messages"]]
+        assert seqs[0] == 1 and seqs[1] > 1
+    finally:
+        await a.disconnect()
+        await b.disconnect()
+
+
+async def test_emulator_restart_mid_test(fs_pair, emulator, uid):
+    """A stopped store answers `unavailable`; once it is back, sends succeed without restarts."""
+    room = uid("room")
+    a = await joined(fs_pair[0].url, uid("a"), room)
+    try:
+        assert (await a.call("message:send", {"room": room, "text": "one", "client_id": "1"}))["ok"]
+        emulator.stop()
+        try:
+            down = await a.call("message:send", {"room": room, "text": "two", "client_id": "2"}, timeout=20)
+            assert down["ok"] is False and down["error"]["code"] == "unavailable"
+        finally:
+            emulator.start()  # in-memory emulator: it comes back empty
+        deadline = asyncio.get_running_loop().time() + 15
+        while True:  # the emptied emulator lost the room: join again (public rooms recreate)
+            rejoin = await a.call("room:join", {"room": room}, timeout=20)
+            if rejoin["ok"]:
+                break
+            assert rejoin["error"]["code"] == "unavailable"
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.5)
+        ack = await a.call("message:send", {"room": room, "text": "two", "client_id": "2"}, timeout=20)
+        assert ack["ok"], ack
+        assert ack["message"]["seq"] >= 2  # the Redis counter never hands out a seq again
+    finally:
+        await a.disconnect()
