@@ -1,0 +1,63 @@
+"""Other Redis set-ups the server supports: Sentinel, and a separate Redis for pub/sub."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import redis as redis_sync
+
+from tests.support.clients import ChatClient
+from tests.support.redis_servers import RedisServer
+from tests.support.servers import ServerProcess
+from tests.test_multi_instance import GRACE, cluster_env
+
+
+async def exchange(node_a: ServerProcess, node_b: ServerProcess, room: str, uid) -> None:
+    """A message and a presence change cross from one instance to the other."""
+    b_id = uid("b")
+    a = await ChatClient(uid("a")).connect(node_a.url)
+    try:
+        await a.call("presence:subscribe", {"users": [b_id]})
+        b = await ChatClient(b_id).connect(node_b.url)
+        assert (await a.wait_for("presence"))[0]["status"] == "online"
+        for client in (a, b):
+            assert (await client.call("room:join", {"room": room}))["ok"]
+        sent = await a.call("message:send", {"room": room, "text": "hi", "client_id": "1"})
+        assert (await b.wait_for("message:new")) == [sent["message"]]
+        await b.disconnect()
+        assert (await a.wait_for("presence", count=2, timeout=GRACE + 5))[1]["status"] == "offline"
+    finally:
+        await a.disconnect()
+
+
+async def test_instances_through_sentinel(redis_sentinel, tmp_path, uid):
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    servers = [ServerProcess(cluster_env(redis_sentinel.url, prefix, tmp_path, INSTANCE_ID=f"s{i}")).start()
+               for i in range(2)]
+    try:
+        health = servers[0].wait_healthy()
+        assert health["checks"]["redis"]["ok"] is True
+        await exchange(servers[0], servers[1], uid("room"), uid)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def test_separate_pubsub_redis_carries_the_broadcasts(redis_url, tmp_path, uid):
+    pubsub = RedisServer().start()
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    env = cluster_env(redis_url, prefix, tmp_path, REDIS_PUBSUB_URL=pubsub.url)
+    servers = [ServerProcess({**env, "INSTANCE_ID": f"p{i}"}).start() for i in range(2)]
+    try:
+        await exchange(servers[0], servers[1], uid("room"), uid)
+        channels = pubsub.client().pubsub_channels()
+        assert f"{prefix}socketio" in channels
+        main = redis_sync.Redis.from_url(redis_url, decode_responses=True)
+        assert f"{prefix}socketio" not in main.pubsub_channels()
+        assert main.exists(f"{{{prefix}instances}}:all")  # state stays on the main Redis
+    finally:
+        for server in servers:
+            server.stop()
+        pubsub.stop()
+        await asyncio.sleep(0)
