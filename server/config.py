@@ -45,6 +45,7 @@ class Settings(BaseModel):
     REDIS_USERNAME: str = ""
     REDIS_PASSWORD: str = ""
     REDIS_SSL: bool = False
+    REDIS_SSL_CA_CERTS: str = ""
     REDIS_DB: int = Field(0, ge=0)
     REDIS_CLUSTER: bool = False
     REDIS_PUBSUB_URL: str = ""
@@ -145,7 +146,8 @@ class Settings(BaseModel):
         auth = ""
         if self.REDIS_USERNAME or self.REDIS_PASSWORD:
             auth = f"{quote(self.REDIS_USERNAME, safe='')}:{quote(self.REDIS_PASSWORD, safe='')}@"
-        return f"{scheme}://{auth}{self.REDIS_HOST}:{self.REDIS_PORT}/{self.REDIS_DB}"
+        query = f"?ssl_ca_certs={quote(self.REDIS_SSL_CA_CERTS, safe='/')}" if self.REDIS_SSL and self.REDIS_SSL_CA_CERTS else ""
+        return f"{scheme}://{auth}{self.REDIS_HOST}:{self.REDIS_PORT}/{self.REDIS_DB}{query}"
 
     @property
     def pubsub_url(self) -> str:
