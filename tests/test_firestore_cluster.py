@@ -139,3 +139,35 @@ async def test_emulator_restart_mid_test(fs_pair, emulator, uid):
         assert ack["message"]["seq"] >= 2  # the Redis counter never hands out a seq again
     finally:
         await a.disconnect()
+
+
+async def test_seq_never_repeats_after_redis_loses_its_counters(private_redis, emulator, uid):
+    """Redis restarted empty, or a failover that lost the latest INCRs: seq still only grows."""
+    import redis as redis_sync
+
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    server = ServerProcess(firestore_env(private_redis.url, prefix, emulator)).start()
+    room = uid("room")
+    a = await joined(server.url, uid("a"), room)
+    try:
+        for i in range(3):
+            assert (await a.call("message:send", {"room": room, "text": f"m{i}", "client_id": f"a{i}"}))["ok"]
+        private_redis.restart()  # data lost: the counter is re-seeded from the store
+        server.wait_healthy(20)
+        deadline = asyncio.get_running_loop().time() + 15
+        while True:
+            ack = await a.call("message:send", {"room": room, "text": "after restart", "client_id": "b"})
+            if ack["ok"]:
+                break
+            assert asyncio.get_running_loop().time() < deadline, ack
+            await asyncio.sleep(0.3)
+        assert ack["message"]["seq"] == 4
+        # A counter behind the store (as after a failover to a lagging replica) is moved past it.
+        redis_sync.Redis.from_url(private_redis.url).set(f"{prefix}seq:{room}", 1)
+        behind = await a.call("message:send", {"room": room, "text": "after rewind", "client_id": "c"})
+        assert behind["ok"] and behind["message"]["seq"] == 5
+        history = await a.call("message:history", {"room": room})
+        assert [m["seq"] for m in history["messages"]] == [1, 2, 3, 4, 5]
+    finally:
+        await a.disconnect()
+        server.stop()

@@ -245,3 +245,26 @@ async def test_metrics_expose_cluster_figures(trio, users, uid):
     assert lines["chat_cluster_connections"] >= 2
     assert lines["chat_online_users"] >= 2
     assert lines["chat_redis_used_memory_bytes"] > 0
+
+
+async def test_grace_started_by_a_dead_instance_is_finished_by_another(redis_url, tmp_path, uid):
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    finisher = ServerProcess(cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID="finisher", WS_GRACE_PERIOD=2)).start()
+    starter = ServerProcess(cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID="starter", WS_GRACE_PERIOD=2)).start()
+    leaver_id = uid("leaver")
+    watcher = await ChatClient(uid("w")).connect(finisher.url)
+    try:
+        await watcher.call("presence:subscribe", {"users": [leaver_id]})
+        leaver = await ChatClient(leaver_id).connect(starter.url)
+        await watcher.wait_for("presence")
+        await leaver.disconnect()  # the starter begins the grace period ...
+        await asyncio.sleep(0.3)
+        starter.kill()  # ... and dies before it ends
+        offline = await watcher.wait_for("presence", count=2, timeout=10)
+        assert offline[1]["user"] == leaver_id and offline[1]["status"] == "offline"
+        await asyncio.sleep(1)
+        assert len(watcher.events["presence"]) == 2
+    finally:
+        await watcher.disconnect()
+        finisher.stop()
+        starter.stop()
