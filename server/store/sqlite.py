@@ -94,6 +94,28 @@ class SQLiteStore(Store):
         except ValueError as exc:  # aiosqlite raises ValueError on a closed connection
             raise StoreUnavailable(f"sqlite connection closed: {exc}") from exc
 
+    async def _begin(self) -> None:
+        """Start a write transaction (under ``_write_lock``), ending any one left behind."""
+        if self._writer.in_transaction:
+            await self._rollback()
+        try:
+            await self._writer.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            await self._rollback()  # cancelled while BEGIN waits: it may still succeed later
+            raise
+
+    async def _rollback(self) -> None:
+        """End the writer's transaction after whatever statement is still running.
+
+        A caller cancelled by the timeout may have a ``BEGIN`` still waiting in aiosqlite's
+        thread: checking ``in_transaction`` now would miss a BEGIN that succeeds later and
+        leave the connection inside a transaction for good. The ROLLBACK queues behind it.
+        """
+        try:
+            await self._writer.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            pass  # no transaction was active (BEGIN failed)
+
     async def _fetchall(self, sql: str, params: tuple = ()) -> list[tuple]:
         async def work() -> list[tuple]:
             async with self._reader.execute(sql, params) as cursor:
@@ -110,13 +132,13 @@ class SQLiteStore(Store):
 
         async def work() -> None:
             async with self._write_lock:
-                await self._writer.execute("BEGIN IMMEDIATE")
+                await self._begin()
                 try:
                     for sql, params in statements:
                         await self._writer.execute(sql, params)
                     await self._writer.execute("COMMIT")
                 except BaseException:
-                    await self._writer.execute("ROLLBACK")
+                    await self._rollback()
                     raise
 
         await self._bounded(work)
@@ -135,7 +157,7 @@ class SQLiteStore(Store):
     async def create_room(self, room: Room, members: list[str]) -> tuple[Room, bool]:
         async def work() -> bool:
             async with self._write_lock:
-                await self._writer.execute("BEGIN IMMEDIATE")
+                await self._begin()
                 try:
                     cursor = await self._writer.execute(
                         "INSERT OR IGNORE INTO rooms (id, kind, name, owner, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -150,7 +172,7 @@ class SQLiteStore(Store):
                     await self._writer.execute("COMMIT")
                     return created
                 except BaseException:
-                    await self._writer.execute("ROLLBACK")
+                    await self._rollback()
                     raise
 
         created = await self._bounded(work)
@@ -181,7 +203,7 @@ class SQLiteStore(Store):
 
         async def work() -> tuple[Message, bool]:
             async with self._write_lock:
-                await self._writer.execute("BEGIN IMMEDIATE")
+                await self._begin()
                 try:
                     async with self._writer.execute(
                         f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (mid,)
@@ -211,8 +233,7 @@ class SQLiteStore(Store):
                     await self._writer.execute("COMMIT")
                     return message, True
                 except BaseException:
-                    if self._writer.in_transaction:
-                        await self._writer.execute("ROLLBACK")
+                    await self._rollback()
                     raise
 
         message, created = await self._bounded(work)
