@@ -557,3 +557,40 @@ async def test_store_unavailable_then_retry_is_safe(tmp_path, uid):
         await alice.disconnect()
         await bob.disconnect()
         proc.stop()
+
+
+async def test_store_recovers_when_a_lock_ends_after_the_timeout(tmp_path, uid):
+    """A write that timed out while its BEGIN was still waiting must not leave the store stuck.
+
+    The second send waits for the first, so its BEGIN is still queued in SQLite when its own
+    timeout fires; the other writer lets go just after. Later writes must work again.
+    """
+    import sqlite3
+
+    path = tmp_path / "chat.db"
+    proc = ServerProcess({"STORE": "sqlite", "SQLITE_PATH": str(path), "STORE_TIMEOUT": "1"}).start()
+    room = uid("room")
+    alice = ChatClient(uid("alice"))
+    try:
+        await alice.connect(proc.url)
+        await joined(room, alice)
+        assert (await send(alice, room, "first", "c0"))["ok"] is True
+        locker = sqlite3.connect(path, isolation_level=None, timeout=5)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")
+            started = asyncio.get_running_loop().time()
+            first = asyncio.create_task(send(alice, room, "b", "b"))
+            await asyncio.sleep(0.5)
+            second = asyncio.create_task(send(alice, room, "c", "c"))
+            await asyncio.sleep(1.7 - (asyncio.get_running_loop().time() - started))
+            locker.execute("ROLLBACK")
+        finally:
+            locker.close()
+        assert error_code(await first) == "unavailable"
+        assert error_code(await second) == "unavailable"
+        for index in range(3):
+            ack = await send(alice, room, f"later {index}", f"later-{index}")
+            assert ack["ok"] is True and ack["message"]["seq"] == 2 + index, ack
+    finally:
+        await alice.disconnect()
+        proc.stop()
