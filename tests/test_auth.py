@@ -392,7 +392,7 @@ async def test_disconnected_at_exp_unless_refreshed(server, uid):
         assert plain.sio.connected and refreshed.sio.connected
         gone_at = await wait_until(lambda: not plain.sio.connected, timeout=4)
         gone_wall = time.time() - (time.monotonic() - gone_at)
-        assert exp - 1.2 <= gone_wall <= exp + 1.0
+        assert exp - 1.2 <= gone_wall <= exp + 1.5
         assert plain.events["auth:expired"] == [{"reason": "token_expired"}]
         # The refreshed connection outlives the first token and still works...
         assert refreshed.sio.connected
