@@ -400,4 +400,7 @@ class Gateway:
 def iso_from_epoch(seconds: float) -> str | None:
     from datetime import UTC, datetime
 
-    return iso(datetime.fromtimestamp(seconds, UTC))
+    try:
+        return iso(datetime.fromtimestamp(seconds, UTC))
+    except (OverflowError, ValueError, OSError):  # beyond what a datetime holds (year > 9999)
+        return None
