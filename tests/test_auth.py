@@ -414,6 +414,14 @@ async def test_refresh_for_another_user_refused(clients, uid):
     assert (await alice.call("room:join", {"room": uid("room")}))["ok"] is True
 
 
+async def test_refresh_with_a_far_future_expiry(clients, uid):
+    user = uid("alice")
+    alice = await clients(user)
+    ack = await alice.call("auth:refresh", {"token": make_token(user, ttl=10**12)})  # past year 9999
+    assert ack["ok"] is True
+    assert (await alice.call("room:join", {"room": uid("room")}))["ok"] is True
+
+
 @pytest.mark.parametrize("kind", ["expired", "bad-signature", "garbage"])
 async def test_refresh_with_invalid_token_refused(clients, uid, kind):
     user = uid("alice")
