@@ -594,3 +594,14 @@ async def test_store_recovers_when_a_lock_ends_after_the_timeout(tmp_path, uid):
     finally:
         await alice.disconnect()
         proc.stop()
+
+
+async def test_client_id_length_bounds(clients, uid):
+    room = uid("room")
+    alice = await clients(uid("alice"))
+    await joined(room, alice)
+    longest = await send(alice, room, "x", "k" * 64)
+    assert longest["ok"] is True and longest["message"]["client_id"] == "k" * 64
+    assert error_code(await send(alice, room, "x", "k" * 65)) == "bad_request"
+    shortest = await send(alice, room, "y", "k")
+    assert shortest["message"]["seq"] == 2

@@ -60,6 +60,15 @@ async def test_subscribe_returns_current_state(connect, uid):
     }
 
 
+async def test_subscribe_to_500_users(connect, uid):
+    observer = await connect(uid("observer"))
+    users = [uid("many") for _ in range(500)]
+    state = await subscribe(observer, *users)
+    assert state == {user: {"status": "offline", "last_seen": None} for user in users}
+    too_many = await observer.call("presence:subscribe", {"users": users + [uid("one-more")]})
+    assert too_many["ok"] is False and too_many["error"]["code"] == "bad_request"
+
+
 async def test_online_event_when_a_user_connects(connect, uid):
     user = uid("u")
     observer, bystander = await connect(uid("observer")), await connect(uid("bystander"))
