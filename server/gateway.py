@@ -148,6 +148,10 @@ class Gateway:
         return run
 
     async def on_unknown(self, event: str, sid: str, *args: Any) -> dict:
+        conn = self.connections.get(sid)
+        if conn is not None and not conn.bucket.take():  # unknown events count against the limit too
+            metrics.ACKS.labels("rate_limited").inc()
+            return ChatError("rate_limited", "too many events; slow down").to_ack()
         metrics.ACKS.labels("bad_request").inc()
         return ChatError("bad_request", f"unknown event {event!r}").to_ack()
 
