@@ -345,6 +345,19 @@ async def test_event_rate_limit(slow_server, uid):
         await bob.disconnect()
 
 
+async def test_unknown_events_count_against_the_rate_limit(slow_server, uid):
+    alice = ChatClient(uid("alice"))
+    await alice.connect(slow_server.url)
+    try:
+        for _ in range(3):
+            assert error_code(await alice.call("no:such:event", {})) == "bad_request"
+        assert error_code(await alice.call("no:such:event", {})) == "rate_limited"
+        assert error_code(await alice.call("room:join", {"room": uid("room")})) == "rate_limited"
+        assert alice.sio.connected
+    finally:
+        await alice.disconnect()
+
+
 async def test_raw_socketio_client_errors_do_not_leak(server, uid):
     """A client connecting without the namespace's auth object still gets a clean refusal."""
     sio = socketio.AsyncClient(reconnection=False)
