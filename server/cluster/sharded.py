@@ -10,7 +10,10 @@ forwards those to every node).
 
 Both managers publish with a few quick retries and then give up without raising (the local
 clients already have the message); every message given up is counted in
-``publish_failures`` and logged at error level. Their listeners resubscribe with exponential
+``publish_failures`` and logged at error level. No single attempt may use more than half of
+``publish_timeout``, so a master that hangs (accepts connections, never answers) costs one
+attempt, not the whole budget; the cluster publisher then starts over with a fresh client
+built from the nodes that answer. Their listeners resubscribe with exponential
 backoff capped at a few seconds (python-socketio's own listener waits up to 60 s), and after a
 master failover the cluster listener rediscovers the topology and subscribes on the new owner.
 ``subscribed`` (an :class:`asyncio.Event`) is set while the listener is subscribed.
@@ -25,6 +28,7 @@ from typing import Any
 
 import structlog
 from redis.asyncio.cluster import ClusterNode, ClusterPubSub, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from socketio.async_pubsub_manager import AsyncPubSubManager
 
@@ -64,19 +68,28 @@ class _Delivery:
         self.subscribed = asyncio.Event()
 
     async def _publish_with_retries(self, send: Callable[[], Awaitable[Any]],
-                                    on_error: Callable[[], Awaitable[None]] | None = None) -> bool:
+                                    after_failure: Callable[[], Awaitable[None]] | None = None
+                                    ) -> bool:
         """``send()`` up to ``publish_attempts`` times within ``publish_timeout`` seconds.
 
+        An attempt gets at most half of ``publish_timeout`` (all of it when there is a single
+        attempt): Redis socket timeouts (``REDIS_TIMEOUT``, 5 s by default) are longer than the
+        whole budget, so without this cap one hung node would use up every attempt.
+        ``after_failure()`` runs after every failed attempt, before the next one.
         Returns False (never raises) when it gives up; that is counted and logged.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.publish_timeout
+        per_attempt = self.publish_timeout / (1 if self.publish_attempts == 1 else 2)
         delay = self.publish_backoff
         for attempt in range(1, self.publish_attempts + 1):
             try:
-                await asyncio.wait_for(send(), max(deadline - loop.time(), 0.001))
+                await asyncio.wait_for(send(), max(min(deadline - loop.time(), per_attempt), 0.001))
                 return True
             except Exception as exc:
+                if after_failure is not None:
+                    with contextlib.suppress(Exception):
+                        await after_failure()
                 if attempt == self.publish_attempts or loop.time() + delay >= deadline:
                     self.publish_failures += 1
                     log.error(
@@ -86,9 +99,6 @@ class _Delivery:
                         action="check that Redis is reachable and healthy (failover in progress? "
                                "REDIS_URL, network, auth); publishing resumes by itself when it answers",
                     )
-                    if on_error is not None:
-                        with contextlib.suppress(Exception):
-                            await on_error()
                     return False
                 log.warning("cluster.publish_retry", channel=self.channel, attempt=attempt,
                             error=_describe(exc), retry_in=delay)
@@ -116,6 +126,39 @@ async def _close_cluster_client(client: RedisCluster) -> None:
     for attr in ("nodes_cache", "startup_nodes"):
         with contextlib.suppress(Exception):
             await client.nodes_manager.aclose(attr)
+
+
+def _probe_window(connection_kwargs: dict[str, Any]) -> float:
+    """How long a node may take to answer a PING before it counts as unreachable: the longer
+    of the connect and read timeouts the client uses anyway (redis-py's default is 5 s)."""
+    timeouts = [connection_kwargs.get(k) for k in ("socket_connect_timeout", "socket_timeout")]
+    return max((float(t) for t in timeouts if t), default=5.0)
+
+
+async def _answering_nodes(nodes: list[ClusterNode], window: float) -> list[ClusterNode]:
+    """PING all ``nodes`` at once; return those that answered by the time the first one did.
+
+    Empty when none answers within ``window`` seconds. The others are disconnected: a hung
+    node (a stopped process, a frozen VM) accepts the TCP connection and then never replies, so waiting
+    for it one node at a time, as topology discovery does, costs a full socket timeout.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + window
+    pings = {asyncio.ensure_future(node.execute_command("PING")): node for node in nodes}
+    pending = set(pings)
+    answered: list[ClusterNode] = []
+    try:
+        while pending and not answered and loop.time() < deadline:
+            done, pending = await asyncio.wait(pending, timeout=deadline - loop.time(),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            answered += [pings[t] for t in done if not t.cancelled() and t.exception() is None]
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pings, return_exceptions=True)
+        silent = [node for node in nodes if node not in answered]
+        await asyncio.gather(*(node.disconnect() for node in silent), return_exceptions=True)
+    return answered
 
 
 def _text(value: Any) -> str:
@@ -163,6 +206,14 @@ class ClusterManager(AsyncPubSubManager, ControlEvents, _Delivery):
     async def _new_client(self) -> RedisCluster:
         """A client that starts from the URL *and* every node seen so far, so losing the
         node named in the URL (or a DNS endpoint briefly resolving to a dead node) is survivable.
+
+        Topology discovery (``CLUSTER SLOTS``) asks the startup nodes one at a time and waits
+        a full socket timeout on a node that hangs; with a 5 s timeout that outlasts a publish
+        attempt, so whenever a hung node came early in the (random) order the attempt failed.
+        So all candidates are PINGed at once first, and discovery starts only from those that
+        answered.
+        A node known only to be silent cannot be replaced by anything: when no node answers
+        (e.g. the only known node, the one in the URL, hangs) this raises at once.
         """
         options = dict(self.redis_options)
         startup = list(options.pop("startup_nodes", None) or [])
@@ -171,18 +222,31 @@ class ClusterManager(AsyncPubSubManager, ControlEvents, _Delivery):
             options["startup_nodes"] = startup
         client = RedisCluster.from_url(self.redis_url, **options)
         try:
+            manager = client.nodes_manager
+            candidates = list(manager.startup_nodes.values())
+            window = _probe_window(manager.connection_kwargs)
+            answering = await _answering_nodes(candidates, window)
+            if not answering:
+                raise RedisConnectionError(
+                    f"no Redis Cluster node answered a PING within {window:g}s: "
+                    + ", ".join(node.name for node in candidates))
+            for node in candidates:
+                if node not in answering:
+                    manager.startup_nodes.pop(node.name, None)
             await client.initialize()
-            await self._decide_mode(client)
+            await self._decide_mode(client, answering)
         except BaseException:
             await _close_cluster_client(client)
             raise
         self._known_nodes = [(node.host, node.port) for node in client.get_nodes()]
         return client
 
-    async def _decide_mode(self, client: RedisCluster) -> None:
+    async def _decide_mode(self, client: RedisCluster, answering: list[ClusterNode]) -> None:
         if self.sharded is not None:
             return
-        node = client.get_default_node()
+        # Ask a node that just answered (the default node may be a master that hangs).
+        node = next((found for found in (client.get_node(node_name=n.name) for n in answering)
+                     if found is not None), None) or client.get_default_node()
         try:
             info = await client.info("server", target_nodes=node)
             version = tuple(int(p) for p in str(info["redis_version"]).split(".")[:2])
@@ -231,12 +295,14 @@ class ClusterManager(AsyncPubSubManager, ControlEvents, _Delivery):
             return await client.publish(self.channel, payload)
 
         async def start_over():
-            # The next publish builds a client from the known nodes, unless another publish
-            # already did.
+            # The next attempt builds a client from the nodes that answer, unless another
+            # publish already did. Needed after an attempt cut short by our timeout: redis-py
+            # only re-reads the topology after errors it sees itself, so the old client would
+            # send every further attempt to the same hung master.
             if used and self.redis is used[-1]:
                 await self._reset_publisher()
 
-        return await self._publish_with_retries(send, on_error=start_over)
+        return await self._publish_with_retries(send, after_failure=start_over)
 
     # ------------------------------------------------------------------ listen
 
