@@ -40,6 +40,8 @@ class ChatServer:
         self.verifier = TokenVerifier(settings)
         self.connect_limiter = WindowCounter(settings.RATE_LIMIT_CONNECTS_PER_MINUTE, 60.0)
         self.cluster = RedisBackend(settings, self.instance_id) if settings.redis_configured else None
+        #: Cluster-wide figures sampled every heartbeat (served by /api/health without extra calls).
+        self.cluster_summary: dict | None = None
         manager = self.cluster.manager() if self.cluster else LocalManager()
         self.sio = socketio.AsyncServer(
             async_mode="asgi",
@@ -145,6 +147,12 @@ class ChatServer:
         while True:
             try:
                 figures = await self.figures()
+                self.cluster_summary = {
+                    "instances": len(figures["cluster"]["instances"]),
+                    "connections": figures["cluster"]["connections"],
+                    "online_users": figures["cluster"]["online_users"],
+                    "sampled_at": iso(utcnow()),
+                }
                 metrics.CLUSTER_CONNECTIONS.set(figures["cluster"]["connections"])
                 metrics.ONLINE_USERS.set(figures["cluster"]["online_users"])
                 if self.cluster is not None:

@@ -40,11 +40,14 @@ async def timed_check(name: str, check, timeout: float) -> dict:
 async def health(request: Request) -> JSONResponse:
     chat = chat_of(request)
     timeout = chat.settings.HEALTH_CHECK_TIMEOUT
-    checks = {"store": await timed_check("store", chat.store.ping, timeout)}
     if chat.cluster is not None:
-        checks["redis"] = await timed_check("redis", chat.cluster.ping, timeout)
+        store, redis = await asyncio.gather(
+            timed_check("store", chat.store.ping, timeout), timed_check("redis", chat.cluster.ping, timeout)
+        )
     else:
-        checks["redis"] = {"ok": True, "mode": "disabled (single instance)"}
+        store = await timed_check("store", chat.store.ping, timeout)
+        redis = {"ok": True, "mode": "disabled (single instance)"}
+    checks = {"store": store, "redis": redis}
     status = "healthy"
     if chat.gateway.draining:
         status = "draining"
@@ -56,6 +59,7 @@ async def health(request: Request) -> JSONResponse:
         "version": chat.version,
         "checks": checks,
         "connections": len(chat.gateway.connections),
+        "cluster": chat.cluster_summary,
     }
     return JSONResponse(body, status_code=200 if status == "healthy" else 503)
 
