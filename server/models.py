@@ -53,6 +53,18 @@ class MessageDraft:
     text: str
     client_id: str
 
+    @property
+    def message_id(self) -> str:
+        return message_id(self.room, self.sender_id, self.client_id)
+
+    def stored(self, seq: int, created_at: datetime) -> Message:
+        """The message this draft becomes once stored with ``seq`` at ``created_at``."""
+        return Message(
+            id=self.message_id, room=self.room, seq=seq, sender_id=self.sender_id,
+            sender_name=self.sender_name, text=self.text, client_id=self.client_id,
+            created_at=created_at,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Message:

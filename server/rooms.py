@@ -42,8 +42,7 @@ class RoomService:
             if not await self.store.is_member(room_id, who.user_id):
                 await self.store.add_members(room_id, [who.user_id])
             return room
-        if not await self.store.is_member(room_id, who.user_id):
-            raise ChatError("forbidden", f"{room.kind} room {room_id!r}: you are not a member")
+        await self._require_member(who, room)
         return room
 
     async def _create_on_join(self, who: Identity, room_id: str) -> Room:
@@ -58,26 +57,32 @@ class RoomService:
             room, _ = await self.store.create_room(Room(room_id, "public", room_id), [who.user_id])
         if room.kind == "public":
             await self.store.add_members(room_id, [who.user_id])
-        elif not await self.store.is_member(room_id, who.user_id):
-            raise ChatError("forbidden", f"{room.kind} room {room_id!r}: you are not a member")
+        else:
+            await self._require_member(who, room)
         return room
 
-    async def readable(self, who: Identity, room_id: str) -> Room:
-        """The room if ``who`` may read its history and members, else not_found/forbidden."""
+    async def _existing(self, room_id: str) -> Room:
         room = await self.store.get_room(room_id)
         if room is None:
             raise ChatError("not_found", f"room {room_id!r} does not exist")
-        if room.kind != "public" and not await self.store.is_member(room_id, who.user_id):
-            raise ChatError("forbidden", f"{room.kind} room {room_id!r}: you are not a member")
+        return room
+
+    async def _require_member(self, who: Identity, room: Room) -> None:
+        if not await self.store.is_member(room.id, who.user_id):
+            raise ChatError("forbidden", f"{room.kind} room {room.id!r}: you are not a member")
+
+    async def readable(self, who: Identity, room_id: str) -> Room:
+        """The room if ``who`` may read its history and members, else not_found/forbidden."""
+        room = await self._existing(room_id)
+        if room.kind != "public":
+            await self._require_member(who, room)
         return room
 
     async def may_send(self, who: Identity, room_id: str) -> None:
         """Membership of private rooms is re-checked at send (a removal may be in flight)."""
-        room = await self.store.get_room(room_id)
-        if room is None:
-            raise ChatError("not_found", f"room {room_id!r} does not exist")
-        if room.kind == "private" and not await self.store.is_member(room_id, who.user_id):
-            raise ChatError("forbidden", f"private room {room_id!r}: you are not a member")
+        room = await self._existing(room_id)
+        if room.kind == "private":
+            await self._require_member(who, room)
 
     async def create(self, who: Identity, request: CreateRoom) -> Room:
         if request.room.startswith("dm:"):
@@ -93,9 +98,7 @@ class RoomService:
 
     async def change_members(self, who: Identity, request: ChangeMembers, add: bool) -> list[str]:
         """Add or remove members as the owner; returns the ids whose membership changed."""
-        room = await self.store.get_room(request.room)
-        if room is None:
-            raise ChatError("not_found", f"room {request.room!r} does not exist")
+        room = await self._existing(request.room)
         if room.owner != who.user_id:
             raise ChatError("forbidden", "only the room's owner manages its members")
         if room.kind != "private":

@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.clients import ChatClient
 from tests.support.firestore_emulator import FirestoreEmulator
-from tests.support.servers import ServerProcess
+from tests.support.servers import ServerProcess, start_all
 
 
 def firestore_env(redis_url: str, prefix: str, emulator: FirestoreEmulator, **extra) -> dict[str, str]:
@@ -37,11 +37,7 @@ def emulator():
 @pytest.fixture(scope="module")
 def fs_pair(redis_url, emulator):
     prefix = f"t{uuid.uuid4().hex[:8]}:"
-    servers = [ServerProcess(firestore_env(redis_url, prefix, emulator, INSTANCE_ID=f"f{i}")) for i in range(2)]
-    for server in servers:
-        server.start(wait=False)
-    for server in servers:
-        server.wait_healthy(30)
+    servers = start_all([ServerProcess(firestore_env(redis_url, prefix, emulator, INSTANCE_ID=f"f{i}")) for i in range(2)])
     yield servers
     for server in servers:
         server.stop()

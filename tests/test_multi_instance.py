@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.support.clients import ChatClient
-from tests.support.servers import ServerProcess
+from tests.support.servers import ServerProcess, start_all
 
 GRACE = 1.0
 HEARTBEAT = 0.5
@@ -32,11 +32,7 @@ def trio(redis_url, tmp_path_factory):
     """Three instances sharing one Redis and one SQLite file."""
     prefix = f"t{uuid.uuid4().hex[:8]}:"
     tmp = tmp_path_factory.mktemp("trio")
-    servers = [ServerProcess(cluster_env(redis_url, prefix, tmp, INSTANCE_ID=f"node-{i}")) for i in range(3)]
-    for server in servers:
-        server.start(wait=False)
-    for server in servers:
-        server.wait_healthy()
+    servers = start_all([ServerProcess(cluster_env(redis_url, prefix, tmp, INSTANCE_ID=f"node-{i}")) for i in range(3)])
     yield servers
     for server in servers:
         server.stop()

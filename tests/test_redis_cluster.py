@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from tests.support.clients import ChatClient
-from tests.support.servers import ServerProcess
+from tests.support.servers import ServerProcess, start_all
 from tests.test_multi_instance import GRACE, cluster_env
 
 
@@ -20,10 +20,7 @@ def cluster_pair(redis_cluster, tmp_path_factory):
         ServerProcess(cluster_env(redis_cluster.url, prefix, tmp, REDIS_CLUSTER="true", INSTANCE_ID=f"c{i}"))
         for i in range(2)
     ]
-    for server in servers:
-        server.start(wait=False)
-    for server in servers:
-        server.wait_healthy()
+    start_all(servers)
     yield servers
     for server in servers:
         server.stop()

@@ -106,9 +106,45 @@ class _Delivery:
                 delay = min(delay * 2, 1.0)
         return False  # pragma: no cover - the loop always returns
 
+    async def _subscribed_forever(self, subscribe: Callable[[], Awaitable[Any]],
+                                  messages: Callable[[Any], AsyncIterator[Any]]) -> AsyncIterator[Any]:
+        """Yield ``messages(pubsub)`` of a ``subscribe()``d pubsub, subscribing again with a
+        capped backoff whenever it fails or ends; the pubsub is closed on every way out."""
+        failures = 0  # since the last successful subscription
+        while True:
+            pubsub = None
+            try:
+                pubsub = await subscribe()
+                failures = 0
+                self.subscribed.set()
+                log.info("cluster.listener_subscribed", channel=self.channel,
+                         reconnects=self.listener_reconnects)
+                async for item in messages(pubsub):
+                    yield item
+                raise SubscriptionLost("subscription ended")
+            except Exception as exc:
+                self.subscribed.clear()
+                self.listener_reconnects += 1
+                failures += 1
+                sleep = self._listen_delay(failures)
+                log.warning("cluster.listener_retry", channel=self.channel, error=_describe(exc),
+                            retry_in=sleep, reconnects=self.listener_reconnects)
+                await _close_quietly(pubsub)
+                await asyncio.sleep(sleep)
+            except BaseException:  # cancelled or closed: leave no connection behind
+                self.subscribed.clear()
+                await _close_quietly(pubsub)
+                raise
+
     def _listen_delay(self, failures: int) -> float:
         """Seconds to wait after ``failures`` failed attempts since the last subscription."""
         return min(self.listen_backoff * 2 ** (failures - 1), self.listen_max_backoff)
+
+
+async def _close_quietly(pubsub: Any) -> None:
+    if pubsub is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pubsub.aclose(), 2)
 
 
 def _describe(exc: BaseException) -> str:
@@ -372,34 +408,8 @@ class ClusterManager(AsyncPubSubManager, ControlEvents, _Delivery):
                 raise SubscriptionLost(f"server ended the subscription ({kind})")
 
     async def _listen(self):
-        failures = 0  # since the last successful subscription
-        while True:
-            pubsub: ClusterPubSub | None = None
-            try:
-                pubsub = await self._subscribe()
-                failures = 0
-                self.subscribed.set()
-                log.info("cluster.listener_subscribed", channel=self.channel,
-                         sharded=self.sharded, reconnects=self.listener_reconnects)
-                async for data in self._messages(pubsub):
-                    yield data
-            except Exception as exc:
-                self.subscribed.clear()
-                self.listener_reconnects += 1
-                failures += 1
-                sleep = self._listen_delay(failures)
-                log.warning("cluster.listener_retry", channel=self.channel, error=_describe(exc),
-                            retry_in=sleep, reconnects=self.listener_reconnects)
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(pubsub.aclose(), 2)
-                await asyncio.sleep(sleep)
-            except BaseException:  # cancelled or closed: leave no connection behind
-                self.subscribed.clear()
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(pubsub.aclose(), 2)
-                raise
+        async for data in self._subscribed_forever(self._subscribe, self._messages):
+            yield data
 
 
 class FastRetryRedisManager(RedisManager, _Delivery):
@@ -433,32 +443,10 @@ class FastRetryRedisManager(RedisManager, _Delivery):
         return await self._publish_with_retries(send)
 
     async def _redis_listen_with_retries(self):
-        failures = 0  # since the last successful subscription
-        while True:
-            pubsub = None
-            try:
-                self._redis_connect()
-                pubsub = self.pubsub
-                await pubsub.subscribe(self.channel)
-                failures = 0
-                self.subscribed.set()
-                async for message in pubsub.listen():
-                    yield message
-                raise SubscriptionLost("subscription ended")
-            except Exception as exc:
-                self.subscribed.clear()
-                self.listener_reconnects += 1
-                failures += 1
-                sleep = self._listen_delay(failures)
-                log.warning("cluster.listener_retry", channel=self.channel, error=_describe(exc),
-                            retry_in=sleep, reconnects=self.listener_reconnects)
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(pubsub.aclose(), 2)
-                await asyncio.sleep(sleep)
-            except BaseException:
-                self.subscribed.clear()
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(pubsub.aclose(), 2)
-                raise
+        async def subscribe():
+            self._redis_connect()  # through Sentinel this finds the current master
+            await self.pubsub.subscribe(self.channel)
+            return self.pubsub
+
+        async for message in self._subscribed_forever(subscribe, lambda pubsub: pubsub.listen()):
+            yield message

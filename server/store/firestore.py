@@ -589,19 +589,7 @@ class FirestoreStore(Store):
                 transaction.create(seqs.document(str(chosen)), {"message_id": mid})
                 transaction.create(message_ref, self._message_record(draft, chosen, now, write_id))
                 transaction.set(room_ref, {"last_seq": chosen}, merge=True)
-                return AddResult(
-                    Message(
-                        id=mid,
-                        room=draft.room,
-                        seq=chosen,
-                        sender_id=draft.sender_id,
-                        sender_name=draft.sender_name,
-                        text=draft.text,
-                        client_id=draft.client_id,
-                        created_at=now,
-                    ),
-                    created=True,
-                )
+                return AddResult(draft.stored(chosen, now), created=True)
 
             try:
                 return await self._transaction(body, timeout)
@@ -631,16 +619,7 @@ class FirestoreStore(Store):
         room_ref = self._room(draft.room)
         message_ref = room_ref.collection("messages").document(mid)
         guard_ref = room_ref.collection("seqs").document(str(seq))
-        message = Message(
-            id=mid,
-            room=draft.room,
-            seq=seq,
-            sender_id=draft.sender_id,
-            sender_name=draft.sender_name,
-            text=draft.text,
-            client_id=draft.client_id,
-            created_at=now,
-        )
+        message = draft.stored(seq, now)
 
         async def op(timeout: float) -> AddResult | int:
             existing = await self._existing(message_ref, write_id, timeout)

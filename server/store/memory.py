@@ -59,11 +59,7 @@ class MemoryStore(Store):
             seq = last + 1
         elif self._has_seq(room_messages, seq):
             raise SeqTaken(draft.room, last)
-        message = Message(
-            id=mid, room=draft.room, seq=seq, sender_id=draft.sender_id,
-            sender_name=draft.sender_name, text=draft.text, client_id=draft.client_id,
-            created_at=utcnow(),
-        )
+        message = draft.stored(seq, utcnow())
         bisect.insort(room_messages, message, key=lambda m: m.seq)
         self._by_id[mid] = message
         return AddResult(message, created=True)

@@ -217,11 +217,7 @@ class SQLiteStore(Store):
                     ) as cursor:
                         last = (await cursor.fetchone())[0]
                     chosen = last + 1 if seq is None else seq
-                    message = Message(
-                        id=mid, room=draft.room, seq=chosen, sender_id=draft.sender_id,
-                        sender_name=draft.sender_name, text=draft.text, client_id=draft.client_id,
-                        created_at=now,
-                    )
+                    message = draft.stored(chosen, now)
                     try:
                         await self._writer.execute(
                             f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
