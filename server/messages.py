@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Protocol
 
 import structlog
@@ -42,6 +43,24 @@ def page(messages: list[Message], limit: int, newest_first_trim: bool) -> tuple[
     return (messages[1:] if newest_first_trim else messages[:limit]), True
 
 
+class RecentIds:
+    """A bounded set of ids, oldest dropped first."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def remember(self, item: str) -> None:
+        self._ids[item] = None
+        self._ids.move_to_end(item)
+        while len(self._ids) > self.limit:
+            self._ids.popitem(last=False)
+
+    def forget(self, item: str) -> bool:
+        """Drop ``item``; True if it was there."""
+        return self._ids.pop(item, False) is None
+
+
 class MessageService:
     def __init__(
         self,
@@ -56,6 +75,7 @@ class MessageService:
         self.fanout = fanout
         self.max_length = max_length
         self.allocator = allocator
+        self._unconfirmed = RecentIds(10_000)
 
     def _text(self, raw: str) -> str:
         text = raw.strip()
@@ -70,8 +90,14 @@ class MessageService:
         text = self._text(request.text)
         await self.rooms.may_send(who, request.room)
         draft = MessageDraft(request.room, who.user_id, who.name, text, request.client_id)
-        result = await self._store(draft)
-        if result.created:
+        try:
+            result = await self._store(draft)
+        except StoreUnavailable:
+            self._unconfirmed.remember(draft.message_id)
+            raise
+        # A send whose store call failed may have been stored all the same (the write landed,
+        # its answer did not): its retry finds it and broadcasts it then, once.
+        if result.created or self._unconfirmed.forget(result.message.id):
             metrics.MESSAGES_RECEIVED.inc()
             await self.fanout.to_room(request.room, "message:new", result.message.to_wire(), skip_sid=sid)
         return result.message

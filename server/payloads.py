@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from .errors import ChatError
 
-RoomId = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+# Direct rooms (dm:<a>:<b>) may also hold "@", since user ids may (e-mail-like ids).
+RoomId = Annotated[StrictStr, Field(pattern=r"^(?:[A-Za-z0-9_.:-]{1,128}|dm:[A-Za-z0-9_.:@-]{3,125})$")]
 UserId = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")]
 Seq = Annotated[StrictInt, Field(ge=0, le=2**53)]
 

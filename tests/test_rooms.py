@@ -275,3 +275,15 @@ async def test_room_members_of_public_room(clients, uid):
     )
     assert error_code(await carol.call("room:members", {"room": room})) == "forbidden"
     assert error_code(await carol.call("room:members", {"room": uid("nowhere")})) == "not_found"
+
+
+async def test_direct_room_between_users_with_at_signs(clients, uid):
+    first, second = sorted([f"{uid('ann')}@example.com", f"{uid('bob')}@example.com"])
+    room = f"dm:{first}:{second}"
+    a, b = await clients(first), await clients(second)
+    for client in (a, b):
+        joined_ack = await client.call("room:join", {"room": room})
+        assert joined_ack["ok"] and joined_ack["room"]["kind"] == "direct"
+    sent = await a.call("message:send", {"room": room, "text": "hi", "client_id": "1"})
+    assert (await b.wait_for("message:new")) == [sent["message"]]
+    assert (await a.call("room:join", {"room": f"{uid('x')}@example.com"}))["error"]["code"] == "bad_request"

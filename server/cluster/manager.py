@@ -32,7 +32,7 @@ class ControlEvents(socketio.AsyncManager):
                 try:
                     await self.control_handler(event[len(CONTROL_PREFIX):], data)
                 except Exception:
-                    log.exception("cluster.control_event_failed", event=event)
+                    log.exception("cluster.control_event_failed", control_event=event)
             return None
         if event == "message:new":
             metrics.MESSAGES_DELIVERED.inc(self._local_count(namespace, to or room, skip_sid))

@@ -1,0 +1,56 @@
+"""MessageService rules that need a store failing at a precise moment (in-process)."""
+
+from __future__ import annotations
+
+from server.auth import Identity
+from server.errors import StoreUnavailable
+from server.messages import MessageService
+from server.models import MessageDraft
+from server.payloads import SendMessage
+from server.rooms import RoomService
+from server.store.memory import MemoryStore
+
+
+class AnswerLostStore(MemoryStore):
+    """Stores the next message, then fails as if the answer had been lost on the way back."""
+
+    lose_next_answer = False
+
+    async def add_message(self, draft: MessageDraft, seq: int | None = None):
+        result = await super().add_message(draft, seq)
+        if self.lose_next_answer:
+            self.lose_next_answer = False
+            raise StoreUnavailable("answer lost")
+        return result
+
+
+class RecordingFanout:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, dict, str | None]] = []
+
+    async def to_room(self, room_id: str, event: str, data: dict, skip_sid: str | None = None) -> None:
+        self.sent.append((room_id, event, data, skip_sid))
+
+
+async def test_a_send_stored_despite_a_failed_answer_is_broadcast_by_its_retry():
+    store = AnswerLostStore()
+    fanout = RecordingFanout()
+    service = MessageService(store, RoomService(store), fanout, max_length=100)
+    alice = Identity("alice", "Alice", expires_at=2e9)
+    await RoomService(store).open_for_join(alice, "general")
+    request = SendMessage(room="general", text="hello", client_id="c1")
+
+    store.lose_next_answer = True
+    try:
+        await service.send(alice, "sid-1", request)
+        raise AssertionError("the lost answer must surface as StoreUnavailable")
+    except StoreUnavailable:
+        pass
+    assert fanout.sent == []  # nothing broadcast for a failed ack
+
+    retried = await service.send(alice, "sid-1", request)
+    assert retried.seq == 1
+    assert [(room, event, data["seq"]) for room, event, data, _ in fanout.sent] == [("general", "message:new", 1)]
+
+    again = await service.send(alice, "sid-1", request)  # an ordinary repeat: no second broadcast
+    assert again == retried and len(fanout.sent) == 1
