@@ -2,14 +2,16 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 UV_VERSION := 0.13.9
-UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
 .PHONY: install install-node run run-firestore test lint format clean
 
+# uv (the installer behind the lock file) in a small venv of its own when it is not on PATH.
 $(UV):
-	$(PYTHON) -m pip install --quiet --user "uv==$(UV_VERSION)" || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet "uv==$(UV_VERSION)"
 
 .venv/.installed: $(UV) pyproject.toml uv.lock
 	$(UV) sync --frozen
@@ -48,4 +50,4 @@ format: install
 	$(UV) run --frozen ruff check --fix server tests bench
 
 clean:
-	rm -rf .venv node_modules .pytest_cache .ruff_cache .run data
+	rm -rf .venv .tools node_modules .pytest_cache .ruff_cache .run data
