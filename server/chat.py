@@ -46,7 +46,8 @@ class ChatServer:
         self.sio = socketio.AsyncServer(
             async_mode="asgi",
             client_manager=manager,
-            cors_allowed_origins=settings.CORS_ORIGINS or [],
+            # Empty: same origin only (clients without an Origin header, like apps, always pass).
+            cors_allowed_origins=settings.CORS_ORIGINS or None,
             ping_interval=settings.WS_HEARTBEAT_INTERVAL,
             ping_timeout=max(5.0, settings.WS_HEARTBEAT_INTERVAL),
             max_http_buffer_size=settings.MAX_FRAME_BYTES,

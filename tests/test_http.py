@@ -184,3 +184,16 @@ async def test_demo_page(server, http):
 
 async def test_unknown_route_is_404(server, http):
     assert (await http.get(f"{server.url}/api/nope")).status_code == 404
+
+
+async def test_cross_origin_handshakes_follow_cors_origins(server):
+    """CORS_ORIGINS empty (testing): same origin only; a foreign browser origin is refused."""
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        url = f"{server.url}/socket.io/?EIO=4&transport=polling"
+        foreign = await http.get(url, headers={"Origin": "https://evil.example"})
+        same = await http.get(url, headers={"Origin": server.url})
+        no_origin = await http.get(url)
+    assert foreign.status_code == 400
+    assert same.status_code == 200 and no_origin.status_code == 200
