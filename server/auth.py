@@ -63,9 +63,10 @@ def token_from_connect(auth: Any, environ: dict) -> str | None:
 class JwksCache:
     """Signing keys from a JWKS URL: cached, refreshed on an unknown ``kid`` once a minute at most."""
 
-    def __init__(self, url: str, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, timeout: float = 5.0, min_refresh: float = JWKS_MIN_REFRESH_SECONDS) -> None:
         self.url = url
         self.timeout = timeout
+        self.min_refresh = min_refresh
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = float("-inf")
         self._lock = asyncio.Lock()
@@ -76,7 +77,7 @@ class JwksCache:
             return key
         async with self._lock:
             key = self._lookup(kid)
-            if key is None and time.monotonic() - self._fetched_at >= JWKS_MIN_REFRESH_SECONDS:
+            if key is None and time.monotonic() - self._fetched_at >= self.min_refresh:
                 await self._refresh()
                 key = self._lookup(kid)
         if key is None:
@@ -118,7 +119,7 @@ class TokenVerifier:
         self.audience = settings.JWT_AUDIENCE or None
         self.issuer = settings.JWT_ISSUER or None
         self.leeway = settings.JWT_LEEWAY
-        self.jwks = JwksCache(settings.JWT_JWKS_URL) if settings.JWT_JWKS_URL and not self.hmac else None
+        self.jwks = JwksCache(settings.JWT_JWKS_URL, min_refresh=settings.JWT_JWKS_MIN_REFRESH) if settings.JWT_JWKS_URL and not self.hmac else None
 
     async def _key(self, token: str) -> Any:
         if self.hmac:

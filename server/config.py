@@ -59,6 +59,7 @@ class Settings(BaseModel):
     JWT_ALGORITHMS: list[str] = ["HS256"]
     JWT_PUBLIC_KEY: str = ""
     JWT_JWKS_URL: str = ""
+    JWT_JWKS_MIN_REFRESH: float = Field(60, ge=1)
     JWT_AUDIENCE: str = ""
     JWT_ISSUER: str = ""
     JWT_LEEWAY: float = Field(0, ge=0)
