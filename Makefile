@@ -8,7 +8,7 @@ export UV_NATIVE_TLS ?= 1
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-node run run-firestore test lint format clean
+.PHONY: install install-node install-browser run run-firestore test lint format clean
 
 # uv (the installer behind the lock file) in a small venv of its own when it is not on PATH.
 $(UV):
@@ -28,6 +28,13 @@ node_modules/.installed: package.json package-lock.json
 
 install-node: node_modules/.installed
 
+# Headless Chromium for the demo page test (Debian's package; root or sudo needed once).
+install-browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null \
+	  || echo "chromium could not be installed: the demo page test will be skipped"; }
+
 run: install
 	$(UV) run --frozen uvicorn server.main:app --host $(HOST) --port $(PORT) --ws-per-message-deflate false
 
@@ -40,7 +47,7 @@ run-firestore: install install-node
 	  STORE=firestore FIRESTORE_EMULATOR_HOST=127.0.0.1:$(FIRESTORE_PORT) FIRESTORE_PROJECT=demo-chat \
 	  $(UV) run --frozen uvicorn server.main:app --host $(HOST) --port $(PORT) --ws-per-message-deflate false
 
-test: install install-node
+test: install install-node install-browser
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
 
 lint: install

@@ -86,6 +86,9 @@ function connect(token) {
         .then(({ messages }) => messages.forEach(showMessage)).catch(report);
     }
     showMessage(message);
+    if (!document.querySelector(`#members [data-user="${CSS.escape(message.sender.id)}"]`)) {
+      refreshMembers().catch(report);  // a member we have not listed yet
+    }
     if (document.visibilityState === "visible") call("message:read", { room: message.room, seq: message.seq }).catch(() => {});
   });
   socket.on("typing", ({ room, user, typing }) => {
@@ -139,6 +142,11 @@ $("send-form").addEventListener("submit", async (event) => {
     if (!ack.ok) throw new Error(`${ack.error.code}: ${ack.error.message}`);
     showMessage(ack.message);
     $("text").value = "";
+    if (state.typingTimer) {  // sent: no longer typing
+      clearTimeout(state.typingTimer);
+      state.typingTimer = null;
+      state.socket.emit("typing", { room: state.room, typing: false }, () => {});
+    }
   } catch (error) {
     report(error);
   }
