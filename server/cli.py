@@ -1,4 +1,4 @@
-"""Operator commands: ``chat-server check-config`` (and ``chat-server serve``)."""
+"""Operator commands: ``chat-server check-config`` and ``chat-server verify URL...``."""
 
 from __future__ import annotations
 
@@ -59,13 +59,33 @@ def check_config() -> int:
     return 1 if problems else 0
 
 
+def verify(urls: list[str], token_secret: str | None, token: str | None, timeout: float) -> int:
+    from .verify import Verifier
+
+    if not (token_secret or token):
+        print("verify needs --token-secret (to mint test tokens) or --token", file=sys.stderr)
+        return 2
+    verifier = Verifier(urls, token_secret, token, timeout)
+    ok = asyncio.run(verifier.run())
+    print(verifier.table())
+    print("deployment verified" if ok else "deployment NOT verified", file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chat-server", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("check-config", help="validate settings and test Redis and store connectivity")
+    check = commands.add_parser("verify", help="check a running deployment end to end")
+    check.add_argument("urls", nargs="+", help="instance URLs, or one load balancer URL")
+    check.add_argument("--token-secret", help="HS256 secret to mint test users' tokens")
+    check.add_argument("--token", help="a ready token (one test user for every connection)")
+    check.add_argument("--timeout", type=float, default=10.0, help="seconds per step (default 10)")
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config()
+    if args.command == "verify":
+        return verify(args.urls, args.token_secret, args.token, args.timeout)
     return 2
 
 

@@ -269,3 +269,58 @@ async def test_grace_started_by_a_dead_instance_is_finished_by_another(redis_url
         await watcher.disconnect()
         finisher.stop()
         starter.stop()
+
+
+def test_verify_command_passes_on_a_healthy_cluster(trio):
+    import subprocess
+    import sys
+
+    from tests.support.servers import ROOT, TEST_SECRET
+
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "verify", *(s.url for s in trio), "--token-secret", TEST_SECRET],
+        cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = {}  # check name -> "ok" / "FAIL", from the printed table
+    for line in result.stdout.splitlines()[1:-1]:
+        name, outcome = line.split("  ")[0].strip(), line[len(line.split("  ")[0]):].split()[0]
+        results[name] = outcome
+    assert sorted(results) == sorted([*(f"health {s.url}" for s in trio), "send on node-0",
+                                      "message node-0 → node-1", "message node-0 → node-2",
+                                      "presence node-2 → node-0"]), result.stdout
+    assert set(results.values()) == {"ok"}
+    assert result.stdout.splitlines()[-1] == "deployment verified"
+
+
+def test_verify_command_fails_when_an_instance_is_down(trio, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.support.servers import ROOT, TEST_SECRET, free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "verify", trio[0].url, dead, "--token-secret", TEST_SECRET,
+         "--timeout", "3"], cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 1
+    assert f"health {dead}" in result.stdout and "FAIL" in result.stdout
+    assert "deployment NOT verified" in result.stderr
+
+
+def test_verify_through_a_load_balancer_meets_every_instance(trio):
+    import subprocess
+    import sys
+
+    from tests.support.balancer import RoundRobinBalancer
+    from tests.support.servers import ROOT, TEST_SECRET
+
+    balancer = RoundRobinBalancer([server.port for server in trio])
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "server.cli", "verify", balancer.url, "--token-secret", TEST_SECRET],
+            cwd=ROOT, capture_output=True, text=True, timeout=90)
+    finally:
+        balancer.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "instances met" in result.stdout and "3 of 3: node-0, node-1, node-2" in result.stdout
+    assert result.stdout.splitlines()[-1] == "deployment verified"
