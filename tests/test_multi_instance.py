@@ -324,3 +324,16 @@ def test_verify_through_a_load_balancer_meets_every_instance(trio):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "instances met" in result.stdout and "3 of 3: node-0, node-1, node-2" in result.stdout
     assert result.stdout.splitlines()[-1] == "deployment verified"
+
+
+def test_verify_with_one_ready_token(trio):
+    import subprocess
+    import sys
+
+    from tests.support.servers import ROOT, make_token
+
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "verify", trio[1].url, trio[2].url, "--token", make_token("ops-bot")],
+        cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "presence state on node-2" in result.stdout and "ops-bot: online" in result.stdout
