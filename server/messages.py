@@ -97,7 +97,8 @@ class MessageService:
             raise
         # A send whose store call failed may have been stored all the same (the write landed,
         # its answer did not): its retry finds it and broadcasts it then, once.
-        if result.created or self._unconfirmed.forget(result.message.id):
+        unconfirmed = self._unconfirmed.forget(result.message.id)
+        if result.created or unconfirmed:
             metrics.MESSAGES_RECEIVED.inc()
             await self.fanout.to_room(request.room, "message:new", result.message.to_wire(), skip_sid=sid)
         return result.message

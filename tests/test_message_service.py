@@ -54,3 +54,18 @@ async def test_a_send_stored_despite_a_failed_answer_is_broadcast_by_its_retry()
 
     again = await service.send(alice, "sid-1", request)  # an ordinary repeat: no second broadcast
     assert again == retried and len(fanout.sent) == 1
+
+
+async def test_a_failed_send_that_was_not_stored_is_broadcast_once_by_its_retry():
+    store = AnswerLostStore()
+    fanout = RecordingFanout()
+    service = MessageService(store, RoomService(store), fanout, max_length=100)
+    alice = Identity("alice", "Alice", expires_at=2e9)
+    await RoomService(store).open_for_join(alice, "general")
+    request = SendMessage(room="general", text="hello", client_id="c1")
+    service._unconfirmed.remember(request_id := MessageDraft("general", "alice", "Alice", "hello", "c1").message_id)
+    first = await service.send(alice, "sid-1", request)  # stored now: broadcast as created
+    assert first.id == request_id and len(fanout.sent) == 1
+    await service.send(alice, "sid-1", request)
+    await service.send(alice, "sid-1", request)
+    assert len(fanout.sent) == 1

@@ -8,22 +8,13 @@ import signal
 
 import pytest
 
-from tests.support.clients import ChatClient
+from tests.support.clients import QUIET, ChatClient, error_code, send
 from tests.support.servers import ServerProcess, make_token
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-QUIET = 0.3  # how long a "must not receive" check listens
 MAX_LENGTH = 4000  # MAX_MESSAGE_LENGTH of the shared test server (the default)
 
 
-def error_code(ack: dict) -> str | None:
-    assert set(ack) == {"ok", "error"} and ack["ok"] is False, ack
-    assert isinstance(ack["error"]["message"], str) and ack["error"]["message"]
-    return ack["error"]["code"]
-
-
-async def send(client, room: str, text: str, client_id: str | None = None) -> dict:
-    return await client.call("message:send", {"room": room, "text": text, "client_id": client_id or text})
 
 
 async def joined(room: str, *members):

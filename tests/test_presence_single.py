@@ -9,11 +9,10 @@ from datetime import datetime
 
 import pytest
 
-from tests.support.clients import ChatClient
+from tests.support.clients import QUIET, ChatClient
 from tests.support.servers import ServerProcess
 
 GRACE = 1.0
-QUIET = 0.3
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 

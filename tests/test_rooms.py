@@ -6,17 +6,7 @@ import asyncio
 
 import pytest
 
-QUIET = 0.3  # how long a "must not receive" check listens
-
-
-def error_code(ack: dict) -> str | None:
-    assert set(ack) == {"ok", "error"} and ack["ok"] is False, ack
-    assert isinstance(ack["error"]["message"], str) and ack["error"]["message"]
-    return ack["error"]["code"]
-
-
-async def send(client, room: str, text: str, client_id: str | None = None) -> dict:
-    return await client.call("message:send", {"room": room, "text": text, "client_id": client_id or text})
+from tests.support.clients import QUIET, error_code, send
 
 
 # --- public rooms -------------------------------------------------------------------------

@@ -9,18 +9,12 @@ import aiohttp
 import pytest
 import socketio
 
-from tests.support.clients import NAMESPACE, ChatClient
+from tests.support.clients import NAMESPACE, QUIET, ChatClient, error_code
 from tests.support.servers import ServerProcess, make_token
 
-QUIET = 0.3
 NOT_OBJECTS = [None, "text", 42, 1.5, True, ["room"], [{"room": "r"}]]
 R = "valid-room"  # stands for a room the client has joined (replaced per test)
 
-
-def error_code(ack) -> str | None:
-    assert isinstance(ack, dict) and set(ack) == {"ok", "error"} and ack["ok"] is False, ack
-    assert isinstance(ack["error"]["message"], str) and ack["error"]["message"]
-    return ack["error"]["code"]
 
 
 BAD_FIELDS: dict[str, list] = {

@@ -480,9 +480,9 @@ class FirestoreStore(Store):
             await self.add_members(room.id, sorted(set(members))[len(member_ids) :])
         return stored, created
 
-    async def add_members(self, room_id: str, user_ids: list[str]) -> None:
+    async def _member_batches(self, what: str, room_id: str, user_ids: list[str], write) -> None:
+        """Apply ``write(batch, member_ref, user_id)`` to every user, BATCH_LIMIT per commit."""
         members = self._room(room_id).collection("members")
-        now = utcnow()
         unique = sorted(set(user_ids))
         for start in range(0, len(unique), BATCH_LIMIT):
             chunk = unique[start : start + BATCH_LIMIT]
@@ -490,24 +490,20 @@ class FirestoreStore(Store):
             async def op(timeout: float, chunk: list[str] = chunk) -> None:
                 batch = self.client.batch()
                 for uid in chunk:
-                    batch.set(members.document(uid), {"user": uid, "joined_at": now}, merge=True)
+                    write(batch, members.document(uid), uid)
                 await batch.commit(retry=None, timeout=timeout)
 
-            await self._call(f"add_members({room_id!r})", op)
+            await self._call(f"{what}({room_id!r})", op)
+
+    async def add_members(self, room_id: str, user_ids: list[str]) -> None:
+        now = utcnow()
+        await self._member_batches(
+            "add_members", room_id, user_ids,
+            lambda batch, ref, uid: batch.set(ref, {"user": uid, "joined_at": now}, merge=True),
+        )
 
     async def remove_members(self, room_id: str, user_ids: list[str]) -> None:
-        members = self._room(room_id).collection("members")
-        unique = sorted(set(user_ids))
-        for start in range(0, len(unique), BATCH_LIMIT):
-            chunk = unique[start : start + BATCH_LIMIT]
-
-            async def op(timeout: float, chunk: list[str] = chunk) -> None:
-                batch = self.client.batch()
-                for uid in chunk:
-                    batch.delete(members.document(uid))
-                await batch.commit(retry=None, timeout=timeout)
-
-            await self._call(f"remove_members({room_id!r})", op)
+        await self._member_batches("remove_members", room_id, user_ids, lambda batch, ref, uid: batch.delete(ref))
 
     async def is_member(self, room_id: str, user_id: str) -> bool:
         ref = self._room(room_id).collection("members").document(user_id)

@@ -61,3 +61,17 @@ class ChatClient:
 
 async def connected(url: str, *users: str) -> list[ChatClient]:
     return list(await asyncio.gather(*(ChatClient(u).connect(url) for u in users)))
+
+
+QUIET = 0.3  # how long a "must not receive" check listens
+
+
+def error_code(ack: object) -> str | None:
+    """The code of an error ack, after checking the ack has exactly the error shape."""
+    assert isinstance(ack, dict) and set(ack) == {"ok", "error"} and ack["ok"] is False, ack
+    assert isinstance(ack["error"]["message"], str) and ack["error"]["message"]
+    return ack["error"]["code"]
+
+
+async def send(client: ChatClient, room: str, text: str, client_id: str | None = None) -> dict:
+    return await client.call("message:send", {"room": room, "text": text, "client_id": client_id or text})
