@@ -75,3 +75,22 @@ async def clients(server):
     yield make
     for client in made:
         await client.disconnect()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _forget_test_keys(redis_url):
+    """Delete the keys that this session's servers left in the shared Redis."""
+    yield
+    import redis as redis_sync
+
+    from tests.support.servers import KEY_PREFIXES
+
+    try:
+        client = redis_sync.Redis.from_url(redis_url, socket_timeout=5)
+        for prefix in KEY_PREFIXES:
+            for pattern in (f"{prefix}*", f"{{{prefix}*"):
+                keys = list(client.scan_iter(match=pattern, count=1000))
+                if keys:
+                    client.delete(*keys)
+    except Exception:  # the shared Redis may be gone at the end; nothing else to clean
+        pass

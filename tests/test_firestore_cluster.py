@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import httpx
 import pytest
 
 from tests.support.clients import ChatClient
 from tests.support.firestore_emulator import FirestoreEmulator
-from tests.support.servers import ServerProcess, start_all
+from tests.support.servers import ServerProcess, key_prefix, start_all
 
 
 def firestore_env(redis_url: str, prefix: str, emulator: FirestoreEmulator, **extra) -> dict[str, str]:
@@ -36,7 +35,7 @@ def emulator():
 
 @pytest.fixture(scope="module")
 def fs_pair(redis_url, emulator):
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    prefix = key_prefix()
     servers = start_all([ServerProcess(firestore_env(redis_url, prefix, emulator, INSTANCE_ID=f"f{i}")) for i in range(2)])
     yield servers
     for server in servers:
@@ -141,7 +140,7 @@ async def test_seq_never_repeats_after_redis_loses_its_counters(private_redis, e
     """Redis restarted empty, or a failover that lost the latest INCRs: seq still only grows."""
     import redis as redis_sync
 
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    prefix = key_prefix()
     server = ServerProcess(firestore_env(private_redis.url, prefix, emulator)).start()
     room = uid("room")
     a = await joined(server.url, uid("a"), room)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import httpx
 import pytest
 
 from tests.support.clients import ChatClient
-from tests.support.servers import ServerProcess, start_all
+from tests.support.servers import ServerProcess, key_prefix, start_all
 
 GRACE = 1.0
 HEARTBEAT = 0.5
@@ -30,7 +29,7 @@ def cluster_env(redis_url: str, prefix: str, tmp_path, **extra) -> dict[str, str
 @pytest.fixture(scope="module")
 def trio(redis_url, tmp_path_factory):
     """Three instances sharing one Redis and one SQLite file."""
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    prefix = key_prefix()
     tmp = tmp_path_factory.mktemp("trio")
     servers = start_all([ServerProcess(cluster_env(redis_url, prefix, tmp, INSTANCE_ID=f"node-{i}")) for i in range(3)])
     yield servers
@@ -184,7 +183,7 @@ def test_duplicate_instance_id_is_refused(trio, redis_url, tmp_path):
 
 
 async def test_crashed_instance_users_go_offline(redis_url, tmp_path, uid):
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    prefix = key_prefix()
     survivor = ServerProcess(cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID="survivor")).start()
     doomed = ServerProcess(cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID="doomed")).start()
     victim_id = uid("victim")
@@ -249,7 +248,7 @@ async def test_metrics_expose_cluster_figures(trio, users, uid):
 
 
 async def test_grace_started_by_a_dead_instance_is_finished_by_another(redis_url, tmp_path, uid):
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    prefix = key_prefix()
     finisher = ServerProcess(cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID="finisher", WS_GRACE_PERIOD=2)).start()
     starter = ServerProcess(cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID="starter", WS_GRACE_PERIOD=2)).start()
     leaver_id = uid("leaver")

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 
 from tests.support.clients import ChatClient
-from tests.support.servers import ServerProcess, start_all
+from tests.support.servers import ServerProcess, key_prefix, start_all
 from tests.test_multi_instance import GRACE, cluster_env
 
 
 @pytest.fixture(scope="module")
 def cluster_pair(redis_cluster, tmp_path_factory):
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    prefix = key_prefix()
     tmp = tmp_path_factory.mktemp("cluster")
     servers = [
         ServerProcess(cluster_env(redis_cluster.url, prefix, tmp, REDIS_CLUSTER="true", INSTANCE_ID=f"c{i}"))

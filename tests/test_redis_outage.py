@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import httpx
 import pytest
 
 from tests.support.clients import ChatClient
 from tests.support.redis_servers import RedisServer
-from tests.support.servers import ServerProcess
+from tests.support.servers import ServerProcess, key_prefix
 from tests.test_multi_instance import cluster_env
 
 
 @pytest.fixture
 def outage_pair(tmp_path):
     redis_server = RedisServer().start()
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    prefix = key_prefix()
     servers = [ServerProcess(cluster_env(redis_server.url, prefix, tmp_path, INSTANCE_ID=f"o{i}")).start()
                for i in range(2)]
     yield redis_server, servers

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import time
-import uuid
 
 import pytest
 
 from tests.support.redis_servers import free_port
-from tests.support.servers import ServerProcess
+from tests.support.servers import ServerProcess, key_prefix
 from tests.test_multi_instance import cluster_env
 from tests.test_redis_topologies import exchange
 
@@ -49,7 +48,7 @@ def tls_redis(tmp_path):
 
 async def test_instances_over_tls_with_password(tls_redis, tmp_path, uid):
     port, ca = tls_redis
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    prefix = key_prefix()
     env = cluster_env("", prefix, tmp_path, REDIS_HOST="127.0.0.1", REDIS_PORT=port, REDIS_SSL="true",
                       REDIS_PASSWORD=PASSWORD, REDIS_SSL_CA_CERTS=str(ca), REDIS_DB=2)
     env.pop("REDIS_URL")

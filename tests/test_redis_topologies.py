@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import redis as redis_sync
 
 from tests.support.clients import ChatClient
 from tests.support.redis_servers import RedisServer
-from tests.support.servers import ServerProcess
+from tests.support.servers import ServerProcess, key_prefix
 from tests.test_multi_instance import GRACE, cluster_env
 
 
@@ -32,7 +31,7 @@ async def exchange(node_a: ServerProcess, node_b: ServerProcess, room: str, uid)
 
 
 async def test_instances_through_sentinel(redis_sentinel, tmp_path, uid):
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    prefix = key_prefix()
     servers = [ServerProcess(cluster_env(redis_sentinel.url, prefix, tmp_path, INSTANCE_ID=f"s{i}")).start()
                for i in range(2)]
     try:
@@ -46,7 +45,7 @@ async def test_instances_through_sentinel(redis_sentinel, tmp_path, uid):
 
 async def test_separate_pubsub_redis_carries_the_broadcasts(redis_url, tmp_path, uid):
     pubsub = RedisServer().start()
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    prefix = key_prefix()
     env = cluster_env(redis_url, prefix, tmp_path, REDIS_PUBSUB_URL=pubsub.url)
     servers = [ServerProcess({**env, "INSTANCE_ID": f"p{i}"}).start() for i in range(2)]
     try:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import uuid
 
 import pytest
 
-from tests.support.servers import ROOT, ServerProcess, make_token
+from tests.support.servers import ROOT, ServerProcess, key_prefix, make_token
 from tests.test_multi_instance import cluster_env
 
 NODE_CLIENT = r"""
@@ -31,7 +30,7 @@ setTimeout(() => { console.log(JSON.stringify({ seen, timeout: true })); process
 
 @pytest.fixture
 def pair(redis_url, tmp_path):
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    prefix = key_prefix()
     servers = [ServerProcess(cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID=f"d{i}", WS_GRACE_PERIOD=3)).start()
                for i in range(2)]
     yield servers

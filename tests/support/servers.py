@@ -105,3 +105,16 @@ def start_all(servers: list[ServerProcess], timeout: float = 30.0) -> list[Serve
     for server in servers:
         server.wait_healthy(timeout)
     return servers
+
+
+#: Redis key prefixes handed out in this test session (their keys are deleted at its end).
+KEY_PREFIXES: list[str] = []
+
+
+def key_prefix() -> str:
+    """A fresh REDIS_KEY_PREFIX, so that tests sharing one Redis never see each other's keys."""
+    import uuid
+
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    KEY_PREFIXES.append(prefix)
+    return prefix
