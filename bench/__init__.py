@@ -1,0 +1,1 @@
+"""Benchmarks that print figures: run each as ``.venv/bin/python -m bench.NAME --help``."""

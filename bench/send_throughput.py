@@ -1,0 +1,173 @@
+"""Acked sends per second: K senders, each as fast as its acks allow; prints figures only.
+
+    .venv/bin/python -m bench.send_throughput --stores sqlite,memory --instances 1 --senders 1,8,32
+    .venv/bin/python -m bench.send_throughput --stores sqlite --instances 2 --rooms shared
+
+For each store and instance count, starts the server process(es) (two or more share the
+local Redis under a fresh key prefix and, for SQLite, one database file), then for each
+sender count K connects K clients over websocket (round-robin over the instances) and joins
+them to their rooms: ``--rooms own`` gives each sender its own room (nobody receives its
+messages), ``--rooms shared`` puts all K in one room (every send is delivered to the K-1
+others, so they are receivers too). Each sender sends one message at a time, the next as soon
+as the ack arrives, for ``--duration`` seconds (at most ``--max-sends`` each). Figures: acked
+sends per second, ack latency, errors by code, and the CPU each side used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import time
+import uuid
+from collections import Counter
+
+from bench.common import (
+    CpuMeter,
+    Table,
+    add_common_arguments,
+    connect_and_join,
+    describe_machine,
+    disconnect_all,
+    latency_ms,
+    padded,
+    print_failures,
+    running_servers,
+    timed_send,
+)
+from tests.support.servers import ServerProcess
+
+TABLE = Table(
+    [
+        ("store", 6, ""),
+        ("inst", 4, "d"),
+        ("rooms", 6, ""),
+        ("senders", 7, "d"),
+        ("sends", 7, "d"),
+        ("sends/s", 8, ".1f"),
+        ("p50 ms", 7, ".1f"),
+        ("p99 ms", 7, ".1f"),
+        ("max ms", 7, ".1f"),
+        ("errors", 6, "d"),
+        ("srv%", 5, ".0f"),
+        ("cli%", 5, ".0f"),
+        ("oth%", 5, ".0f"),
+    ]
+)
+
+
+async def run_case(
+    servers: list[ServerProcess], store: str, senders: int, args: argparse.Namespace
+) -> None:
+    urls = [server.url for server in servers]
+    tag = uuid.uuid4().hex[:8]
+    targets = [
+        (
+            urls[i % len(urls)],
+            f"sender-{i}",
+            f"tp-{tag}-{i}" if args.rooms == "own" else f"tp-{tag}",
+        )
+        for i in range(senders)
+    ]
+    joined = await connect_and_join(targets)
+    print_failures("senders failed to connect or join", joined.failures)
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    meter = CpuMeter(
+        {
+            "server": [s.proc.pid for s in servers],
+            "clients": [multiprocessing.current_process().pid],
+        }
+    )
+
+    async def send_loop(index: int, sio, stop_at: float) -> None:
+        room = targets[index][2]
+        for n in range(args.max_sends):
+            if time.monotonic() >= stop_at:
+                return
+            text = padded(f"{n} from sender {index} ", args.text_size)
+            seconds, error = await timed_send(sio, room, text, f"s{index}-{n}")
+            if error:
+                errors[error] += 1
+            else:
+                latencies.append(seconds)
+
+    try:
+        meter.start()
+        began = time.monotonic()
+        stop_at = began + args.duration
+        await asyncio.gather(
+            *(
+                send_loop(i, sio, stop_at)
+                for i, sio in zip(joined.indexes, joined.clients, strict=True)
+            )
+        )
+        elapsed = time.monotonic() - began
+        cpu = meter.stop()
+    finally:
+        await disconnect_all(joined.clients)
+
+    ms = latency_ms(latencies)
+    TABLE.row(
+        store,
+        len(servers),
+        args.rooms,
+        len(joined.clients),
+        len(latencies),
+        len(latencies) / elapsed,
+        ms["p50"],
+        ms["p99"],
+        ms["max"],
+        sum(errors.values()),
+        cpu["server"],
+        cpu["clients"],
+        cpu["other"],
+    )
+    if errors:
+        print(f"  errors by code: {dict(errors)}", flush=True)
+
+
+async def run(args: argparse.Namespace) -> None:
+    print(describe_machine(args.quiet_wait))
+    print(
+        f"{args.duration:g} s per case; text {args.text_size} chars; all senders in this "
+        "process; CPU in % of one core: srv servers, cli senders, oth other programs"
+    )
+    TABLE.header()
+    for store in args.stores:
+        for instances in args.instances:
+            with running_servers(instances, store, args.redis_url) as servers:
+                for senders in args.senders:
+                    await run_case(servers, store, senders, args)
+
+
+def number_list(text: str) -> list[int]:
+    values = [int(x) for x in text.split(",") if x]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("give positive numbers separated by commas")
+    return values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--stores",
+        type=lambda text: [s for s in text.split(",") if s],
+        default=["sqlite", "memory"],
+        help="comma-separated: sqlite, memory",
+    )
+    parser.add_argument("--instances", type=number_list, default=[1], help="e.g. 1,2")
+    parser.add_argument("--senders", type=number_list, default=[1, 8, 32], help="e.g. 1,8,32")
+    parser.add_argument("--rooms", choices=["own", "shared"], default="own")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per case")
+    parser.add_argument("--max-sends", type=int, default=100_000, help="per sender and case")
+    add_common_arguments(parser)
+    args = parser.parse_args()
+    unknown = set(args.stores) - {"sqlite", "memory"}
+    if unknown:
+        parser.error(f"unknown store(s): {', '.join(sorted(unknown))}")
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
