@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from datetime import UTC, datetime
 
 import socketio
@@ -27,6 +28,15 @@ from .shutdown import Drainer
 from .store import Store, create_store
 
 log = structlog.get_logger(__name__)
+
+
+def tune_garbage_collector() -> None:
+    """Fewer, cheaper collections: objects made at start-up are frozen out of every
+    collection, and young collections run every 50 000 allocations instead of 700. Full
+    collections of a busy instance otherwise pause the event loop for 100 ms or more."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 class ChatServer:
@@ -90,6 +100,7 @@ class ChatServer:
             self.sio.manager_initialized = True
             self.sio.manager.initialize()
         self.drainer.install()
+        tune_garbage_collector()
         self._sampler = asyncio.get_running_loop().create_task(self._sample_metrics())
         log.info("server.started", instance_id=self.instance_id, store=self.settings.STORE,
                  redis=bool(self.settings.redis_configured), version=self.version)
