@@ -1,21 +1,22 @@
-"""SQLite store: the embedded default. WAL journal, work on aiosqlite's thread.
+"""SQLite store: the embedded default. WAL journal; the work runs on two threads of its own.
 
-One connection writes (serialised by a lock so that a transaction's statements never
-interleave with another coroutine's), one connection reads; WAL lets the reader run
-beside the writer. Several processes on one host may share the file: seq allocation runs
-inside ``BEGIN IMMEDIATE`` and ``UNIQUE(room, seq)`` backs it.
+One connection writes and one reads, each on its own single thread, so the event loop
+never blocks and every transaction runs whole in one hop to its thread (no statement of
+another caller can interleave). WAL lets the reader run beside the writer. Several
+processes on one host may share the file: seq allocation runs inside ``BEGIN IMMEDIATE``
+and ``UNIQUE(room, seq)`` backs it; a lock held elsewhere is waited for up to the timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
-
-import aiosqlite
 
 from ..errors import SeqTaken, StoreUnavailable
 from ..models import AddResult, Message, MessageDraft, Room, UserRecord, message_id, utcnow
@@ -59,69 +60,80 @@ class SQLiteStore(Store):
     def __init__(self, path: Path, timeout: float = 5.0) -> None:
         self.path = path
         self.timeout = timeout
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
-        self._write_lock = asyncio.Lock()
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                               timeout=self.timeout)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+        return conn
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await self._open()
-        await self._writer.executescript(SCHEMA)
-        await self._writer.commit()
-        self._reader = await self._open()
-
-    async def _open(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(str(self.path), isolation_level=None)
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute("PRAGMA synchronous=NORMAL")
-        await conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-        await conn.execute("PRAGMA foreign_keys=ON")
-        return conn
+        loop = asyncio.get_running_loop()
+        self._writer = await loop.run_in_executor(self._write_thread, self._open)
+        await self._run(self._write_thread, self._writer, lambda conn: conn.executescript(SCHEMA))
+        self._reader = await loop.run_in_executor(self._read_thread, self._open)
 
     async def close(self) -> None:
-        for conn in (self._reader, self._writer):
+        loop = asyncio.get_running_loop()
+        for pool, conn in ((self._read_thread, self._reader), (self._write_thread, self._writer)):
             if conn is not None:
-                await conn.close()
+                await loop.run_in_executor(pool, conn.close)
         self._reader = self._writer = None
+        self._write_thread.shutdown(wait=False)
+        self._read_thread.shutdown(wait=False)
 
-    async def _bounded(self, work: Callable[[], Awaitable[T]]) -> T:
+    async def _run(self, pool: ThreadPoolExecutor, conn: sqlite3.Connection | None,
+                   work: Callable[[sqlite3.Connection], T], abandoned: threading.Event | None = None) -> T:
+        """``work(conn)`` on the connection's thread, bounded by the timeout.
+
+        A call that times out keeps running on its thread (later calls queue behind it);
+        ``abandoned`` is set then, so that a transaction still waiting rolls back instead
+        of committing what its caller already reported as failed.
+        """
+        if conn is None:
+            raise StoreUnavailable("sqlite store is closed")
+        future = asyncio.get_running_loop().run_in_executor(pool, work, conn)
         try:
-            return await asyncio.wait_for(work(), self.timeout)
+            return await asyncio.wait_for(future, self.timeout)
         except TimeoutError as exc:
+            if abandoned is not None:
+                abandoned.set()
             raise StoreUnavailable(f"sqlite did not answer within {self.timeout}s") from exc
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"sqlite error: {exc}") from exc
-        except ValueError as exc:  # aiosqlite raises ValueError on a closed connection
-            raise StoreUnavailable(f"sqlite connection closed: {exc}") from exc
+        except sqlite3.ProgrammingError as exc:  # e.g. the connection was closed
+            raise StoreUnavailable(f"sqlite connection unusable: {exc}") from exc
 
-    async def _begin(self) -> None:
-        """Start a write transaction (under ``_write_lock``), ending any one left behind."""
-        if self._writer.in_transaction:
-            await self._rollback()
-        try:
-            await self._writer.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            await self._rollback()  # cancelled while BEGIN waits: it may still succeed later
-            raise
+    async def _in_writer(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work`` inside one ``BEGIN IMMEDIATE`` transaction, committed or rolled back whole."""
+        abandoned = threading.Event()
 
-    async def _rollback(self) -> None:
-        """End the writer's transaction after whatever statement is still running.
+        def transaction(conn: sqlite3.Connection) -> T:
+            if abandoned.is_set():  # its caller gave up while it queued: do nothing
+                raise StoreUnavailable("abandoned before it started")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+                if abandoned.is_set():  # the caller gave up while BEGIN waited for a lock
+                    raise StoreUnavailable("abandoned by its caller")
+                conn.execute("COMMIT")
+                return result
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
-        A caller cancelled by the timeout may have a ``BEGIN`` still waiting in aiosqlite's
-        thread: checking ``in_transaction`` now would miss a BEGIN that succeeds later and
-        leave the connection inside a transaction for good. The ROLLBACK queues behind it.
-        """
-        try:
-            await self._writer.execute("ROLLBACK")
-        except sqlite3.OperationalError:
-            pass  # no transaction was active (BEGIN failed)
+        return await self._run(self._write_thread, self._writer, transaction, abandoned)
 
     async def _fetchall(self, sql: str, params: tuple = ()) -> list[tuple]:
-        async def work() -> list[tuple]:
-            async with self._reader.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
-
-        return await self._bounded(work)
+        return await self._run(self._read_thread, self._reader, lambda conn: conn.execute(sql, params).fetchall())
 
     async def _fetchone(self, sql: str, params: tuple = ()) -> tuple | None:
         rows = await self._fetchall(sql, params)
@@ -130,18 +142,11 @@ class SQLiteStore(Store):
     async def _write(self, statements: list[tuple[str, tuple]]) -> None:
         """Run statements in one transaction."""
 
-        async def work() -> None:
-            async with self._write_lock:
-                await self._begin()
-                try:
-                    for sql, params in statements:
-                        await self._writer.execute(sql, params)
-                    await self._writer.execute("COMMIT")
-                except BaseException:
-                    await self._rollback()
-                    raise
+        def work(conn: sqlite3.Connection) -> None:
+            for sql, params in statements:
+                conn.execute(sql, params)
 
-        await self._bounded(work)
+        await self._in_writer(work)
 
     async def ping(self) -> None:
         await self._fetchone("SELECT 1")
@@ -155,28 +160,18 @@ class SQLiteStore(Store):
         return Room(row[0], row[1], row[2], row[3], datetime.fromisoformat(row[4]))
 
     async def create_room(self, room: Room, members: list[str]) -> tuple[Room, bool]:
-        async def work() -> bool:
-            async with self._write_lock:
-                await self._begin()
-                try:
-                    cursor = await self._writer.execute(
-                        "INSERT OR IGNORE INTO rooms (id, kind, name, owner, created_at) VALUES (?, ?, ?, ?, ?)",
-                        (room.id, room.kind, room.name, room.owner, room.created_at.isoformat()),
-                    )
-                    created = cursor.rowcount == 1
-                    if created:
-                        await self._writer.executemany(
-                            "INSERT OR IGNORE INTO members (room, user) VALUES (?, ?)",
-                            [(room.id, uid) for uid in members],
-                        )
-                    await self._writer.execute("COMMIT")
-                    return created
-                except BaseException:
-                    await self._rollback()
-                    raise
+        def work(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO rooms (id, kind, name, owner, created_at) VALUES (?, ?, ?, ?, ?)",
+                (room.id, room.kind, room.name, room.owner, room.created_at.isoformat()),
+            )
+            if cursor.rowcount != 1:
+                return False
+            conn.executemany("INSERT OR IGNORE INTO members (room, user) VALUES (?, ?)",
+                             [(room.id, uid) for uid in members])
+            return True
 
-        created = await self._bounded(work)
-        if created:
+        if await self._in_writer(work):
             return room, True
         stored = await self.get_room(room.id)
         return (stored or room), False
@@ -198,41 +193,26 @@ class SQLiteStore(Store):
         return [row[0] for row in rows]
 
     async def add_message(self, draft: MessageDraft, seq: int | None = None) -> AddResult:
-        mid = message_id(draft.room, draft.sender_id, draft.client_id)
+        mid = draft.message_id
         now = utcnow()
 
-        async def work() -> tuple[Message, bool]:
-            async with self._write_lock:
-                await self._begin()
-                try:
-                    async with self._writer.execute(
-                        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (mid,)
-                    ) as cursor:
-                        row = await cursor.fetchone()
-                    if row is not None:
-                        await self._writer.execute("COMMIT")
-                        return _message(row), False
-                    async with self._writer.execute(
-                        "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE room = ?", (draft.room,)
-                    ) as cursor:
-                        last = (await cursor.fetchone())[0]
-                    chosen = last + 1 if seq is None else seq
-                    message = draft.stored(chosen, now)
-                    try:
-                        await self._writer.execute(
-                            f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (mid, draft.room, chosen, draft.sender_id, draft.sender_name,
-                             draft.text, draft.client_id, now.isoformat()),
-                        )
-                    except sqlite3.IntegrityError as exc:
-                        raise SeqTaken(draft.room, last) from exc
-                    await self._writer.execute("COMMIT")
-                    return message, True
-                except BaseException:
-                    await self._rollback()
-                    raise
+        def work(conn: sqlite3.Connection) -> tuple[Message, bool]:
+            row = conn.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (mid,)).fetchone()
+            if row is not None:
+                return _message(row), False
+            last = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE room = ?", (draft.room,)).fetchone()[0]
+            chosen = last + 1 if seq is None else seq
+            try:
+                conn.execute(
+                    f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (mid, draft.room, chosen, draft.sender_id, draft.sender_name, draft.text,
+                     draft.client_id, now.isoformat()),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise SeqTaken(draft.room, last) from exc
+            return draft.stored(chosen, now), True
 
-        message, created = await self._bounded(work)
+        message, created = await self._in_writer(work)
         return AddResult(message, created)
 
     async def find_message(self, room_id: str, sender_id: str, client_id: str) -> Message | None:
