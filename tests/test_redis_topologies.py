@@ -60,3 +60,23 @@ async def test_separate_pubsub_redis_carries_the_broadcasts(redis_url, tmp_path,
             server.stop()
         pubsub.stop()
         await asyncio.sleep(0)
+
+
+async def test_instances_with_an_acl_user(tmp_path, uid):
+    """REDIS_USERNAME/REDIS_PASSWORD: an ACL user (the default user is switched off)."""
+    private = RedisServer().start()
+    admin = private.client()
+    admin.execute_command("ACL", "SETUSER", "chat", "on", ">chat-pw-1", "~*", "&*", "+@all")
+    admin.execute_command("ACL", "SETUSER", "default", "off")
+    env = cluster_env("", key_prefix(), tmp_path, REDIS_HOST="127.0.0.1", REDIS_PORT=private.address[1],
+                      REDIS_USERNAME="chat", REDIS_PASSWORD="chat-pw-1", REDIS_DB=3)
+    env.pop("REDIS_URL")
+    servers = [ServerProcess({**env, "INSTANCE_ID": f"acl{i}"}).start() for i in range(2)]
+    try:
+        await exchange(servers[0], servers[1], uid("room"), uid)
+        user = redis_sync.Redis(host="127.0.0.1", port=private.address[1], username="chat", password="chat-pw-1", db=3)
+        assert user.exists(f"{{{env['REDIS_KEY_PREFIX']}instances}}:all")
+    finally:
+        for server in servers:
+            server.stop()
+        private.stop()
