@@ -32,13 +32,18 @@ class RecordingFanout:
         self.sent.append((room_id, event, data, skip_sid))
 
 
-async def test_a_send_stored_despite_a_failed_answer_is_broadcast_by_its_retry():
+async def setup() -> tuple[AnswerLostStore, RecordingFanout, MessageService, Identity, SendMessage]:
+    """A service on a fresh store, alice joined to "general", and her request to send "hello"."""
     store = AnswerLostStore()
     fanout = RecordingFanout()
     service = MessageService(store, RoomService(store), fanout, max_length=100)
     alice = Identity("alice", "Alice", expires_at=2e9)
     await RoomService(store).open_for_join(alice, "general")
-    request = SendMessage(room="general", text="hello", client_id="c1")
+    return store, fanout, service, alice, SendMessage(room="general", text="hello", client_id="c1")
+
+
+async def test_a_send_stored_despite_a_failed_answer_is_broadcast_by_its_retry():
+    store, fanout, service, alice, request = await setup()
 
     store.lose_next_answer = True
     try:
@@ -57,12 +62,7 @@ async def test_a_send_stored_despite_a_failed_answer_is_broadcast_by_its_retry()
 
 
 async def test_a_failed_send_that_was_not_stored_is_broadcast_once_by_its_retry():
-    store = AnswerLostStore()
-    fanout = RecordingFanout()
-    service = MessageService(store, RoomService(store), fanout, max_length=100)
-    alice = Identity("alice", "Alice", expires_at=2e9)
-    await RoomService(store).open_for_join(alice, "general")
-    request = SendMessage(room="general", text="hello", client_id="c1")
+    store, fanout, service, alice, request = await setup()
     service._unconfirmed.remember(request_id := MessageDraft("general", "alice", "Alice", "hello", "c1").message_id)
     first = await service.send(alice, "sid-1", request)  # stored now: broadcast as created
     assert first.id == request_id and len(fanout.sent) == 1
