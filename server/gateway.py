@@ -233,6 +233,7 @@ class Gateway:
             },
             to=conn.sid,
             namespace=NAMESPACE,
+            ignore_queue=True,  # a socket of this instance: no need to publish through Redis
         )
         await self._quietly("presence.connect", self.chat.presence.connect(who.user_id, conn.sid))
         await self._quietly("store.upsert_user", self.chat.store.upsert_user(who.user_id, who.name))
@@ -279,7 +280,8 @@ class Gateway:
         await asyncio.sleep(max(0.0, expires_at - time.time()))
         if self.connections.get(conn.sid) is conn and conn.identity.expires_at <= expires_at:
             log.info("auth.token_expired_disconnect", user=conn.identity.user_id, sid=conn.sid)
-            await self.sio.emit("auth:expired", {"reason": "token_expired"}, to=conn.sid, namespace=NAMESPACE)
+            await self.sio.emit("auth:expired", {"reason": "token_expired"}, to=conn.sid, namespace=NAMESPACE,
+                                ignore_queue=True)
             await self.sio.disconnect(conn.sid, namespace=NAMESPACE)
 
     # --- events ---------------------------------------------------------------------------
@@ -344,7 +346,8 @@ class Gateway:
             if conn.identity.user_id == user_id and room_id in conn.joined:
                 conn.joined.discard(room_id)
                 await self.sio.leave_room(conn.sid, room_channel(room_id), namespace=NAMESPACE)
-                await self.sio.emit("room:removed", {"room": room_id}, to=conn.sid, namespace=NAMESPACE)
+                await self.sio.emit("room:removed", {"room": room_id}, to=conn.sid, namespace=NAMESPACE,
+                                    ignore_queue=True)
 
     def _require_joined(self, conn: Connection, room_id: str) -> None:
         if room_id not in conn.joined:
