@@ -1,4 +1,9 @@
-"""Structured logging: JSON lines in production, readable lines in development."""
+"""Structured logging: JSON lines in production, readable lines in development.
+
+Our own events go through structlog; the standard-library loggers of uvicorn, python-socketio
+and the Redis and Google clients are rendered by the same processors, so every line of an
+instance has one format (and, in JSON, the instance id).
+"""
 
 from __future__ import annotations
 
@@ -7,26 +12,46 @@ import sys
 
 import structlog
 
+THIRD_PARTY_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "socketio", "engineio")
+
 
 def configure_logging(level: str = "INFO", fmt: str = "json", instance_id: str = "") -> None:
-    shared = [
+    shared: list = [
         structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if instance_id:
+        structlog.contextvars.bind_contextvars(instance=instance_id)
     renderer = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=True,
     )
-    if instance_id:
-        structlog.contextvars.bind_contextvars(instance=instance_id)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+    for name in THIRD_PARTY_LOGGERS:  # uvicorn installs handlers of its own before the app loads
+        logger = logging.getLogger(name)
+        logger.handlers = []
+        logger.propagate = True
     for noisy in ("socketio", "engineio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
