@@ -63,7 +63,9 @@ def token_from_connect(auth: Any, environ: dict) -> str | None:
 class JwksCache:
     """Signing keys from a JWKS URL: cached, refreshed on an unknown ``kid`` once a minute at most."""
 
-    def __init__(self, url: str, timeout: float = 5.0, min_refresh: float = JWKS_MIN_REFRESH_SECONDS) -> None:
+    def __init__(
+        self, url: str, timeout: float = 5.0, min_refresh: float = JWKS_MIN_REFRESH_SECONDS
+    ) -> None:
         self.url = url
         self.timeout = timeout
         self.min_refresh = min_refresh
@@ -97,8 +99,12 @@ class JwksCache:
                 response.raise_for_status()
             jwk_set = jwt.PyJWKSet.from_dict(response.json())
         except Exception as exc:  # keep the old keys; the next refresh is a minute away
-            log.error("auth.jwks_fetch_failed", url=self.url, error=str(exc),
-                      hint="check JWT_JWKS_URL and outbound network access")
+            log.error(
+                "auth.jwks_fetch_failed",
+                url=self.url,
+                error=str(exc),
+                hint="check JWT_JWKS_URL and outbound network access",
+            )
             return
         self._keys = {key.key_id or "": key for key in jwt_set_keys(jwk_set)}
         log.info("auth.jwks_refreshed", url=self.url, keys=len(self._keys))
@@ -119,7 +125,11 @@ class TokenVerifier:
         self.audience = settings.JWT_AUDIENCE or None
         self.issuer = settings.JWT_ISSUER or None
         self.leeway = settings.JWT_LEEWAY
-        self.jwks = JwksCache(settings.JWT_JWKS_URL, min_refresh=settings.JWT_JWKS_MIN_REFRESH) if settings.JWT_JWKS_URL and not self.hmac else None
+        self.jwks = (
+            JwksCache(settings.JWT_JWKS_URL, min_refresh=settings.JWT_JWKS_MIN_REFRESH)
+            if settings.JWT_JWKS_URL and not self.hmac
+            else None
+        )
 
     async def _key(self, token: str) -> Any:
         if self.hmac:
@@ -134,7 +144,9 @@ class TokenVerifier:
 
     async def verify(self, token: str | None) -> Identity:
         if not token:
-            raise AuthError("missing_token", "no token in auth.token, Authorization header or ?token=")
+            raise AuthError(
+                "missing_token", "no token in auth.token, Authorization header or ?token="
+            )
         key = await self._key(token)
         try:
             claims = jwt.decode(
@@ -159,7 +171,9 @@ class TokenVerifier:
         return Identity(user_id=sub, name=name, expires_at=float(claims["exp"]), role=role)
 
 
-def mint_dev_token(settings: Settings, user_id: str, name: str | None, ttl: float = 3600 * 12) -> str:
+def mint_dev_token(
+    settings: Settings, user_id: str, name: str | None, ttl: float = 3600 * 12
+) -> str:
     """A token for development and the demo page (only served when DEV_TOKENS is true)."""
     now = int(time.time())
     claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + int(ttl)}

@@ -49,7 +49,9 @@ class ChatServer:
         self.store: Store = create_store(settings)
         self.verifier = TokenVerifier(settings)
         self.connect_limiter = WindowCounter(settings.RATE_LIMIT_CONNECTS_PER_MINUTE, 60.0)
-        self.cluster = RedisBackend(settings, self.instance_id) if settings.redis_configured else None
+        self.cluster = (
+            RedisBackend(settings, self.instance_id) if settings.redis_configured else None
+        )
         #: Cluster-wide figures sampled every heartbeat (served by /api/health without extra calls).
         self.cluster_summary: dict | None = None
         manager = self.cluster.manager() if self.cluster else LocalManager()
@@ -71,15 +73,20 @@ class ChatServer:
         self.presence: Presence = self._presence()
         self.rooms = RoomService(self.store)
         self.messages = MessageService(
-            self.store, self.rooms, self.gateway, settings.MAX_MESSAGE_LENGTH, allocator=self._allocator()
+            self.store,
+            self.rooms,
+            self.gateway,
+            settings.MAX_MESSAGE_LENGTH,
+            allocator=self._allocator(),
         )
 
     def _presence(self) -> Presence:
         grace = self.settings.WS_GRACE_PERIOD
         if self.cluster is None:
             return MemoryPresence(grace, self.on_transition)
-        return RedisPresence(grace, self.on_transition, self.cluster.redis, self.cluster.keys,
-                             self.cluster.registry)
+        return RedisPresence(
+            grace, self.on_transition, self.cluster.redis, self.cluster.keys, self.cluster.registry
+        )
 
     def _allocator(self) -> RedisSeqAllocator | None:
         """Redis INCR for stores whose own seq allocation is slow (Firestore), when Redis is there."""
@@ -102,8 +109,13 @@ class ChatServer:
         self.drainer.install()
         tune_garbage_collector()
         self._sampler = asyncio.get_running_loop().create_task(self._sample_metrics())
-        log.info("server.started", instance_id=self.instance_id, store=self.settings.STORE,
-                 redis=bool(self.settings.redis_configured), version=self.version)
+        log.info(
+            "server.started",
+            instance_id=self.instance_id,
+            store=self.settings.STORE,
+            redis=bool(self.settings.redis_configured),
+            version=self.version,
+        )
 
     async def stop(self) -> None:
         if getattr(self, "_sampler", None) is not None:
@@ -130,23 +142,35 @@ class ChatServer:
             try:
                 await self.store.set_last_seen(transition.user_id, transition.last_seen)
             except Exception as exc:
-                log.warning("presence.last_seen_not_stored", user=transition.user_id, error=str(exc))
+                log.warning(
+                    "presence.last_seen_not_stored", user=transition.user_id, error=str(exc)
+                )
         await self.gateway.announce(transition)
 
     async def figures(self) -> dict:
         """This instance and the cluster: live instances with their connections and heartbeats."""
         local = len(self.gateway.connections)
         if self.cluster is None:
-            instances = [{"id": self.instance_id, "connections": local, "last_heartbeat": iso(utcnow())}]
+            instances = [
+                {"id": self.instance_id, "connections": local, "last_heartbeat": iso(utcnow())}
+            ]
         else:
             instances = [
-                {"id": info.id, "connections": info.connections,
-                 "last_heartbeat": iso(datetime.fromtimestamp(info.heartbeat_at, UTC))}
+                {
+                    "id": info.id,
+                    "connections": info.connections,
+                    "last_heartbeat": iso(datetime.fromtimestamp(info.heartbeat_at, UTC)),
+                }
                 for info in await self.cluster.registry.live()
             ]
         return {
-            "instance": {"id": self.instance_id, "version": self.version, "connections": local,
-                         "in_flight": self.gateway.in_flight, "draining": self.gateway.draining},
+            "instance": {
+                "id": self.instance_id,
+                "version": self.version,
+                "connections": local,
+                "in_flight": self.gateway.in_flight,
+                "draining": self.gateway.draining,
+            },
             "cluster": {
                 "instances": instances,
                 "connections": sum(i["connections"] for i in instances),
@@ -180,7 +204,9 @@ class ChatServer:
     async def presence_states(self, user_ids: list[str]) -> dict[str, dict]:
         """``{id: {status, last_seen}}``; offline users without a live last_seen use the store's."""
         states = await self.presence.states(user_ids)
-        unknown = [uid for uid, s in states.items() if s.status == "offline" and s.last_seen is None]
+        unknown = [
+            uid for uid, s in states.items() if s.status == "offline" and s.last_seen is None
+        ]
         records = await self.store.get_users(unknown) if unknown else {}
         result = {}
         for uid, state in states.items():

@@ -50,8 +50,10 @@ def check_config() -> int:
         return 2
     print(f"environment {settings.env}")
     print(f"instance   {settings.instance_id}")
-    print(f"auth       {','.join(settings.JWT_ALGORITHMS)}"
-          + (f" via JWKS {settings.JWT_JWKS_URL}" if settings.JWT_JWKS_URL else ""))
+    print(
+        f"auth       {','.join(settings.JWT_ALGORITHMS)}"
+        + (f" via JWKS {settings.JWT_JWKS_URL}" if settings.JWT_JWKS_URL else "")
+    )
     print(f"dev tokens {'on' if settings.DEV_TOKENS else 'off'}")
     problems = asyncio.run(_check_backends(settings))
     for problem in problems:
@@ -68,14 +70,19 @@ def verify(urls: list[str], token_secret: str | None, token: str | None, timeout
     verifier = Verifier(urls, token_secret, token, timeout)
     ok = asyncio.run(verifier.run())
     print(verifier.table())
-    print("deployment verified" if ok else "deployment NOT verified", file=sys.stdout if ok else sys.stderr)
+    print(
+        "deployment verified" if ok else "deployment NOT verified",
+        file=sys.stdout if ok else sys.stderr,
+    )
     return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chat-server", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("check-config", help="validate settings and test Redis and store connectivity")
+    commands.add_parser(
+        "check-config", help="validate settings and test Redis and store connectivity"
+    )
     check = commands.add_parser("verify", help="check a running deployment end to end")
     check.add_argument("urls", nargs="+", help="instance URLs, or one load balancer URL")
     check.add_argument("--token-secret", help="HS256 secret to mint test users' tokens")

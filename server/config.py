@@ -102,7 +102,9 @@ class Settings(BaseModel):
         allowed = {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"}
         unknown = [alg for alg in value if alg not in allowed]
         if unknown or not value:
-            raise ValueError(f"unsupported algorithms {unknown or value}; choose from {sorted(allowed)}")
+            raise ValueError(
+                f"unsupported algorithms {unknown or value}; choose from {sorted(allowed)}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -120,12 +122,16 @@ class Settings(BaseModel):
             raise ValueError("JWT_SECRET must be at least 32 characters in production")
         if uses_keys and not (self.JWT_PUBLIC_KEY or self.JWT_JWKS_URL):
             raise ValueError("RS/ES algorithms need JWT_PUBLIC_KEY (PEM) or JWT_JWKS_URL")
-        if self.STORE == "firestore" and not (self.FIRESTORE_PROJECT or self.FIRESTORE_EMULATOR_HOST):
+        if self.STORE == "firestore" and not (
+            self.FIRESTORE_PROJECT or self.FIRESTORE_EMULATOR_HOST
+        ):
             raise ValueError("STORE=firestore needs FIRESTORE_PROJECT (or FIRESTORE_EMULATOR_HOST)")
         if self.REDIS_CLUSTER and not self.redis_configured:
             raise ValueError("REDIS_CLUSTER=true needs REDIS_URL or REDIS_HOST")
         if self.WS_HEARTBEAT_INTERVAL >= 300:
-            raise ValueError("WS_HEARTBEAT_INTERVAL must stay below the load balancer idle timeout (< 300 s)")
+            raise ValueError(
+                "WS_HEARTBEAT_INTERVAL must stay below the load balancer idle timeout (< 300 s)"
+            )
         return self
 
     @property
@@ -147,7 +153,11 @@ class Settings(BaseModel):
         auth = ""
         if self.REDIS_USERNAME or self.REDIS_PASSWORD:
             auth = f"{quote(self.REDIS_USERNAME, safe='')}:{quote(self.REDIS_PASSWORD, safe='')}@"
-        query = f"?ssl_ca_certs={quote(self.REDIS_SSL_CA_CERTS, safe='/')}" if self.REDIS_SSL and self.REDIS_SSL_CA_CERTS else ""
+        query = (
+            f"?ssl_ca_certs={quote(self.REDIS_SSL_CA_CERTS, safe='/')}"
+            if self.REDIS_SSL and self.REDIS_SSL_CA_CERTS
+            else ""
+        )
         return f"{scheme}://{auth}{self.REDIS_HOST}:{self.REDIS_PORT}/{self.REDIS_DB}{query}"
 
     @property
@@ -185,6 +195,7 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**values)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration ({ENV_SWITCH}={env}): {problems}") from None

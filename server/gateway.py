@@ -149,7 +149,9 @@ class Gateway:
 
     async def on_unknown(self, event: str, sid: str, *args: Any) -> dict:
         conn = self.connections.get(sid)
-        if conn is not None and not conn.bucket.take():  # unknown events count against the limit too
+        if (
+            conn is not None and not conn.bucket.take()
+        ):  # unknown events count against the limit too
             metrics.ACKS.labels("rate_limited").inc()
             return ChatError("rate_limited", "too many events; slow down").to_ack()
         metrics.ACKS.labels("bad_request").inc()
@@ -167,7 +169,9 @@ class Gateway:
         metrics.ACKS.labels("bad_request").inc()
         return ChatError("bad_request", f"unknown event {event!r}").to_ack()
 
-    async def _connect_handler(self, sid: str, environ: Any = None, auth: Any = None, *extra: Any) -> dict | None:
+    async def _connect_handler(
+        self, sid: str, environ: Any = None, auth: Any = None, *extra: Any
+    ) -> dict | None:
         spoofed = self._spoofed_lifecycle(sid, "connect")
         if spoofed is not None:
             return spoofed
@@ -190,7 +194,9 @@ class Gateway:
         except Exception:
             log.exception("connect.failed", sid=sid)
             self._forget(sid)
-            raise socketio.exceptions.ConnectionRefusedError("internal", {"code": "internal"}) from None
+            raise socketio.exceptions.ConnectionRefusedError(
+                "internal", {"code": "internal"}
+            ) from None
 
     async def _admit(self, sid: str, environ: dict, auth: Any) -> None:
         settings = self.chat.settings
@@ -202,11 +208,18 @@ class Gateway:
         except AuthError as exc:
             metrics.AUTH_FAILURES.labels(exc.code).inc()
             if not self.chat.connect_limiter.hit(ip):
-                raise socketio.exceptions.ConnectionRefusedError("rate_limited", {"code": "rate_limited"}) from None
+                raise socketio.exceptions.ConnectionRefusedError(
+                    "rate_limited", {"code": "rate_limited"}
+                ) from None
             log.info("auth.refused", code=exc.code, reason=exc.reason, ip=ip)
-            raise socketio.exceptions.ConnectionRefusedError("unauthorized", {"code": exc.code}) from None
+            raise socketio.exceptions.ConnectionRefusedError(
+                "unauthorized", {"code": exc.code}
+            ) from None
         conn = Connection(
-            sid, identity, ip, TokenBucket(settings.RATE_LIMIT_EVENTS_PER_SECOND, settings.RATE_LIMIT_EVENTS_BURST)
+            sid,
+            identity,
+            ip,
+            TokenBucket(settings.RATE_LIMIT_EVENTS_PER_SECOND, settings.RATE_LIMIT_EVENTS_BURST),
         )
         self.connections[sid] = conn
         await self.sio.enter_room(sid, user_channel(identity.user_id), namespace=NAMESPACE)
@@ -217,7 +230,10 @@ class Gateway:
     async def _after_connect(self, conn: Connection) -> None:
         """Work that must not delay or fail the handshake: session event, presence, user record."""
         for _ in range(200):  # the CONNECT packet goes out after the handler returns
-            if self.sio.manager.is_connected(conn.sid, NAMESPACE) or conn.sid not in self.connections:
+            if (
+                self.sio.manager.is_connected(conn.sid, NAMESPACE)
+                or conn.sid not in self.connections
+            ):
                 break
             await asyncio.sleep(0.005)
         if conn.sid not in self.connections:
@@ -241,7 +257,9 @@ class Gateway:
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         conn = self._forget(sid)
         if conn is not None:
-            await self._quietly("presence.disconnect", self.chat.presence.disconnect(conn.identity.user_id, sid))
+            await self._quietly(
+                "presence.disconnect", self.chat.presence.disconnect(conn.identity.user_id, sid)
+            )
 
     async def close_all_transports(self) -> None:
         """Close every client's transport so that it reconnects (elsewhere) by itself."""
@@ -269,19 +287,30 @@ class Gateway:
         try:
             await work
         except Exception as exc:
-            log.warning(f"{what}_failed", error=str(exc), hint="the instance keeps serving; state heals on reconnect")
+            log.warning(
+                f"{what}_failed",
+                error=str(exc),
+                hint="the instance keeps serving; state heals on reconnect",
+            )
 
     def _schedule_expiry(self, conn: Connection) -> None:
         if conn.expiry is not None:
             conn.expiry.cancel()
-        conn.expiry = asyncio.get_running_loop().create_task(self._expire(conn, conn.identity.expires_at))
+        conn.expiry = asyncio.get_running_loop().create_task(
+            self._expire(conn, conn.identity.expires_at)
+        )
 
     async def _expire(self, conn: Connection, expires_at: float) -> None:
         await asyncio.sleep(max(0.0, expires_at - time.time()))
         if self.connections.get(conn.sid) is conn and conn.identity.expires_at <= expires_at:
             log.info("auth.token_expired_disconnect", user=conn.identity.user_id, sid=conn.sid)
-            await self.sio.emit("auth:expired", {"reason": "token_expired"}, to=conn.sid, namespace=NAMESPACE,
-                                ignore_queue=True)
+            await self.sio.emit(
+                "auth:expired",
+                {"reason": "token_expired"},
+                to=conn.sid,
+                namespace=NAMESPACE,
+                ignore_queue=True,
+            )
             await self.sio.disconnect(conn.sid, namespace=NAMESPACE)
 
     # --- events ---------------------------------------------------------------------------
@@ -346,8 +375,13 @@ class Gateway:
             if conn.identity.user_id == user_id and room_id in conn.joined:
                 conn.joined.discard(room_id)
                 await self.sio.leave_room(conn.sid, room_channel(room_id), namespace=NAMESPACE)
-                await self.sio.emit("room:removed", {"room": room_id}, to=conn.sid, namespace=NAMESPACE,
-                                    ignore_queue=True)
+                await self.sio.emit(
+                    "room:removed",
+                    {"room": room_id},
+                    to=conn.sid,
+                    namespace=NAMESPACE,
+                    ignore_queue=True,
+                )
 
     def _require_joined(self, conn: Connection, room_id: str) -> None:
         if room_id not in conn.joined:
@@ -374,7 +408,9 @@ class Gateway:
     async def presence_subscribe(self, conn: Connection, request: PresenceUsers) -> dict:
         users = list(dict.fromkeys(request.users))
         if len(conn.presence | set(users)) > MAX_PRESENCE_SUBSCRIPTIONS:
-            raise ChatError("too_large", f"a connection may follow at most {MAX_PRESENCE_SUBSCRIPTIONS} users")
+            raise ChatError(
+                "too_large", f"a connection may follow at most {MAX_PRESENCE_SUBSCRIPTIONS} users"
+            )
         for user_id in users:
             if user_id not in conn.presence:
                 await self.sio.enter_room(conn.sid, presence_channel(user_id), namespace=NAMESPACE)
@@ -388,13 +424,21 @@ class Gateway:
         return {}
 
     # --- outbound -------------------------------------------------------------------------
-    async def to_room(self, room_id: str, event: str, data: dict, skip_sid: str | None = None) -> None:
-        await self.sio.emit(event, data, room=room_channel(room_id), skip_sid=skip_sid, namespace=NAMESPACE)
+    async def to_room(
+        self, room_id: str, event: str, data: dict, skip_sid: str | None = None
+    ) -> None:
+        await self.sio.emit(
+            event, data, room=room_channel(room_id), skip_sid=skip_sid, namespace=NAMESPACE
+        )
 
     async def announce(self, transition: Transition) -> None:
         await self.sio.emit(
             "presence",
-            {"user": transition.user_id, "status": transition.status, "last_seen": iso(transition.last_seen)},
+            {
+                "user": transition.user_id,
+                "status": transition.status,
+                "last_seen": iso(transition.last_seen),
+            },
             room=presence_channel(transition.user_id),
             namespace=NAMESPACE,
         )

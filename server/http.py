@@ -42,7 +42,8 @@ async def health(request: Request) -> JSONResponse:
     timeout = chat.settings.HEALTH_CHECK_TIMEOUT
     if chat.cluster is not None:
         store, redis = await asyncio.gather(
-            timed_check("store", chat.store.ping, timeout), timed_check("redis", chat.cluster.ping, timeout)
+            timed_check("store", chat.store.ping, timeout),
+            timed_check("redis", chat.cluster.ping, timeout),
         )
     else:
         store = await timed_check("store", chat.store.ping, timeout)
@@ -84,7 +85,9 @@ async def stats(request: Request) -> dict:
     """Instance and cluster figures, for an admin token (claim ``role: "admin"``)."""
     chat = chat_of(request)
     header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else request.query_params.get("token")
+    token = (
+        header[7:].strip() if header[:7].lower() == "bearer " else request.query_params.get("token")
+    )
     try:
         identity = await chat.verifier.verify(token)
     except AuthError as exc:

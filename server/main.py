@@ -35,8 +35,12 @@ def create_app(settings: Settings | None = None) -> socketio.ASGIApp:
     api = FastAPI(title="chat-server", version=chat.version, lifespan=lifespan)
     api.state.chat = chat
     if settings.CORS_ORIGINS:
-        api.add_middleware(CORSMiddleware, allow_origins=settings.CORS_ORIGINS,
-                           allow_methods=["GET", "POST"], allow_headers=["*"])
+        api.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.CORS_ORIGINS,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
     api.include_router(router)
     api.mount("/static", StaticFiles(directory=DEMO_DIR), name="static")
     asgi = socketio.ASGIApp(chat.sio, other_asgi_app=api, socketio_path="socket.io")
@@ -60,8 +64,13 @@ class RefuseWhileDraining:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1013})
                 return
-            await send({"type": "http.response.start", "status": 503,
-                        "headers": [(b"content-type", b"text/plain"), (b"retry-after", b"1")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [(b"content-type", b"text/plain"), (b"retry-after", b"1")],
+                }
+            )
             await send({"type": "http.response.body", "body": b"draining"})
             return
         await self.app(scope, receive, send)

@@ -24,7 +24,9 @@ MISSED_LIMIT = 100
 class Fanout(Protocol):
     """Delivers an event to every socket joined to a room, on every instance."""
 
-    async def to_room(self, room_id: str, event: str, data: dict, skip_sid: str | None = None) -> None: ...
+    async def to_room(
+        self, room_id: str, event: str, data: dict, skip_sid: str | None = None
+    ) -> None: ...
 
 
 class SeqAllocator(Protocol):
@@ -36,7 +38,9 @@ class SeqAllocator(Protocol):
         """Make sure the next value handed out is above ``at_least``."""
 
 
-def page(messages: list[Message], limit: int, newest_first_trim: bool) -> tuple[list[Message], bool]:
+def page(
+    messages: list[Message], limit: int, newest_first_trim: bool
+) -> tuple[list[Message], bool]:
     """Trim a ``limit + 1`` fetch to ``limit`` and say whether more exist that way."""
     if len(messages) <= limit:
         return messages, False
@@ -82,7 +86,9 @@ class MessageService:
         if not text:
             raise ChatError("bad_request", "text is empty after trimming")
         if len(text) > self.max_length:
-            raise ChatError("too_large", f"text is {len(text)} characters; the limit is {self.max_length}")
+            raise ChatError(
+                "too_large", f"text is {len(text)} characters; the limit is {self.max_length}"
+            )
         return text
 
     async def send(self, who: Identity, sid: str, request: SendMessage) -> Message:
@@ -100,7 +106,9 @@ class MessageService:
         unconfirmed = self._unconfirmed.forget(result.message.id)
         if result.created or unconfirmed:
             metrics.MESSAGES_RECEIVED.inc()
-            await self.fanout.to_room(request.room, "message:new", result.message.to_wire(), skip_sid=sid)
+            await self.fanout.to_room(
+                request.room, "message:new", result.message.to_wire(), skip_sid=sid
+            )
         return result.message
 
     async def _store(self, draft: MessageDraft) -> AddResult:
@@ -114,7 +122,9 @@ class MessageService:
             try:
                 return await self.store.add_message(draft, seq)
             except SeqTaken as taken:
-                log.warning("messages.seq_taken", room=draft.room, seq=seq, stored_max=taken.max_seq)
+                log.warning(
+                    "messages.seq_taken", room=draft.room, seq=seq, stored_max=taken.max_seq
+                )
                 await self._advance(draft.room, taken.max_seq)
         raise StoreUnavailable(f"could not allocate a free seq in room {draft.room!r}")
 
@@ -149,7 +159,9 @@ class MessageService:
         if request.before is not None and request.after is not None:
             raise ChatError("bad_request", "give before or after, not both")
         if request.after is not None:
-            fetched = await self.store.messages_after(request.room, request.after, request.limit + 1)
+            fetched = await self.store.messages_after(
+                request.room, request.after, request.limit + 1
+            )
             return page(fetched, request.limit, newest_first_trim=False)
         fetched = await self.store.messages_before(request.room, request.before, request.limit + 1)
         return page(fetched, request.limit, newest_first_trim=True)
@@ -158,16 +170,23 @@ class MessageService:
         await self.rooms.readable(who, request.room)
         last_seq = await self.store.last_seq(request.room)
         if request.seq > last_seq:
-            raise ChatError("bad_request", f"seq {request.seq} is beyond the room's last message ({last_seq})")
+            raise ChatError(
+                "bad_request", f"seq {request.seq} is beyond the room's last message ({last_seq})"
+            )
         previous = await self.store.get_read_marker(request.room, who.user_id)
         stored = await self.store.set_read_marker(request.room, who.user_id, request.seq)
         if stored > previous:
             await self.fanout.to_room(
-                request.room, "message:read", {"room": request.room, "user": who.user_id, "seq": stored}
+                request.room,
+                "message:read",
+                {"room": request.room, "user": who.user_id, "seq": stored},
             )
         return stored
 
     async def typing(self, who: Identity, sid: str, room_id: str, typing: bool) -> None:
         await self.fanout.to_room(
-            room_id, "typing", {"room": room_id, "user": who.user_id, "typing": typing}, skip_sid=sid
+            room_id,
+            "typing",
+            {"room": room_id, "user": who.user_id, "typing": typing},
+            skip_sid=sid,
         )

@@ -60,8 +60,13 @@ class MessageDraft:
     def stored(self, seq: int, created_at: datetime) -> Message:
         """The message this draft becomes once stored with ``seq`` at ``created_at``."""
         return Message(
-            id=self.message_id, room=self.room, seq=seq, sender_id=self.sender_id,
-            sender_name=self.sender_name, text=self.text, client_id=self.client_id,
+            id=self.message_id,
+            room=self.room,
+            seq=seq,
+            sender_id=self.sender_id,
+            sender_name=self.sender_name,
+            text=self.text,
+            client_id=self.client_id,
             created_at=created_at,
         )
 

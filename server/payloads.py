@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from .errors import ChatError
 
 # Direct rooms (dm:<a>:<b>) may also hold "@", since user ids may (e-mail-like ids).
-RoomId = Annotated[StrictStr, Field(pattern=r"^(?:[A-Za-z0-9_.:-]{1,128}|dm:[A-Za-z0-9_.:@-]{3,125})$")]
+RoomId = Annotated[
+    StrictStr, Field(pattern=r"^(?:[A-Za-z0-9_.:-]{1,128}|dm:[A-Za-z0-9_.:@-]{3,125})$")
+]
 UserId = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")]
 Seq = Annotated[StrictInt, Field(ge=0, le=2**53)]
 
@@ -74,6 +76,7 @@ def parse(model: type[P], data: object) -> P:
         return model.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'payload'}: {err['msg']}" for err in exc.errors()[:5]
+            f"{'.'.join(str(p) for p in err['loc']) or 'payload'}: {err['msg']}"
+            for err in exc.errors()[:5]
         )
         raise ChatError("bad_request", problems) from None

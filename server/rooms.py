@@ -49,7 +49,9 @@ class RoomService:
         if room_id.startswith("dm:"):
             pair = direct_members(room_id)
             if pair is None:
-                raise ChatError("bad_request", "direct room ids are dm:<a>:<b> with the two user ids sorted")
+                raise ChatError(
+                    "bad_request", "direct room ids are dm:<a>:<b> with the two user ids sorted"
+                )
             if who.user_id not in pair:
                 raise ChatError("forbidden", "only the two users of a direct room may join it")
             room, _ = await self.store.create_room(Room(room_id, "direct", room_id), list(pair))

@@ -73,4 +73,6 @@ class Drainer:
         while gateway.in_flight > 0 and time.monotonic() < acks_deadline:
             await asyncio.sleep(0.02)
         await gateway.close_all_transports()
-        log.info("shutdown.drained", connections=count, seconds=round(time.monotonic() - started, 3))
+        log.info(
+            "shutdown.drained", connections=count, seconds=round(time.monotonic() - started, 3)
+        )

@@ -53,8 +53,14 @@ class Probe:
 
 
 class Verifier:
-    def __init__(self, urls: list[str], token_secret: str | None, token: str | None,
-                 timeout: float = 10.0, algorithm: str = "HS256") -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        token_secret: str | None,
+        token: str | None,
+        timeout: float = 10.0,
+        algorithm: str = "HS256",
+    ) -> None:
         self.urls = [url.rstrip("/") for url in urls]
         self.token_secret = token_secret
         self.token = token
@@ -71,8 +77,11 @@ class Verifier:
         if self.token:
             return self.token
         now = int(time.time())
-        return jwt.encode({"sub": user, "name": user, "iat": now, "exp": now + 600},
-                          self.token_secret, algorithm=self.algorithm)
+        return jwt.encode(
+            {"sub": user, "name": user, "iat": now, "exp": now + 600},
+            self.token_secret,
+            algorithm=self.algorithm,
+        )
 
     async def health(self, http: httpx.AsyncClient) -> dict[str, dict]:
         found = {}
@@ -82,8 +91,12 @@ class Verifier:
                 body = response.json()
                 ok = response.status_code == 200 and body.get("status") == "healthy"
                 failing = {k: v for k, v in body.get("checks", {}).items() if not v.get("ok")}
-                self.record(f"health {url}", ok, f"{body.get('status')} instance={body.get('instance_id')}"
-                            + (f" failing={failing}" if failing else ""))
+                self.record(
+                    f"health {url}",
+                    ok,
+                    f"{body.get('status')} instance={body.get('instance_id')}"
+                    + (f" failing={failing}" if failing else ""),
+                )
                 found[url] = body
             except Exception as exc:
                 self.record(f"health {url}", False, f"no answer: {exc}")
@@ -100,15 +113,23 @@ class Verifier:
             probe.arrived.set()
 
         client.on("*", record, namespace=NAMESPACE)
-        await client.connect(url, namespaces=[NAMESPACE], auth={"token": self.token_for(user)},
-                             transports=["websocket"], wait_timeout=self.timeout)
+        await client.connect(
+            url,
+            namespaces=[NAMESPACE],
+            auth={"token": self.token_for(user)},
+            transports=["websocket"],
+            wait_timeout=self.timeout,
+        )
         await probe.wait("session", lambda _: True, self.timeout)
         return probe
 
     async def probes(self, health: dict[str, dict]) -> list[Probe]:
         """One probe per live instance: per URL, or by reconnecting through one URL."""
         if len(self.urls) > 1:
-            probes = [await self.connect(url, f"verify-{self.run_id}-{i}") for i, url in enumerate(self.urls)]
+            probes = [
+                await self.connect(url, f"verify-{self.run_id}-{i}")
+                for i, url in enumerate(self.urls)
+            ]
             return probes
         url = self.urls[0]
         cluster = (health.get(url) or {}).get("cluster") or {}
@@ -122,46 +143,74 @@ class Verifier:
                 by_instance[probe.instance_id] = probe
             if len(by_instance) >= wanted:
                 break
-        self.record("instances met", len(by_instance) >= wanted,
-                    f"{len(by_instance)} of {wanted}: {', '.join(sorted(by_instance))}")
+        self.record(
+            "instances met",
+            len(by_instance) >= wanted,
+            f"{len(by_instance)} of {wanted}: {', '.join(sorted(by_instance))}",
+        )
         return list(by_instance.values())
 
     async def message_crosses(self, probes: list[Probe]) -> None:
         room = f"verify-{self.run_id}"
         for probe in probes:
-            ack = await probe.client.call("room:join", {"room": room}, namespace=NAMESPACE, timeout=self.timeout)
+            ack = await probe.client.call(
+                "room:join", {"room": room}, namespace=NAMESPACE, timeout=self.timeout
+            )
             if not ack.get("ok"):
                 self.record(f"join on {probe.instance_id}", False, str(ack))
                 return
         sender, receivers = probes[0], probes[1:]
-        ack = await sender.client.call("message:send", {"room": room, "text": "verify", "client_id": self.run_id},
-                                       namespace=NAMESPACE, timeout=self.timeout)
-        if not self.record(f"send on {sender.instance_id}", bool(ack.get("ok")), str(ack.get("error") or "acked")):
+        ack = await sender.client.call(
+            "message:send",
+            {"room": room, "text": "verify", "client_id": self.run_id},
+            namespace=NAMESPACE,
+            timeout=self.timeout,
+        )
+        if not self.record(
+            f"send on {sender.instance_id}", bool(ack.get("ok")), str(ack.get("error") or "acked")
+        ):
             return
         seq = ack["message"]["seq"]
         for receiver in receivers:
-            got = await receiver.wait("message:new", lambda m: m.get("room") == room and m.get("seq") == seq,
-                                      self.timeout)
-            self.record(f"message {sender.instance_id} → {receiver.instance_id}", got,
-                        "delivered" if got else "not delivered")
+            got = await receiver.wait(
+                "message:new", lambda m: m.get("room") == room and m.get("seq") == seq, self.timeout
+            )
+            self.record(
+                f"message {sender.instance_id} → {receiver.instance_id}",
+                got,
+                "delivered" if got else "not delivered",
+            )
 
     async def presence_crosses(self, probes: list[Probe]) -> None:
         watcher, target_url = probes[0], probes[-1].url
         if self.token:  # one ready token: every probe is the same user, so read its state
             user = jwt.decode(self.token, options={"verify_signature": False}).get("sub", "")
             await watcher.client.disconnect()
-            ack = await probes[-1].client.call("presence:subscribe", {"users": [user]}, namespace=NAMESPACE,
-                                               timeout=self.timeout)
+            ack = await probes[-1].client.call(
+                "presence:subscribe", {"users": [user]}, namespace=NAMESPACE, timeout=self.timeout
+            )
             status = ((ack.get("presence") or {}).get(user) or {}).get("status")
-            self.record(f"presence state on {probes[-1].instance_id}", status == "online", f"{user}: {status}")
+            self.record(
+                f"presence state on {probes[-1].instance_id}",
+                status == "online",
+                f"{user}: {status}",
+            )
             return
         user = f"verify-{self.run_id}-presence"
-        await watcher.client.call("presence:subscribe", {"users": [user]}, namespace=NAMESPACE, timeout=self.timeout)
+        await watcher.client.call(
+            "presence:subscribe", {"users": [user]}, namespace=NAMESPACE, timeout=self.timeout
+        )
         visitor = await self.connect(target_url, user)
-        seen = await watcher.wait("presence", lambda e: e.get("user") == user and e.get("status") == "online",
-                                  self.timeout)
-        self.record(f"presence {visitor.instance_id} → {watcher.instance_id}", seen,
-                    "online seen" if seen else "no online event")
+        seen = await watcher.wait(
+            "presence",
+            lambda e: e.get("user") == user and e.get("status") == "online",
+            self.timeout,
+        )
+        self.record(
+            f"presence {visitor.instance_id} → {watcher.instance_id}",
+            seen,
+            "online seen" if seen else "no online event",
+        )
         await visitor.client.disconnect()
 
     async def run(self) -> bool:
@@ -173,8 +222,11 @@ class Verifier:
         try:
             probes = await self.probes(health)
             if len(probes) < 2:
-                self.record("cross-instance checks", len(probes) == 1 and len(self.urls) == 1,
-                            "one instance: nothing crosses")
+                self.record(
+                    "cross-instance checks",
+                    len(probes) == 1 and len(self.urls) == 1,
+                    "one instance: nothing crosses",
+                )
             else:
                 await self.message_crosses(probes)
                 await self.presence_crosses(probes)
@@ -188,5 +240,7 @@ class Verifier:
     def table(self) -> str:
         width = max(len(check.name) for check in self.checks)
         lines = [f"{'check':<{width}}  result  detail"]
-        lines += [f"{c.name:<{width}}  {'ok' if c.ok else 'FAIL':<6}  {c.detail}" for c in self.checks]
+        lines += [
+            f"{c.name:<{width}}  {'ok' if c.ok else 'FAIL':<6}  {c.detail}" for c in self.checks
+        ]
         return "\n".join(lines)

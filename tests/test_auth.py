@@ -45,8 +45,9 @@ def claims_for(user: str, ttl: float = 3600, **extra) -> dict:
     return {"sub": user, "iat": now, "exp": now + ttl, **extra}
 
 
-async def attempt(url: str, *, auth=None, headers=None, query: str = "",
-                  transports=("websocket",)) -> dict:
+async def attempt(
+    url: str, *, auth=None, headers=None, query: str = "", transports=("websocket",)
+) -> dict:
     """One connection attempt: ``{"ok": True, "session": ..., "sid": ...}`` or ``{"ok": False, "error": ...}``."""
     sio = socketio.AsyncClient(reconnection=False)
     errors: list = []
@@ -63,8 +64,14 @@ async def attempt(url: str, *, auth=None, headers=None, query: str = "",
     sio.on("connect_error", on_error, namespace=NAMESPACE)
     sio.on("session", on_session, namespace=NAMESPACE)
     try:
-        await sio.connect(url + query, namespaces=[NAMESPACE], auth=auth, headers=headers or {},
-                          transports=list(transports), wait_timeout=10)
+        await sio.connect(
+            url + query,
+            namespaces=[NAMESPACE],
+            auth=auth,
+            headers=headers or {},
+            transports=list(transports),
+            wait_timeout=10,
+        )
     except socketio.exceptions.ConnectionError:
         assert len(errors) == 1, errors
         return {"ok": False, "error": errors[0]}
@@ -95,9 +102,11 @@ async def wait_until(predicate, timeout: float) -> float:
 
 # --- keys and dedicated servers -----------------------------------------------------------
 def pem_public(private_key) -> str:
-    return private_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    return (
+        private_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +132,12 @@ def start_all(*servers: ServerProcess) -> list[ServerProcess]:
 @pytest.fixture(scope="module")
 def key_servers(rsa_keys, ec_keys):
     """RS256, ES256 and aud/iss-checking servers, started together."""
-    rs = ServerProcess({"JWT_ALGORITHMS": "RS256", "JWT_PUBLIC_KEY": pem_public(rsa_keys[0]), "JWT_SECRET": ""})
-    es = ServerProcess({"JWT_ALGORITHMS": "ES256", "JWT_PUBLIC_KEY": pem_public(ec_keys[0]), "JWT_SECRET": ""})
+    rs = ServerProcess(
+        {"JWT_ALGORITHMS": "RS256", "JWT_PUBLIC_KEY": pem_public(rsa_keys[0]), "JWT_SECRET": ""}
+    )
+    es = ServerProcess(
+        {"JWT_ALGORITHMS": "ES256", "JWT_PUBLIC_KEY": pem_public(ec_keys[0]), "JWT_SECRET": ""}
+    )
     claims = ServerProcess({"JWT_AUDIENCE": AUDIENCE, "JWT_ISSUER": ISSUER})
     started = start_all(rs, es, claims)
     yield {"rs": rs, "es": es, "claims": claims}
@@ -156,8 +169,9 @@ async def test_token_in_bearer_header(server, uid):
 
 async def test_token_in_bearer_header_over_polling(server, uid):
     user = uid("u")
-    result = await attempt(server.url, headers={"Authorization": f"Bearer {make_token(user)}"},
-                           transports=("polling",))
+    result = await attempt(
+        server.url, headers={"Authorization": f"Bearer {make_token(user)}"}, transports=("polling",)
+    )
     assert result["ok"] is True
     assert result["session"]["user"]["id"] == user
 
@@ -171,9 +185,12 @@ async def test_token_in_query_string(server, uid):
 
 async def test_auth_token_wins_over_header_and_query(server, uid):
     first, second, third = uid("a"), uid("b"), uid("c")
-    result = await attempt(server.url, auth={"token": make_token(first)},
-                           headers={"Authorization": f"Bearer {make_token(second)}"},
-                           query=f"?token={make_token(third)}")
+    result = await attempt(
+        server.url,
+        auth={"token": make_token(first)},
+        headers={"Authorization": f"Bearer {make_token(second)}"},
+        query=f"?token={make_token(third)}",
+    )
     assert result["session"]["user"]["id"] == first
 
 
@@ -206,7 +223,15 @@ async def test_session_event_shape(server, uid):
         {"headers": {"Authorization": "Basic dXNlcjpwdw=="}},
         {"query": "?token="},
     ],
-    ids=["nothing", "empty-auth", "empty-token", "null-token", "empty-bearer", "basic-auth", "empty-query"],
+    ids=[
+        "nothing",
+        "empty-auth",
+        "empty-token",
+        "null-token",
+        "empty-bearer",
+        "basic-auth",
+        "empty-query",
+    ],
 )
 async def test_missing_token(server, kwargs):
     assert await attempt(server.url, **kwargs) == refused("missing_token")
@@ -229,7 +254,9 @@ async def test_tampered_payload(server, uid):
     assert await attempt(server.url, auth={"token": token}) == refused("invalid_token")
 
 
-@pytest.mark.parametrize("token", ["garbage", "a.b.c", "x" * 300], ids=["word", "three-parts", "long"])
+@pytest.mark.parametrize(
+    "token", ["garbage", "a.b.c", "x" * 300], ids=["word", "three-parts", "long"]
+)
 async def test_malformed_token(server, token):
     assert await attempt(server.url, auth={"token": token}) == refused("invalid_token")
 
@@ -278,8 +305,11 @@ async def test_nbf_in_the_past_accepted(server, uid):
     ids=["too-long", "space", "slash", "non-ascii", "empty", "number", "null"],
 )
 async def test_bad_sub_refused(server, claims):
-    token = raw_token({"alg": "HS256", "typ": "JWT"}, {**claims_for("placeholder"), **claims},
-                      TEST_SECRET.encode())
+    token = raw_token(
+        {"alg": "HS256", "typ": "JWT"},
+        {**claims_for("placeholder"), **claims},
+        TEST_SECRET.encode(),
+    )
     assert await attempt(server.url, auth={"token": token}) == refused("invalid_token")
 
 
@@ -323,11 +353,15 @@ async def test_rs_server_refuses_hs_token_signed_with_public_key(key_servers, rs
     pem = pem_public(rsa_keys[0])
     for secret in (pem, pem.strip()):
         token = raw_token({"alg": "HS256", "typ": "JWT"}, claims_for(uid("u")), secret.encode())
-        assert await attempt(key_servers["rs"].url, auth={"token": token}) == refused("invalid_token")
+        assert await attempt(key_servers["rs"].url, auth={"token": token}) == refused(
+            "invalid_token"
+        )
 
 
 async def test_rs_server_refuses_plain_hs_token_and_alg_none(key_servers, uid):
-    assert await attempt(key_servers["rs"].url, auth={"token": make_token(uid("u"))}) == refused("invalid_token")
+    assert await attempt(key_servers["rs"].url, auth={"token": make_token(uid("u"))}) == refused(
+        "invalid_token"
+    )
     none = raw_token({"alg": "none", "typ": "JWT"}, claims_for(uid("u")), None)
     assert await attempt(key_servers["rs"].url, auth={"token": none}) == refused("invalid_token")
 
@@ -350,8 +384,9 @@ async def test_es256_refusals(key_servers, ec_keys, rsa_keys, uid):
     assert await attempt(url, auth={"token": other_key}) == refused("invalid_token")
     rs_token = jwt.encode(claims_for(uid("u")), rsa_keys[0], algorithm="RS256")
     assert await attempt(url, auth={"token": rs_token}) == refused("invalid_token")
-    confused = raw_token({"alg": "HS256", "typ": "JWT"}, claims_for(uid("u")),
-                         pem_public(ec_keys[0]).encode())
+    confused = raw_token(
+        {"alg": "HS256", "typ": "JWT"}, claims_for(uid("u")), pem_public(ec_keys[0]).encode()
+    )
     assert await attempt(url, auth={"token": confused}) == refused("invalid_token")
 
 
@@ -374,7 +409,9 @@ async def test_audience_and_issuer_enforced(key_servers, uid):
 
 async def test_audience_ignored_when_not_configured(server, uid):
     user = uid("u")
-    result = await attempt(server.url, auth={"token": make_token(user, aud="anything", iss="anyone")})
+    result = await attempt(
+        server.url, auth={"token": make_token(user, aud="anything", iss="anyone")}
+    )
     assert result["ok"] is True and result["session"]["user"]["id"] == user
 
 
@@ -417,7 +454,9 @@ async def test_refresh_for_another_user_refused(clients, uid):
 async def test_refresh_with_a_far_future_expiry(clients, uid):
     user = uid("alice")
     alice = await clients(user)
-    ack = await alice.call("auth:refresh", {"token": make_token(user, ttl=10**12)})  # past year 9999
+    ack = await alice.call(
+        "auth:refresh", {"token": make_token(user, ttl=10**12)}
+    )  # past year 9999
     assert ack["ok"] is True
     assert (await alice.call("room:join", {"room": uid("room")}))["ok"] is True
 
@@ -442,7 +481,8 @@ async def test_refused_attempts_over_the_limit_are_rate_limited(limited_server, 
     for _ in range(3):
         assert await attempt(url, auth={"token": "garbage"}) == refused("invalid_token")
     assert await attempt(url, auth={"token": "garbage"}) == {
-        "ok": False, "error": {"message": "rate_limited", "data": {"code": "rate_limited"}},
+        "ok": False,
+        "error": {"message": "rate_limited", "data": {"code": "rate_limited"}},
     }
     assert (await attempt(url))["error"]["message"] == "rate_limited"
     # The limit counts refused attempts: a valid token from the same address still connects.

@@ -10,8 +10,14 @@ from tests.support.servers import ROOT
 
 
 def run(env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", "check-config"], cwd=ROOT,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", "check-config"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_check_config_ok_with_sqlite(tmp_path):
@@ -21,14 +27,23 @@ def test_check_config_ok_with_sqlite(tmp_path):
 
 
 def test_check_config_ok_with_redis(tmp_path, redis_url):
-    result = run({"CHAT_ENV": "development", "SQLITE_PATH": str(tmp_path / "c.db"), "REDIS_URL": redis_url})
+    result = run(
+        {"CHAT_ENV": "development", "SQLITE_PATH": str(tmp_path / "c.db"), "REDIS_URL": redis_url}
+    )
     assert result.returncode == 0, result.stderr
     assert "redis      ok" in result.stdout
 
 
 def test_check_config_reports_unreachable_redis(tmp_path):
-    result = run({"CHAT_ENV": "development", "SQLITE_PATH": str(tmp_path / "c.db"),
-                  "REDIS_HOST": "127.0.0.1", "REDIS_PORT": "1", "REDIS_TIMEOUT": "1"})
+    result = run(
+        {
+            "CHAT_ENV": "development",
+            "SQLITE_PATH": str(tmp_path / "c.db"),
+            "REDIS_HOST": "127.0.0.1",
+            "REDIS_PORT": "1",
+            "REDIS_TIMEOUT": "1",
+        }
+    )
     assert result.returncode == 1
     assert "PROBLEM    redis:" in result.stderr
 

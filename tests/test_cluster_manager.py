@@ -42,7 +42,9 @@ async def listening(manager):
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def publish_until_received(publish, inbox: asyncio.Queue, timeout: float) -> tuple[int, float]:
+async def publish_until_received(
+    publish, inbox: asyncio.Queue, timeout: float
+) -> tuple[int, float]:
     """Publish numbered messages every 0.2 s until one arrives (pub/sub keeps nothing for a
     listener that is not subscribed yet). Returns (first number received, seconds taken)."""
     started = time.monotonic()
@@ -88,10 +90,13 @@ def shard_subscribers(cluster, port: int, channel: str) -> int:
 
 # --- Redis Cluster -----------------------------------------------------------------------------
 
+
 async def test_cluster_publish_reaches_other_manager(redis_cluster):
     channel = unique()
-    async with cluster_managers(redis_cluster.url, channel) as (publisher, listener), \
-            listening(listener) as inbox:
+    async with (
+        cluster_managers(redis_cluster.url, channel) as (publisher, listener),
+        listening(listener) as inbox,
+    ):
         await asyncio.wait_for(listener.subscribed.wait(), 10)
         await assert_in_order(publisher._publish, inbox, 20)
         assert publisher.sharded is True and listener.sharded is True  # Redis 7: SPUBLISH
@@ -106,8 +111,10 @@ async def test_cluster_publish_reaches_other_manager(redis_cluster):
 async def test_cluster_plain_pubsub_fallback(redis_cluster):
     """``sharded=False`` (what a pre-7 server gets): PUBLISH/SUBSCRIBE through one node."""
     channel = unique()
-    async with cluster_managers(redis_cluster.url, channel, sharded=False) as (publisher, listener), \
-            listening(listener) as inbox:
+    async with (
+        cluster_managers(redis_cluster.url, channel, sharded=False) as (publisher, listener),
+        listening(listener) as inbox,
+    ):
         await asyncio.wait_for(listener.subscribed.wait(), 10)
         await assert_in_order(publisher._publish, inbox, 10)
         owner = redis_cluster.master_for_key(channel)
@@ -134,8 +141,14 @@ async def test_cluster_control_event_between_servers(redis_cluster):
     try:
         await asyncio.wait_for(servers[1].manager.subscribed.wait(), 10)
         await servers[0].emit("$chat:evict", {"user": "u1", "room": "r1"})
-        assert await asyncio.wait_for(handled["b"].get(), 5) == ("evict", {"user": "u1", "room": "r1"})
-        assert await asyncio.wait_for(handled["a"].get(), 1) == ("evict", {"user": "u1", "room": "r1"})
+        assert await asyncio.wait_for(handled["b"].get(), 5) == (
+            "evict",
+            {"user": "u1", "room": "r1"},
+        )
+        assert await asyncio.wait_for(handled["a"].get(), 1) == (
+            "evict",
+            {"user": "u1", "room": "r1"},
+        )
         await asyncio.sleep(0.3)
         assert handled["a"].empty()  # its own message is not handled twice
     finally:
@@ -147,8 +160,10 @@ async def test_cluster_control_event_between_servers(redis_cluster):
 
 async def test_cluster_listener_survives_master_failover(redis_cluster):
     channel = unique()
-    async with cluster_managers(redis_cluster.url, channel) as (publisher, listener), \
-            listening(listener) as inbox:
+    async with (
+        cluster_managers(redis_cluster.url, channel) as (publisher, listener),
+        listening(listener) as inbox,
+    ):
         await asyncio.wait_for(listener.subscribed.wait(), 10)
         await assert_in_order(publisher._publish, inbox, 3)
 
@@ -181,9 +196,12 @@ async def test_cluster_listener_notices_a_hung_master(redis_cluster, socket_time
     budget (2 s), moves there too."""
     channel = unique()
     timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
-    async with cluster_managers(redis_cluster.url, channel, idle_probe=1.0, probe_timeout=1.0,
-                                redis_options=timeouts) as (publisher, listener), \
-            listening(listener) as inbox:
+    async with (
+        cluster_managers(
+            redis_cluster.url, channel, idle_probe=1.0, probe_timeout=1.0, redis_options=timeouts
+        ) as (publisher, listener),
+        listening(listener) as inbox,
+    ):
         await asyncio.wait_for(listener.subscribed.wait(), 10)
         # Both sides are running servers that have already talked to the cluster, so they
         # know its nodes. (A process that has only ever known the URL's node cannot find the
@@ -208,15 +226,18 @@ async def test_cluster_listener_follows_manual_failover(redis_cluster):
     """A graceful failover: the demoted master ends the shard subscription (SUNSUBSCRIBE) and
     the listener moves to the new master at once."""
     channel = unique()
-    async with cluster_managers(redis_cluster.url, channel) as (publisher, listener), \
-            listening(listener) as inbox:
+    async with (
+        cluster_managers(redis_cluster.url, channel) as (publisher, listener),
+        listening(listener) as inbox,
+    ):
         await asyncio.wait_for(listener.subscribed.wait(), 10)
         owner = redis_cluster.master_for_key(channel)
         replica = redis_cluster.replica_of(owner)
         with redis_cluster.client(replica) as client:
             client.execute_command("CLUSTER", "FAILOVER")
         await asyncio.to_thread(
-            lambda: _until(lambda: redis_cluster.master_for_key(channel) == replica, 10))
+            lambda: _until(lambda: redis_cluster.master_for_key(channel) == replica, 10)
+        )
         _, waited = await publish_until_received(publisher._publish, inbox, timeout=5)
         await drain(inbox)
         await assert_in_order(publisher._publish, inbox, 5)
@@ -234,6 +255,7 @@ def _until(predicate, timeout: float) -> None:
 
 
 # --- Sentinel and plain Redis ------------------------------------------------------------------
+
 
 async def _close_redis_manager(manager) -> None:
     for client in (manager.pubsub, manager.redis):
@@ -258,8 +280,9 @@ async def test_sentinel_url_with_stock_manager(redis_sentinel):
 
 async def test_fast_retry_manager_follows_sentinel_failover(redis_sentinel):
     channel = unique()
-    publisher = FastRetryRedisManager(redis_sentinel.url, channel=channel, write_only=True,
-                                      logger=logger)
+    publisher = FastRetryRedisManager(
+        redis_sentinel.url, channel=channel, write_only=True, logger=logger
+    )
     listener = FastRetryRedisManager(redis_sentinel.url, channel=channel, logger=logger)
     try:
         async with listening(listener) as inbox:
@@ -279,8 +302,9 @@ async def test_fast_retry_manager_follows_sentinel_failover(redis_sentinel):
 
 async def test_fast_retry_manager_resubscribes_after_restart(private_redis):
     channel = unique()
-    publisher = FastRetryRedisManager(private_redis.url, channel=channel, write_only=True,
-                                      logger=logger)
+    publisher = FastRetryRedisManager(
+        private_redis.url, channel=channel, write_only=True, logger=logger
+    )
     listener = FastRetryRedisManager(private_redis.url, channel=channel, logger=logger)
     try:
         async with listening(listener) as inbox:
@@ -296,8 +320,9 @@ async def test_fast_retry_manager_resubscribes_after_restart(private_redis):
 
 
 async def test_publish_gives_up_quietly_and_counts(private_redis):
-    manager = FastRetryRedisManager(private_redis.url, channel=unique(), write_only=True,
-                                    logger=logger, publish_timeout=1.0)
+    manager = FastRetryRedisManager(
+        private_redis.url, channel=unique(), write_only=True, logger=logger, publish_timeout=1.0
+    )
     try:
         await asyncio.to_thread(private_redis.kill)
         started = time.monotonic()

@@ -10,8 +10,9 @@ import pytest
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason="Chromium is not installed (make test installs it)")
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="Chromium is not installed (make test installs it)"
+)
 
 
 @pytest.fixture
@@ -56,7 +57,9 @@ async def test_two_people_chat_through_the_demo_page(browser, server, uid):
     await alice.wait_for_selector("#messages li:has-text('typing something')", timeout=5000)
     await alice.wait_for_selector(f"#members li.online[data-user='{bob_id}']", timeout=5000)
     assert await alice.locator("#messages li").count() == 2
-    assert [await li.get_attribute("data-seq") for li in await alice.locator("#messages li").all()] == ["1", "2"]
+    assert [
+        await li.get_attribute("data-seq") for li in await alice.locator("#messages li").all()
+    ] == ["1", "2"]
 
     await bob.close()  # bob leaves: the testing grace period is 2 s
     await alice.wait_for_selector(f"#members li.offline[data-user='{bob_id}']", timeout=8000)

@@ -12,7 +12,9 @@ from tests.support.firestore_emulator import FirestoreEmulator
 from tests.support.servers import ServerProcess, key_prefix, start_all
 
 
-def firestore_env(redis_url: str, prefix: str, emulator: FirestoreEmulator, **extra) -> dict[str, str]:
+def firestore_env(
+    redis_url: str, prefix: str, emulator: FirestoreEmulator, **extra
+) -> dict[str, str]:
     return {
         "REDIS_URL": redis_url,
         "REDIS_KEY_PREFIX": prefix,
@@ -36,7 +38,12 @@ def emulator():
 @pytest.fixture(scope="module")
 def fs_pair(redis_url, emulator):
     prefix = key_prefix()
-    servers = start_all([ServerProcess(firestore_env(redis_url, prefix, emulator, INSTANCE_ID=f"f{i}")) for i in range(2)])
+    servers = start_all(
+        [
+            ServerProcess(firestore_env(redis_url, prefix, emulator, INSTANCE_ID=f"f{i}"))
+            for i in range(2)
+        ]
+    )
     yield servers
     for server in servers:
         server.stop()
@@ -53,10 +60,17 @@ async def test_concurrent_sends_on_two_instances_share_one_seq_line(fs_pair, uid
     a = await joined(fs_pair[0].url, uid("a"), room)
     b = await joined(fs_pair[1].url, uid("b"), room)
     try:
+
         async def burst(client: ChatClient) -> list[int]:
-            acks = await asyncio.gather(*(
-                client.call("message:send", {"room": room, "text": f"{client.user} {i}", "client_id": str(i)})
-                for i in range(25)))
+            acks = await asyncio.gather(
+                *(
+                    client.call(
+                        "message:send",
+                        {"room": room, "text": f"{client.user} {i}", "client_id": str(i)},
+                    )
+                    for i in range(25)
+                )
+            )
             assert all(ack["ok"] for ack in acks), acks
             return [ack["message"]["seq"] for ack in acks]
 
@@ -68,7 +82,11 @@ async def test_concurrent_sends_on_two_instances_share_one_seq_line(fs_pair, uid
         assert [m["seq"] for m in page["messages"]] == list(range(1, 51))
         # A retried client_id on the other instance is the same message, not a new one.
         again = await b.call("message:send", {"room": room, "text": "a 0 again", "client_id": "0"})
-        assert again["ok"] and again["message"]["seq"] in seqs and again["message"]["sender"]["id"] == b.user
+        assert (
+            again["ok"]
+            and again["message"]["seq"] in seqs
+            and again["message"]["sender"]["id"] == b.user
+        )
     finally:
         await a.disconnect()
         await b.disconnect()
@@ -86,8 +104,13 @@ async def test_firestore_outage_fails_cleanly_then_recovers(fs_pair, emulator, u
         emulator.pause()  # the store stops answering (state kept)
         try:
             started = asyncio.get_running_loop().time()
-            failed = await a.call("message:send", {"room": room, "text": "during", "client_id": "2"}, timeout=20)
-            assert failed == {"ok": False, "error": {"code": "unavailable", "message": failed["error"]["message"]}}
+            failed = await a.call(
+                "message:send", {"room": room, "text": "during", "client_id": "2"}, timeout=20
+            )
+            assert failed == {
+                "ok": False,
+                "error": {"code": "unavailable", "message": failed["error"]["message"]},
+            }
             assert asyncio.get_running_loop().time() - started < 10
             async with httpx.AsyncClient(timeout=10) as http:
                 health = await http.get(f"{fs_pair[0].url}/api/health")
@@ -97,7 +120,9 @@ async def test_firestore_outage_fails_cleanly_then_recovers(fs_pair, emulator, u
         await asyncio.sleep(0.3)
         assert b.events["message:new"] == [first["message"]]  # nothing broadcast for the failure
 
-        retried = await a.call("message:send", {"room": room, "text": "during", "client_id": "2"}, timeout=20)
+        retried = await a.call(
+            "message:send", {"room": room, "text": "during", "client_id": "2"}, timeout=20
+        )
         assert retried["ok"], retried
         await b.wait_for("message:new", count=2)
         history = await b.call("message:history", {"room": room})
@@ -117,7 +142,9 @@ async def test_emulator_restart_mid_test(fs_pair, emulator, uid):
         assert (await a.call("message:send", {"room": room, "text": "one", "client_id": "1"}))["ok"]
         emulator.stop()
         try:
-            down = await a.call("message:send", {"room": room, "text": "two", "client_id": "2"}, timeout=20)
+            down = await a.call(
+                "message:send", {"room": room, "text": "two", "client_id": "2"}, timeout=20
+            )
             assert down["ok"] is False and down["error"]["code"] == "unavailable"
         finally:
             emulator.start()  # in-memory emulator: it comes back empty
@@ -129,7 +156,9 @@ async def test_emulator_restart_mid_test(fs_pair, emulator, uid):
             assert rejoin["error"]["code"] == "unavailable"
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.5)
-        ack = await a.call("message:send", {"room": room, "text": "two", "client_id": "2"}, timeout=20)
+        ack = await a.call(
+            "message:send", {"room": room, "text": "two", "client_id": "2"}, timeout=20
+        )
         assert ack["ok"], ack
         assert ack["message"]["seq"] >= 2  # the Redis counter never hands out a seq again
     finally:
@@ -146,12 +175,16 @@ async def test_seq_never_repeats_after_redis_loses_its_counters(private_redis, e
     a = await joined(server.url, uid("a"), room)
     try:
         for i in range(3):
-            assert (await a.call("message:send", {"room": room, "text": f"m{i}", "client_id": f"a{i}"}))["ok"]
+            assert (
+                await a.call("message:send", {"room": room, "text": f"m{i}", "client_id": f"a{i}"})
+            )["ok"]
         private_redis.restart()  # data lost: the counter is re-seeded from the store
         server.wait_healthy(20)
         deadline = asyncio.get_running_loop().time() + 15
         while True:
-            ack = await a.call("message:send", {"room": room, "text": "after restart", "client_id": "b"})
+            ack = await a.call(
+                "message:send", {"room": room, "text": "after restart", "client_id": "b"}
+            )
             if ack["ok"]:
                 break
             assert asyncio.get_running_loop().time() < deadline, ack
@@ -159,7 +192,9 @@ async def test_seq_never_repeats_after_redis_loses_its_counters(private_redis, e
         assert ack["message"]["seq"] == 4
         # A counter behind the store (as after a failover to a lagging replica) is moved past it.
         redis_sync.Redis.from_url(private_redis.url).set(f"{prefix}seq:{room}", 1)
-        behind = await a.call("message:send", {"room": room, "text": "after rewind", "client_id": "c"})
+        behind = await a.call(
+            "message:send", {"room": room, "text": "after rewind", "client_id": "c"}
+        )
         assert behind["ok"] and behind["message"]["seq"] == 5
         history = await a.call("message:history", {"room": room})
         assert [m["seq"] for m in history["messages"]] == [1, 2, 3, 4, 5]

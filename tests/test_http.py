@@ -71,8 +71,13 @@ async def test_health_counts_connections(production_like, http, uid):
         # A refused attempt is not a connection.
         refused = socketio.AsyncClient(reconnection=False)
         with pytest.raises(socketio.exceptions.ConnectionError):
-            await refused.connect(url, namespaces=[NAMESPACE], auth={"token": "garbage"},
-                                  transports=["websocket"], wait_timeout=5)
+            await refused.connect(
+                url,
+                namespaces=[NAMESPACE],
+                auth={"token": "garbage"},
+                transports=["websocket"],
+                wait_timeout=5,
+            )
         assert await connections(http, url) == 2
         await alice.disconnect()
         await wait_connections(http, url, 1)
@@ -104,14 +109,29 @@ async def test_metrics_of_one_instance(production_like, http, uid):
         await bob.wait_for("message:new")
         refused = socketio.AsyncClient(reconnection=False)
         with pytest.raises(socketio.exceptions.ConnectionError):
-            await refused.connect(url, namespaces=[NAMESPACE], auth={"token": "garbage"},
-                                  transports=["websocket"], wait_timeout=5)
+            await refused.connect(
+                url,
+                namespaces=[NAMESPACE],
+                auth={"token": "garbage"},
+                transports=["websocket"],
+                wait_timeout=5,
+            )
         response = await http.get(f"{url}/metrics")
-        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        assert response.status_code == 200 and response.headers["content-type"].startswith(
+            "text/plain"
+        )
         after = response.text
         assert sample(after, "chat_connections") == 2
-        assert sample(after, "chat_messages_received_total") - sample(before, "chat_messages_received_total") == 1
-        assert sample(after, "chat_messages_delivered_total") - sample(before, "chat_messages_delivered_total") == 1
+        assert (
+            sample(after, "chat_messages_received_total")
+            - sample(before, "chat_messages_received_total")
+            == 1
+        )
+        assert (
+            sample(after, "chat_messages_delivered_total")
+            - sample(before, "chat_messages_delivered_total")
+            == 1
+        )
         failures = 'chat_auth_failures_total{code="invalid_token"}'
         assert sample(after, failures) - sample(before, failures) == 1
     finally:
@@ -122,7 +142,9 @@ async def test_metrics_of_one_instance(production_like, http, uid):
 # --- development tokens ---------------------------------------------------------------------
 async def test_dev_token_issues_a_working_token(server, http, uid):
     user = uid("dev")
-    response = await http.post(f"{server.url}/api/dev/token", json={"user": user, "name": "Dev Eloper"})
+    response = await http.post(
+        f"{server.url}/api/dev/token", json={"user": user, "name": "Dev Eloper"}
+    )
     assert response.status_code == 200
     body = response.json()
     assert set(body) == {"token"}
@@ -160,8 +182,19 @@ async def test_dev_token_name_is_optional(server, http, uid):
         {"content": b"not json", "headers": {"content-type": "application/json"}},
         {},
     ],
-    ids=["empty", "no-user", "empty-user", "space", "too-long", "number", "empty-name",
-         "long-name", "list", "not-json", "no-body"],
+    ids=[
+        "empty",
+        "no-user",
+        "empty-user",
+        "space",
+        "too-long",
+        "number",
+        "empty-name",
+        "long-name",
+        "list",
+        "not-json",
+        "no-body",
+    ],
 )
 async def test_dev_token_bad_body(server, http, kwargs):
     response = await http.post(f"{server.url}/api/dev/token", **kwargs)

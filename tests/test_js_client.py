@@ -28,15 +28,21 @@ def node_client():
         pytest.fail("node is required for the JS client tests")
     if not (ROOT / "node_modules" / "socket.io-client").is_dir():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=ROOT, check=True, timeout=600)
-    version = json.loads((ROOT / "node_modules" / "socket.io-client" / "package.json").read_text())["version"]
+    version = json.loads((ROOT / "node_modules" / "socket.io-client" / "package.json").read_text())[
+        "version"
+    ]
     assert version == "4.8.4"
     return node
 
 
 async def run_js(node: str, script: str, payload: dict, timeout: float = 60) -> object:
     proc = await asyncio.create_subprocess_exec(
-        node, str(JS / script), json.dumps(payload), cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        node,
+        str(JS / script),
+        json.dumps(payload),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode == 0, stderr.decode()
@@ -44,7 +50,13 @@ async def run_js(node: str, script: str, payload: dict, timeout: float = 60) -> 
 
 
 def refusal(name: str, code: str) -> dict:
-    return {"name": name, "connected": False, "message": "unauthorized", "data": {"code": code}, "active": False}
+    return {
+        "name": name,
+        "connected": False,
+        "message": "unauthorized",
+        "data": {"code": code},
+        "active": False,
+    }
 
 
 async def test_js_auth_refusals(server, node_client, uid):
@@ -53,10 +65,19 @@ async def test_js_auth_refusals(server, node_client, uid):
         {"name": "missing", "token": None, "via": "none"},
         {"name": "empty", "token": "", "via": "auth"},
         {"name": "expired", "token": make_token(user, ttl=-30), "via": "auth"},
-        {"name": "bad-signature", "token": make_token(user, secret="not-the-secret-0123456789-0123456789"), "via": "auth"},
+        {
+            "name": "bad-signature",
+            "token": make_token(user, secret="not-the-secret-0123456789-0123456789"),
+            "via": "auth",
+        },
         {"name": "garbage", "token": "garbage", "via": "auth"},
         {"name": "bad-sub", "token": make_token("has space"), "via": "auth"},
-        {"name": "expired-polling", "token": make_token(user, ttl=-30), "via": "auth", "transports": ["polling"]},
+        {
+            "name": "expired-polling",
+            "token": make_token(user, ttl=-30),
+            "via": "auth",
+            "transports": ["polling"],
+        },
     ]
     results = await run_js(node_client, "auth.js", {"url": server.url, "cases": cases})
     assert results == [
@@ -76,8 +97,12 @@ async def test_js_token_sources(server, node_client, uid):
         {"name": "auth", "token": make_token(users["auth"], "Via Auth"), "via": "auth"},
         {"name": "query", "token": make_token(users["query"]), "via": "query"},
         {"name": "header", "token": make_token(users["header"]), "via": "header"},
-        {"name": "header-polling", "token": make_token(users["header-polling"]), "via": "header",
-         "transports": ["polling"]},
+        {
+            "name": "header-polling",
+            "token": make_token(users["header-polling"]),
+            "via": "header",
+            "transports": ["polling"],
+        },
     ]
     results = await run_js(node_client, "auth.js", {"url": server.url, "cases": cases})
     for result in results:
@@ -95,9 +120,14 @@ async def test_js_disconnected_at_token_expiry(server, node_client, uid):
     token = make_token(user, ttl=2)
     exp = jwt.decode(token, options={"verify_signature": False})["exp"]
     started = time.time()
-    [result] = await run_js(node_client, "auth.js", {
-        "url": server.url, "cases": [{"name": "short", "token": token, "via": "auth", "waitDisconnect": True}],
-    })
+    [result] = await run_js(
+        node_client,
+        "auth.js",
+        {
+            "url": server.url,
+            "cases": [{"name": "short", "token": token, "via": "auth", "waitDisconnect": True}],
+        },
+    )
     assert result["connected"] is True and result["session"]["user"]["id"] == user
     # "io server disconnect": the JS client does not reconnect on its own with the old token.
     assert result["disconnectReason"] == "io server disconnect" and result["active"] is False
@@ -114,23 +144,41 @@ async def test_js_disconnected_at_token_expiry(server, node_client, uid):
 async def test_js_chat_between_two_clients(server, node_client, uid, transports):
     room = uid("room")
     alice_id, bob_id = uid("alice"), uid("bob")
-    out = await run_js(node_client, "chat.js", {
-        "url": server.url, "room": room,
-        "alice": {"token": make_token(alice_id, "Alice"), "transports": transports[0]},
-        "bob": {"token": make_token(bob_id), "transports": transports[1]},
-    })
+    out = await run_js(
+        node_client,
+        "chat.js",
+        {
+            "url": server.url,
+            "room": room,
+            "alice": {"token": make_token(alice_id, "Alice"), "transports": transports[0]},
+            "bob": {"token": make_token(bob_id), "transports": transports[1]},
+        },
+    )
     assert out["sessions"]["alice"]["user"] == {"id": alice_id, "name": "Alice"}
     assert out["transports"]["bob"] == transports[1][0]
 
-    assert out["sendBeforeJoin"]["ok"] is False and out["sendBeforeJoin"]["error"]["code"] == "forbidden"
-    assert out["joinAlice"] == {"ok": True, "room": {"id": room, "kind": "public", "name": room},
-                                "last_seq": 0, "missed": [], "has_more": False}
+    assert (
+        out["sendBeforeJoin"]["ok"] is False
+        and out["sendBeforeJoin"]["error"]["code"] == "forbidden"
+    )
+    assert out["joinAlice"] == {
+        "ok": True,
+        "room": {"id": room, "kind": "public", "name": room},
+        "last_seq": 0,
+        "missed": [],
+        "has_more": False,
+    }
     assert out["joinBob"] == out["joinAlice"]
 
     message = out["send"]["message"]
     assert out["send"]["ok"] is True and set(out["send"]) == {"ok", "message"}
     assert set(message) == {"id", "room", "seq", "sender", "text", "client_id", "created_at"}
-    assert (message["room"], message["seq"], message["text"], message["client_id"]) == (room, 1, "hello from js", "js-1")
+    assert (message["room"], message["seq"], message["text"], message["client_id"]) == (
+        room,
+        1,
+        "hello from js",
+        "js-1",
+    )
     assert message["sender"] == {"id": alice_id, "name": "Alice"}
     assert ISO_MS.match(message["created_at"])
     assert out["bobReceived"] == [message]
@@ -146,8 +194,13 @@ async def test_js_chat_between_two_clients(server, node_client, uid, transports)
     assert out["read"]["ok"] is True
     assert out["bobRead"] == [{"room": room, "user": alice_id, "seq": 2}]
 
-    for key, code in (("tooLong", "too_large"), ("empty", "bad_request"), ("unknown", "bad_request"),
-                      ("notObject", "bad_request"), ("badLimit", "bad_request")):
+    for key, code in (
+        ("tooLong", "too_large"),
+        ("empty", "bad_request"),
+        ("unknown", "bad_request"),
+        ("notObject", "bad_request"),
+        ("badLimit", "bad_request"),
+    ):
         ack = out[key]
         assert set(ack) == {"ok", "error"} and ack["ok"] is False, (key, ack)
         assert ack["error"]["code"] == code and isinstance(ack["error"]["message"], str), key
@@ -155,11 +208,14 @@ async def test_js_chat_between_two_clients(server, node_client, uid, transports)
     assert out["history"] == {"ok": True, "messages": [message, reply], "has_more": False}
     assert out["historyBefore"] == {"ok": True, "messages": [message], "has_more": False}
     assert sorted(out["members"]["members"], key=lambda m: m["id"]) == sorted(
-        [{"id": alice_id, "status": "online"}, {"id": bob_id, "status": "online"}], key=lambda m: m["id"]
+        [{"id": alice_id, "status": "online"}, {"id": bob_id, "status": "online"}],
+        key=lambda m: m["id"],
     )
-    assert out["presence"] == {"ok": True, "presence": {alice_id: {"status": "online", "last_seen": None}}}
+    assert out["presence"] == {
+        "ok": True,
+        "presence": {alice_id: {"status": "online", "last_seen": None}},
+    }
     assert out["leave"] == {"ok": True}
     # Bob left before the last message; Alice never hears her own messages back.
     assert out["bobAllMessages"] == [message]
     assert out["aliceAllMessages"] == [reply]
-

@@ -58,7 +58,12 @@ class JwksServer:
 
 def token(private, kid: str, user: str) -> str:
     now = int(time.time())
-    return jwt.encode({"sub": user, "exp": now + 600, "iat": now}, private, algorithm="RS256", headers={"kid": kid})
+    return jwt.encode(
+        {"sub": user, "exp": now + 600, "iat": now},
+        private,
+        algorithm="RS256",
+        headers={"kid": kid},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +71,15 @@ def jwks_setup():
     jwks = JwksServer()
     first_private, first_public = new_key("k1")
     jwks.keys = [first_public]
-    server = ServerProcess({"STORE": "memory", "JWT_ALGORITHMS": "RS256", "JWT_SECRET": "",
-                            "JWT_JWKS_URL": jwks.url, "JWT_JWKS_MIN_REFRESH": "2"}).start()
+    server = ServerProcess(
+        {
+            "STORE": "memory",
+            "JWT_ALGORITHMS": "RS256",
+            "JWT_SECRET": "",
+            "JWT_JWKS_URL": jwks.url,
+            "JWT_JWKS_MIN_REFRESH": "2",
+        }
+    ).start()
     yield jwks, server, first_private
     server.stop()
     jwks.close()
@@ -78,7 +90,9 @@ async def test_jwks_keys_cached_rotated_and_rate_limited(jwks_setup, uid):
     clients = []
     for _ in range(3):
         user = uid("u")
-        clients.append(await ChatClient(user).connect(server.url, token=token(first_private, "k1", user)))
+        clients.append(
+            await ChatClient(user).connect(server.url, token=token(first_private, "k1", user))
+        )
     assert jwks.fetches == 1  # one fetch serves every connection
     second_private, second_public = new_key("k2")
     jwks.keys = [jwks.keys[0], second_public]  # the issuer rotates in a new key
@@ -86,7 +100,9 @@ async def test_jwks_keys_cached_rotated_and_rate_limited(jwks_setup, uid):
     assert early == refused("invalid_token")  # fetched under a second ago: not refetched yet
     assert jwks.fetches == 1
     for _ in range(3):  # unknown kids do not make the server hammer the JWKS URL
-        assert await attempt(server.url, auth={"token": token(second_private, "k9", uid("x"))}) == refused("invalid_token")
+        assert await attempt(
+            server.url, auth={"token": token(second_private, "k9", uid("x"))}
+        ) == refused("invalid_token")
     assert jwks.fetches == 1
     await asyncio.sleep(2.1)
     user = uid("w")
@@ -99,4 +115,6 @@ async def test_jwks_keys_cached_rotated_and_rate_limited(jwks_setup, uid):
 async def test_jwks_refuses_a_key_it_does_not_publish(jwks_setup, uid):
     _, server, _ = jwks_setup
     stranger, _ = new_key("k1")  # same kid, different key
-    assert await attempt(server.url, auth={"token": token(stranger, "k1", uid("s"))}) == refused("invalid_token")
+    assert await attempt(server.url, auth={"token": token(stranger, "k1", uid("s"))}) == refused(
+        "invalid_token"
+    )

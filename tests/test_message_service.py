@@ -28,7 +28,9 @@ class RecordingFanout:
     def __init__(self) -> None:
         self.sent: list[tuple[str, str, dict, str | None]] = []
 
-    async def to_room(self, room_id: str, event: str, data: dict, skip_sid: str | None = None) -> None:
+    async def to_room(
+        self, room_id: str, event: str, data: dict, skip_sid: str | None = None
+    ) -> None:
         self.sent.append((room_id, event, data, skip_sid))
 
 
@@ -55,7 +57,9 @@ async def test_a_send_stored_despite_a_failed_answer_is_broadcast_by_its_retry()
 
     retried = await service.send(alice, "sid-1", request)
     assert retried.seq == 1
-    assert [(room, event, data["seq"]) for room, event, data, _ in fanout.sent] == [("general", "message:new", 1)]
+    assert [(room, event, data["seq"]) for room, event, data, _ in fanout.sent] == [
+        ("general", "message:new", 1)
+    ]
 
     again = await service.send(alice, "sid-1", request)  # an ordinary repeat: no second broadcast
     assert again == retried and len(fanout.sent) == 1
@@ -63,7 +67,9 @@ async def test_a_send_stored_despite_a_failed_answer_is_broadcast_by_its_retry()
 
 async def test_a_failed_send_that_was_not_stored_is_broadcast_once_by_its_retry():
     store, fanout, service, alice, request = await setup()
-    service._unconfirmed.remember(request_id := MessageDraft("general", "alice", "Alice", "hello", "c1").message_id)
+    service._unconfirmed.remember(
+        request_id := MessageDraft("general", "alice", "Alice", "hello", "c1").message_id
+    )
     first = await service.send(alice, "sid-1", request)  # stored now: broadcast as created
     assert first.id == request_id and len(fanout.sent) == 1
     await service.send(alice, "sid-1", request)

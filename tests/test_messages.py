@@ -15,8 +15,6 @@ ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 MAX_LENGTH = 4000  # MAX_MESSAGE_LENGTH of the shared test server (the default)
 
 
-
-
 async def joined(room: str, *members):
     for member in members:
         ack = await member.call("room:join", {"room": room})
@@ -44,7 +42,11 @@ async def test_send_receive_between_two_clients(clients, uid):
     joined_ack = await alice.call("room:join", {"room": room})
     assert joined_ack["ok"] is True
     assert joined_ack["room"] == {"id": room, "kind": "public", "name": room}
-    assert joined_ack["last_seq"] == 0 and joined_ack["missed"] == [] and joined_ack["has_more"] is False
+    assert (
+        joined_ack["last_seq"] == 0
+        and joined_ack["missed"] == []
+        and joined_ack["has_more"] is False
+    )
     assert (await bob.call("room:join", {"room": room}))["ok"]
     ack = await alice.call("message:send", {"room": room, "text": "  hello  ", "client_id": "c1"})
     assert set(ack) == {"ok", "message"} and ack["ok"] is True
@@ -73,7 +75,11 @@ async def test_sender_name_comes_from_the_token(clients, uid):
 async def test_fan_out_reaches_every_other_socket_in_the_room(clients, uid):
     room, user = uid("room"), uid("alice")
     tab1, tab2 = await clients(user), await clients(user)
-    bob, carol, outsider = await clients(uid("bob")), await clients(uid("carol")), await clients(uid("out"))
+    bob, carol, outsider = (
+        await clients(uid("bob")),
+        await clients(uid("carol")),
+        await clients(uid("out")),
+    )
     await joined(room, tab1, tab2, bob, carol)
     await outsider.call("room:join", {"room": uid("elsewhere")})
     ack = await send(tab1, room, "to everyone")
@@ -135,7 +141,7 @@ async def test_unicode_text_round_trips(clients, uid):
     room = uid("room")
     alice, bob = await clients(uid("alice")), await clients(uid("bob"))
     await joined(room, alice, bob)
-    text = "héllo 👋 мир 世界 \u200b<script>alert(1)</script> \"quotes\" \\ back"
+    text = 'héllo 👋 мир 世界 \u200b<script>alert(1)</script> "quotes" \\ back'
     ack = await send(alice, room, text, "u")
     assert ack["message"]["text"] == text
     assert (await bob.wait_for("message:new"))[0]["text"] == text
@@ -194,9 +200,11 @@ async def concurrent_senders(url: str, room: str, uid, senders: int = 5, each: i
         await joined(room, *users)
 
         async def burst(client: ChatClient) -> list[dict]:
-            return list(await asyncio.gather(
-                *(send(client, room, f"{client.user} #{i}", f"c{i}") for i in range(each))
-            ))
+            return list(
+                await asyncio.gather(
+                    *(send(client, room, f"{client.user} #{i}", f"c{i}") for i in range(each))
+                )
+            )
 
         acks = [ack for acks in await asyncio.gather(*(burst(u) for u in users)) for ack in acks]
         total = senders * each
@@ -211,7 +219,9 @@ async def concurrent_senders(url: str, room: str, uid, senders: int = 5, each: i
         history = []
         after = 0
         while True:
-            page = await users[0].call("message:history", {"room": room, "after": after, "limit": 100})
+            page = await users[0].call(
+                "message:history", {"room": room, "after": after, "limit": 100}
+            )
             history += page["messages"]
             if not page["has_more"]:
                 break
@@ -310,7 +320,10 @@ async def test_history_paging_walks_everything(seven):
 async def test_history_limit_bounds(seven):
     room, reader, _ = seven
     for limit in (0, -1, 101, 1000):
-        assert error_code(await reader.call("message:history", {"room": room, "limit": limit})) == "bad_request"
+        assert (
+            error_code(await reader.call("message:history", {"room": room, "limit": limit}))
+            == "bad_request"
+        )
     assert seqs((await history(reader, room, limit=100))["messages"]) == [1, 2, 3, 4, 5, 6, 7]
     assert seqs((await history(reader, room, limit=1))["messages"]) == [7]
 
@@ -332,14 +345,20 @@ async def test_history_before_and_after_together_refused(seven):
 
 async def test_history_access(clients, uid):
     room = uid("priv")
-    owner, member, outsider = await clients(uid("owner")), await clients(uid("member")), await clients(uid("out"))
+    owner, member, outsider = (
+        await clients(uid("owner")),
+        await clients(uid("member")),
+        await clients(uid("out")),
+    )
     await owner.call("room:create", {"room": room, "private": True, "members": [member.user]})
     await joined(room, owner)
     stored = await fill(owner, room, 2)
     # Members may read without joining; others may not read at all.
     assert (await history(member, room))["messages"] == stored
     assert error_code(await outsider.call("message:history", {"room": room})) == "forbidden"
-    assert error_code(await outsider.call("message:history", {"room": uid("missing")})) == "not_found"
+    assert (
+        error_code(await outsider.call("message:history", {"room": uid("missing")})) == "not_found"
+    )
 
 
 # --- missed messages on join ----------------------------------------------------------------
@@ -358,11 +377,15 @@ async def test_join_since_returns_missed(clients, uid):
         (None, [], False),
     ]
     for since, expected, more in cases:
-        ack = await reader.call("room:join", {"room": room, **({"since": since} if since is not None else {})})
+        ack = await reader.call(
+            "room:join", {"room": room, **({"since": since} if since is not None else {})}
+        )
         assert ack["ok"] is True and ack["last_seq"] == 105
         assert (seqs(ack["missed"]), ack["has_more"]) == (expected, more), since
     full = await history(reader, room, after=100)
-    assert (await reader.call("room:join", {"room": room, "since": 100}))["missed"] == full["messages"]
+    assert (await reader.call("room:join", {"room": room, "since": 100}))["missed"] == full[
+        "messages"
+    ]
 
 
 # --- read markers ---------------------------------------------------------------------------
@@ -406,7 +429,10 @@ async def test_read_marker_access(clients, uid):
     await joined(room, owner)
     await fill(owner, room, 1)
     assert error_code(await outsider.call("message:read", {"room": room, "seq": 1})) == "forbidden"
-    assert error_code(await outsider.call("message:read", {"room": uid("missing"), "seq": 0})) == "not_found"
+    assert (
+        error_code(await outsider.call("message:read", {"room": uid("missing"), "seq": 0}))
+        == "not_found"
+    )
     await asyncio.sleep(QUIET)
     assert owner.events["message:read"] == []
 
@@ -414,7 +440,11 @@ async def test_read_marker_access(clients, uid):
 # --- typing ---------------------------------------------------------------------------------
 async def test_typing_broadcast_to_others_not_stored(clients, uid):
     room = uid("room")
-    alice, bob, carol = await clients(uid("alice")), await clients(uid("bob")), await clients(uid("carol"))
+    alice, bob, carol = (
+        await clients(uid("alice")),
+        await clients(uid("bob")),
+        await clients(uid("carol")),
+    )
     await joined(room, alice, bob)
     assert await alice.call("typing", {"room": room, "typing": True}) == {"ok": True}
     assert await alice.call("typing", {"room": room, "typing": False}) == {"ok": True}
@@ -494,7 +524,11 @@ async def test_sqlite_messages_survive_restarts(tmp_path, uid):
 
     third = ServerProcess(env).start()
     try:
-        alice, bob, eve = await connect(third, alice_id), await connect(third, bob_id), await connect(third, eve_id)
+        alice, bob, eve = (
+            await connect(third, alice_id),
+            await connect(third, bob_id),
+            await connect(third, eve_id),
+        )
         assert (await history(alice, room))["messages"] == stored
         await joined(room, alice)
         after_crash = await send(alice, room, "after the crash")
@@ -514,7 +548,9 @@ async def test_store_unavailable_then_retry_is_safe(tmp_path, uid):
     import sqlite3
 
     path = tmp_path / "chat.db"
-    proc = ServerProcess({"STORE": "sqlite", "SQLITE_PATH": str(path), "STORE_TIMEOUT": "1"}).start()
+    proc = ServerProcess(
+        {"STORE": "sqlite", "SQLITE_PATH": str(path), "STORE_TIMEOUT": "1"}
+    ).start()
     room = uid("room")
     alice, bob = ChatClient(uid("alice")), ChatClient(uid("bob"))
     locker = None
@@ -559,7 +595,9 @@ async def test_store_recovers_when_a_lock_ends_after_the_timeout(tmp_path, uid):
     import sqlite3
 
     path = tmp_path / "chat.db"
-    proc = ServerProcess({"STORE": "sqlite", "SQLITE_PATH": str(path), "STORE_TIMEOUT": "1"}).start()
+    proc = ServerProcess(
+        {"STORE": "sqlite", "SQLITE_PATH": str(path), "STORE_TIMEOUT": "1"}
+    ).start()
     room = uid("room")
     alice = ChatClient(uid("alice"))
     try:

@@ -31,7 +31,12 @@ def trio(redis_url, tmp_path_factory):
     """Three instances sharing one Redis and one SQLite file."""
     prefix = key_prefix()
     tmp = tmp_path_factory.mktemp("trio")
-    servers = start_all([ServerProcess(cluster_env(redis_url, prefix, tmp, INSTANCE_ID=f"node-{i}")) for i in range(3)])
+    servers = start_all(
+        [
+            ServerProcess(cluster_env(redis_url, prefix, tmp, INSTANCE_ID=f"node-{i}"))
+            for i in range(3)
+        ]
+    )
     yield servers
     for server in servers:
         server.stop()
@@ -53,7 +58,11 @@ async def users():
 
 async def test_session_names_the_instance(trio, users, uid):
     clients = [await users(uid("u"), server) for server in trio]
-    assert [c.events["session"][0]["instance_id"] for c in clients] == ["node-0", "node-1", "node-2"]
+    assert [c.events["session"][0]["instance_id"] for c in clients] == [
+        "node-0",
+        "node-1",
+        "node-2",
+    ]
 
 
 async def test_every_broadcast_kind_crosses_instances(trio, users, uid):
@@ -85,7 +94,9 @@ async def test_removed_member_leaves_room_on_every_instance(trio, users, uid):
     room, owner_id, member_id = uid("priv"), uid("owner"), uid("member")
     owner = await users(owner_id, trio[0])
     member_tabs = [await users(member_id, trio[1]), await users(member_id, trio[2])]
-    created = await owner.call("room:create", {"room": room, "private": True, "members": [member_id]})
+    created = await owner.call(
+        "room:create", {"room": room, "private": True, "members": [member_id]}
+    )
     assert created["ok"] and created["room"]["kind"] == "private"
     for client in (owner, *member_tabs):
         assert (await client.call("room:join", {"room": room}))["ok"]
@@ -96,7 +107,9 @@ async def test_removed_member_leaves_room_on_every_instance(trio, users, uid):
     await owner.call("message:send", {"room": room, "text": "secret", "client_id": "s1"})
     await asyncio.sleep(0.4)
     assert all(tab.events["message:new"] == [] for tab in member_tabs)
-    refused = await member_tabs[0].call("message:send", {"room": room, "text": "hi", "client_id": "m"})
+    refused = await member_tabs[0].call(
+        "message:send", {"room": room, "text": "hi", "client_id": "m"}
+    )
     assert refused["error"]["code"] == "forbidden"
 
 
@@ -124,8 +137,9 @@ async def test_presence_exactly_once_with_three_instances_and_two_devices(trio, 
     await asyncio.sleep(GRACE)
     for watcher in watchers:
         statuses = sorted((e["user"], e["status"]) for e in watcher.events["presence"])
-        assert statuses == sorted([(alice_id, "online"), (bob_id, "online"),
-                                   (alice_id, "offline"), (bob_id, "offline")])
+        assert statuses == sorted(
+            [(alice_id, "online"), (bob_id, "online"), (alice_id, "offline"), (bob_id, "offline")]
+        )
 
 
 async def test_reconnect_to_another_instance_inside_grace_is_silent(trio, users, uid):
@@ -145,12 +159,24 @@ async def test_reconnect_to_another_instance_inside_grace_is_silent(trio, users,
 
 async def test_concurrent_sends_on_two_instances_get_unique_dense_seqs(trio, users, uid):
     room = uid("busy")
-    senders = [await users(uid("s"), trio[0]), await users(uid("s"), trio[1]), await users(uid("s"), trio[2])]
+    senders = [
+        await users(uid("s"), trio[0]),
+        await users(uid("s"), trio[1]),
+        await users(uid("s"), trio[2]),
+    ]
     for sender in senders:
         await sender.call("room:join", {"room": room})
 
     async def burst(client: ChatClient, n: int) -> list[int]:
-        acks = await asyncio.gather(*(client.call("message:send", {"room": room, "text": f"m{i}", "client_id": f"{client.user}-{i}"}) for i in range(n)))
+        acks = await asyncio.gather(
+            *(
+                client.call(
+                    "message:send",
+                    {"room": room, "text": f"m{i}", "client_id": f"{client.user}-{i}"},
+                )
+                for i in range(n)
+            )
+        )
         return [ack["message"]["seq"] for ack in acks]
 
     results = await asyncio.gather(*(burst(s, 20) for s in senders))
@@ -191,7 +217,9 @@ def test_duplicate_instance_id_is_refused(trio, redis_url, tmp_path):
 
 async def test_crashed_instance_users_go_offline(redis_url, tmp_path, uid):
     prefix = key_prefix()
-    survivor = ServerProcess(cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID="survivor")).start()
+    survivor = ServerProcess(
+        cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID="survivor")
+    ).start()
     doomed = ServerProcess(cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID="doomed")).start()
     victim_id = uid("victim")
     watcher = await ChatClient(uid("w")).connect(survivor.url)
@@ -201,8 +229,9 @@ async def test_crashed_instance_users_go_offline(redis_url, tmp_path, uid):
         await asyncio.sleep(0.3)
         doomed.kill()
         started = asyncio.get_running_loop().time()
-        events = await watcher.wait_for("presence", where=lambda e: e["status"] == "offline",
-                                        timeout=3 * HEARTBEAT + GRACE + 6)
+        events = await watcher.wait_for(
+            "presence", where=lambda e: e["status"] == "offline", timeout=3 * HEARTBEAT + GRACE + 6
+        )
         elapsed = asyncio.get_running_loop().time() - started
         assert events[0]["user"] == victim_id
         assert elapsed >= GRACE  # the grace period still ran after the reaping
@@ -220,17 +249,26 @@ async def test_stats_lists_every_live_instance_for_admins(trio, users, uid):
     for server in trio:
         await users(uid("st"), server)
     async with httpx.AsyncClient() as http:
-        denied = await http.get(f"{trio[1].url}/api/stats", headers={"Authorization": f"Bearer {make_token(uid('x'))}"})
+        denied = await http.get(
+            f"{trio[1].url}/api/stats", headers={"Authorization": f"Bearer {make_token(uid('x'))}"}
+        )
         assert denied.status_code == 403
         assert (await http.get(f"{trio[1].url}/api/stats")).status_code == 401
         admin = make_token(uid("admin"), role="admin")
         await asyncio.sleep(HEARTBEAT * 2)  # heartbeats carry the new connection counts
-        body = (await http.get(f"{trio[1].url}/api/stats", headers={"Authorization": f"Bearer {admin}"})).json()
+        body = (
+            await http.get(f"{trio[1].url}/api/stats", headers={"Authorization": f"Bearer {admin}"})
+        ).json()
     assert body["instance"]["id"] == "node-1"
     ids = sorted(i["id"] for i in body["cluster"]["instances"])
     assert ids == ["node-0", "node-1", "node-2"]
-    assert all(i["connections"] >= 1 and i["last_heartbeat"].endswith("Z") for i in body["cluster"]["instances"])
-    assert body["cluster"]["connections"] == sum(i["connections"] for i in body["cluster"]["instances"])
+    assert all(
+        i["connections"] >= 1 and i["last_heartbeat"].endswith("Z")
+        for i in body["cluster"]["instances"]
+    )
+    assert body["cluster"]["connections"] == sum(
+        i["connections"] for i in body["cluster"]["instances"]
+    )
     assert body["cluster"]["online_users"] >= 3
 
 
@@ -246,8 +284,11 @@ async def test_metrics_expose_cluster_figures(trio, users, uid):
         text_a = (await http.get(f"{trio[0].url}/metrics")).text
         text_b = (await http.get(f"{trio[1].url}/metrics")).text
     assert 'chat_acks_total{code="ok"}' in text_a
-    lines = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text_b.splitlines()
-             if line and not line.startswith("#")}
+    lines = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text_b.splitlines()
+        if line and not line.startswith("#")
+    }
     assert lines["chat_messages_delivered_total"] >= 1
     assert lines["chat_cluster_connections"] >= 2
     assert lines["chat_online_users"] >= 2
@@ -256,8 +297,12 @@ async def test_metrics_expose_cluster_figures(trio, users, uid):
 
 async def test_grace_started_by_a_dead_instance_is_finished_by_another(redis_url, tmp_path, uid):
     prefix = key_prefix()
-    finisher = ServerProcess(cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID="finisher", WS_GRACE_PERIOD=2)).start()
-    starter = ServerProcess(cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID="starter", WS_GRACE_PERIOD=2)).start()
+    finisher = ServerProcess(
+        cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID="finisher", WS_GRACE_PERIOD=2)
+    ).start()
+    starter = ServerProcess(
+        cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID="starter", WS_GRACE_PERIOD=2)
+    ).start()
     leaver_id = uid("leaver")
     watcher = await ChatClient(uid("w")).connect(finisher.url)
     try:
@@ -284,16 +329,34 @@ def test_verify_command_passes_on_a_healthy_cluster(trio):
     from tests.support.servers import ROOT, TEST_SECRET
 
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "verify", *(s.url for s in trio), "--token-secret", TEST_SECRET],
-        cwd=ROOT, capture_output=True, text=True, timeout=90)
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "verify",
+            *(s.url for s in trio),
+            "--token-secret",
+            TEST_SECRET,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     results = {}  # check name -> "ok" / "FAIL", from the printed table
     for line in result.stdout.splitlines()[1:-1]:
-        name, outcome = line.split("  ")[0].strip(), line[len(line.split("  ")[0]):].split()[0]
+        name, outcome = line.split("  ")[0].strip(), line[len(line.split("  ")[0]) :].split()[0]
         results[name] = outcome
-    assert sorted(results) == sorted([*(f"health {s.url}" for s in trio), "send on node-0",
-                                      "message node-0 → node-1", "message node-0 → node-2",
-                                      "presence node-2 → node-0"]), result.stdout
+    assert sorted(results) == sorted(
+        [
+            *(f"health {s.url}" for s in trio),
+            "send on node-0",
+            "message node-0 → node-1",
+            "message node-0 → node-2",
+            "presence node-2 → node-0",
+        ]
+    ), result.stdout
     assert set(results.values()) == {"ok"}
     assert result.stdout.splitlines()[-1] == "deployment verified"
 
@@ -306,8 +369,23 @@ def test_verify_command_fails_when_an_instance_is_down(trio, tmp_path):
 
     dead = f"http://127.0.0.1:{free_port()}"
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "verify", trio[0].url, dead, "--token-secret", TEST_SECRET,
-         "--timeout", "3"], cwd=ROOT, capture_output=True, text=True, timeout=90)
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "verify",
+            trio[0].url,
+            dead,
+            "--token-secret",
+            TEST_SECRET,
+            "--timeout",
+            "3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert result.returncode == 1
     assert f"health {dead}" in result.stdout and "FAIL" in result.stdout
     assert "deployment NOT verified" in result.stderr
@@ -323,8 +401,20 @@ def test_verify_through_a_load_balancer_meets_every_instance(trio):
     balancer = RoundRobinBalancer([server.port for server in trio])
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "server.cli", "verify", balancer.url, "--token-secret", TEST_SECRET],
-            cwd=ROOT, capture_output=True, text=True, timeout=90)
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "verify",
+                balancer.url,
+                "--token-secret",
+                TEST_SECRET,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
     finally:
         balancer.close()
     assert result.returncode == 0, result.stdout + result.stderr
@@ -339,7 +429,20 @@ def test_verify_with_one_ready_token(trio):
     from tests.support.servers import ROOT, make_token
 
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "verify", trio[1].url, trio[2].url, "--token", make_token("ops-bot")],
-        cwd=ROOT, capture_output=True, text=True, timeout=90)
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "verify",
+            trio[1].url,
+            trio[2].url,
+            "--token",
+            make_token("ops-bot"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "presence state on node-2" in result.stdout and "ops-bot: online" in result.stdout

@@ -74,7 +74,9 @@ async def test_online_event_when_a_user_connects(connect, uid):
     assert await subscribe(observer, user) == {user: {"status": "offline", "last_seen": None}}
     await subscribe(bystander, uid("someone-else"))
     await connect(user)
-    assert await observer.wait_for("presence") == [{"user": user, "status": "online", "last_seen": None}]
+    assert await observer.wait_for("presence") == [
+        {"user": user, "status": "online", "last_seen": None}
+    ]
     await asyncio.sleep(QUIET)
     assert len(observer.events["presence"]) == 1 and bystander.events["presence"] == []
     assert await subscribe(observer, user) == {user: {"status": "online", "last_seen": None}}
@@ -105,7 +107,9 @@ async def test_two_tabs_offline_only_after_the_last_one_and_the_grace(connect, u
     assert await second_observer.wait_for("presence", 2) == events
     await asyncio.sleep(QUIET)
     assert len(observer.events["presence"]) == 2 and len(second_observer.events["presence"]) == 2
-    assert await subscribe(observer, user) == {user: {"status": "offline", "last_seen": offline["last_seen"]}}
+    assert await subscribe(observer, user) == {
+        user: {"status": "offline", "last_seen": offline["last_seen"]}
+    }
 
 
 async def test_reconnect_inside_grace_produces_no_events(connect, uid):
@@ -126,10 +130,14 @@ async def test_unsubscribe_stops_events(connect, uid):
     dropped, kept = uid("dropped"), uid("kept")
     observer = await connect(uid("observer"))
     await subscribe(observer, dropped, kept)
-    assert await observer.call("presence:unsubscribe", {"users": [dropped, uid("never-followed")]}) == {"ok": True}
+    assert await observer.call(
+        "presence:unsubscribe", {"users": [dropped, uid("never-followed")]}
+    ) == {"ok": True}
     await connect(dropped)
     await connect(kept)
-    assert await observer.wait_for("presence") == [{"user": kept, "status": "online", "last_seen": None}]
+    assert await observer.wait_for("presence") == [
+        {"user": kept, "status": "online", "last_seen": None}
+    ]
     await asyncio.sleep(QUIET)
     assert [e["user"] for e in observer.events["presence"]] == [kept]
 
@@ -143,7 +151,9 @@ async def test_later_subscriber_gets_last_seen(connect, uid):
     await client.disconnect()
     offline = (await observer.wait_for("presence", 2, timeout=GRACE + 4))[1]
     latecomer = await connect(uid("late"))
-    assert await subscribe(latecomer, user) == {user: {"status": "offline", "last_seen": offline["last_seen"]}}
+    assert await subscribe(latecomer, user) == {
+        user: {"status": "offline", "last_seen": offline["last_seen"]}
+    }
     # Coming back online is announced again, once.
     await connect(user)
     back = await observer.wait_for("presence", 3)
@@ -162,7 +172,11 @@ async def test_subscriber_disconnecting_is_harmless(connect, uid):
 
 async def test_last_seen_survives_a_restart(tmp_path, uid):
     """last_seen is stored with the user record: a new process still knows it."""
-    env = {"STORE": "sqlite", "SQLITE_PATH": str(tmp_path / "chat.db"), "WS_GRACE_PERIOD": str(GRACE)}
+    env = {
+        "STORE": "sqlite",
+        "SQLITE_PATH": str(tmp_path / "chat.db"),
+        "WS_GRACE_PERIOD": str(GRACE),
+    }
     user = uid("u")
     first = ServerProcess(env).start()
     try:
@@ -179,7 +193,9 @@ async def test_last_seen_survives_a_restart(tmp_path, uid):
     second = ServerProcess(env).start()
     try:
         observer = await ChatClient(uid("observer")).connect(second.url)
-        assert await subscribe(observer, user) == {user: {"status": "offline", "last_seen": offline["last_seen"]}}
+        assert await subscribe(observer, user) == {
+            user: {"status": "offline", "last_seen": offline["last_seen"]}
+        }
         await observer.disconnect()
     finally:
         second.stop()

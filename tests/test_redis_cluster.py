@@ -16,7 +16,9 @@ def cluster_pair(redis_cluster, tmp_path_factory):
     prefix = key_prefix()
     tmp = tmp_path_factory.mktemp("cluster")
     servers = [
-        ServerProcess(cluster_env(redis_cluster.url, prefix, tmp, REDIS_CLUSTER="true", INSTANCE_ID=f"c{i}"))
+        ServerProcess(
+            cluster_env(redis_cluster.url, prefix, tmp, REDIS_CLUSTER="true", INSTANCE_ID=f"c{i}")
+        )
         for i in range(2)
     ]
     start_all(servers)
@@ -52,18 +54,25 @@ async def test_delivery_and_presence_across_instances_on_a_cluster(cluster_pair,
 async def test_delivery_resumes_after_master_failover(cluster_pair, redis_cluster, uid):
     node_a, node_b = cluster_pair
     room = uid("room")
-    a, b = await ChatClient(uid("a")).connect(node_a.url), await ChatClient(uid("b")).connect(node_b.url)
+    a, b = (
+        await ChatClient(uid("a")).connect(node_a.url),
+        await ChatClient(uid("b")).connect(node_b.url),
+    )
     channel_master = redis_cluster.master_for_key(node_a.env["REDIS_KEY_PREFIX"] + "socketio")
     try:
         for client in (a, b):
             await client.call("room:join", {"room": room})
         redis_cluster.kill_node(channel_master)
-        await asyncio.get_running_loop().run_in_executor(None, redis_cluster.wait_failover, channel_master, 20)
+        await asyncio.get_running_loop().run_in_executor(
+            None, redis_cluster.wait_failover, channel_master, 20
+        )
         deadline = asyncio.get_running_loop().time() + 25
         n = 0
         while True:  # keep sending until one crosses: the listener resubscribes to the new master
             n += 1
-            ack = await a.call("message:send", {"room": room, "text": f"after {n}", "client_id": str(n)})
+            ack = await a.call(
+                "message:send", {"room": room, "text": f"after {n}", "client_id": str(n)}
+            )
             assert ack["ok"], ack
             try:
                 await b.wait_for("message:new", timeout=1)
@@ -73,7 +82,9 @@ async def test_delivery_resumes_after_master_failover(cluster_pair, redis_cluste
         # Once resumed, every following message crosses, in order.
         before = len(b.events["message:new"])
         for i in range(5):
-            await a.call("message:send", {"room": room, "text": f"steady {i}", "client_id": f"s{i}"})
+            await a.call(
+                "message:send", {"room": room, "text": f"steady {i}", "client_id": f"s{i}"}
+            )
         got = await b.wait_for("message:new", count=before + 5)
         assert [m["text"] for m in got[before:]] == [f"steady {i}" for i in range(5)]
     finally:

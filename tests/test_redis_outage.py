@@ -17,8 +17,10 @@ from tests.test_multi_instance import cluster_env
 def outage_pair(tmp_path):
     redis_server = RedisServer().start()
     prefix = key_prefix()
-    servers = [ServerProcess(cluster_env(redis_server.url, prefix, tmp_path, INSTANCE_ID=f"o{i}")).start()
-               for i in range(2)]
+    servers = [
+        ServerProcess(cluster_env(redis_server.url, prefix, tmp_path, INSTANCE_ID=f"o{i}")).start()
+        for i in range(2)
+    ]
     yield redis_server, servers
     for server in servers:
         server.stop()
@@ -61,7 +63,9 @@ async def test_redis_restart_mid_conversation(outage_pair, uid):
 
         during = await a.call("message:send", {"room": room, "text": "during", "client_id": "2"})
         assert during["ok"] is True and during["message"]["seq"] == 2
-        await a_peer.wait_for("message:new", where=lambda m: m["seq"] == 2)  # local delivery goes on
+        await a_peer.wait_for(
+            "message:new", where=lambda m: m["seq"] == 2
+        )  # local delivery goes on
 
         redis_server.restart()
         await wait_health(node_a.url, 200)
@@ -73,7 +77,9 @@ async def test_redis_restart_mid_conversation(outage_pair, uid):
         while True:
             await a.call("message:send", {"room": room, "text": f"after{n}", "client_id": str(n)})
             try:
-                await b.wait_for("message:new", where=lambda m: m["text"].startswith("after"), timeout=1)
+                await b.wait_for(
+                    "message:new", where=lambda m: m["text"].startswith("after"), timeout=1
+                )
                 break
             except TimeoutError:
                 assert asyncio.get_running_loop().time() < deadline, node_b.log_tail()

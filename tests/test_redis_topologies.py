@@ -32,8 +32,12 @@ async def exchange(node_a: ServerProcess, node_b: ServerProcess, room: str, uid)
 
 async def test_instances_through_sentinel(redis_sentinel, tmp_path, uid):
     prefix = key_prefix()
-    servers = [ServerProcess(cluster_env(redis_sentinel.url, prefix, tmp_path, INSTANCE_ID=f"s{i}")).start()
-               for i in range(2)]
+    servers = [
+        ServerProcess(
+            cluster_env(redis_sentinel.url, prefix, tmp_path, INSTANCE_ID=f"s{i}")
+        ).start()
+        for i in range(2)
+    ]
     try:
         health = servers[0].wait_healthy()
         assert health["checks"]["redis"]["ok"] is True
@@ -68,13 +72,23 @@ async def test_instances_with_an_acl_user(tmp_path, uid):
     admin = private.client()
     admin.execute_command("ACL", "SETUSER", "chat", "on", ">chat-pw-1", "~*", "&*", "+@all")
     admin.execute_command("ACL", "SETUSER", "default", "off")
-    env = cluster_env("", key_prefix(), tmp_path, REDIS_HOST="127.0.0.1", REDIS_PORT=private.address[1],
-                      REDIS_USERNAME="chat", REDIS_PASSWORD="chat-pw-1", REDIS_DB=3)
+    env = cluster_env(
+        "",
+        key_prefix(),
+        tmp_path,
+        REDIS_HOST="127.0.0.1",
+        REDIS_PORT=private.address[1],
+        REDIS_USERNAME="chat",
+        REDIS_PASSWORD="chat-pw-1",
+        REDIS_DB=3,
+    )
     env.pop("REDIS_URL")
     servers = [ServerProcess({**env, "INSTANCE_ID": f"acl{i}"}).start() for i in range(2)]
     try:
         await exchange(servers[0], servers[1], uid("room"), uid)
-        user = redis_sync.Redis(host="127.0.0.1", port=private.address[1], username="chat", password="chat-pw-1", db=3)
+        user = redis_sync.Redis(
+            host="127.0.0.1", port=private.address[1], username="chat", password="chat-pw-1", db=3
+        )
         assert user.exists(f"{{{env['REDIS_KEY_PREFIX']}instances}}:all")
     finally:
         for server in servers:

@@ -15,11 +15,20 @@ async def test_public_room_created_on_first_join(clients, uid):
     alice, bob = await clients(uid("alice")), await clients(uid("bob"))
     assert error_code(await alice.call("message:history", {"room": room})) == "not_found"
     first = await alice.call("room:join", {"room": room})
-    assert first == {"ok": True, "room": {"id": room, "kind": "public", "name": room},
-                     "last_seq": 0, "missed": [], "has_more": False}
+    assert first == {
+        "ok": True,
+        "room": {"id": room, "kind": "public", "name": room},
+        "last_seq": 0,
+        "missed": [],
+        "has_more": False,
+    }
     second = await bob.call("room:join", {"room": room})
     assert second == first
-    assert (await alice.call("message:history", {"room": room})) == {"ok": True, "messages": [], "has_more": False}
+    assert (await alice.call("message:history", {"room": room})) == {
+        "ok": True,
+        "messages": [],
+        "has_more": False,
+    }
 
 
 async def test_joining_twice_is_harmless(clients, uid):
@@ -73,8 +82,14 @@ async def test_leave_affects_only_that_socket(clients, uid):
 # --- private rooms ------------------------------------------------------------------------
 async def test_private_room_create_and_membership(clients, uid):
     room = uid("priv")
-    owner, member, outsider = await clients(uid("owner")), await clients(uid("member")), await clients(uid("out"))
-    ack = await owner.call("room:create", {"room": room, "name": "Team", "private": True, "members": [member.user]})
+    owner, member, outsider = (
+        await clients(uid("owner")),
+        await clients(uid("member")),
+        await clients(uid("out")),
+    )
+    ack = await owner.call(
+        "room:create", {"room": room, "name": "Team", "private": True, "members": [member.user]}
+    )
     assert ack == {"ok": True, "room": {"id": room, "kind": "private", "name": "Team"}}
     assert (await owner.call("room:join", {"room": room}))["room"] == ack["room"]
     joined = await member.call("room:join", {"room": room})
@@ -112,34 +127,63 @@ async def test_room_create_on_existing_room(clients, uid):
     # The owner repeating the creation gets the existing room back.
     again = await owner.call("room:create", {"room": room, "name": "Renamed", "private": True})
     assert again == created
-    assert error_code(await other.call("room:create", {"room": room, "private": True, "members": [other.user]})) == "forbidden"
+    assert (
+        error_code(
+            await other.call(
+                "room:create", {"room": room, "private": True, "members": [other.user]}
+            )
+        )
+        == "forbidden"
+    )
     assert error_code(await other.call("room:join", {"room": room})) == "forbidden"
     # A public room made by joining has no owner: nobody may take it over.
     await owner.call("room:join", {"room": public})
-    assert error_code(await other.call("room:create", {"room": public, "private": True})) == "forbidden"
-    assert error_code(await owner.call("room:create", {"room": public, "private": True})) == "forbidden"
+    assert (
+        error_code(await other.call("room:create", {"room": public, "private": True}))
+        == "forbidden"
+    )
+    assert (
+        error_code(await owner.call("room:create", {"room": public, "private": True}))
+        == "forbidden"
+    )
     assert (await other.call("room:join", {"room": public}))["room"]["kind"] == "public"
 
 
 async def test_room_create_refuses_direct_ids(clients, uid):
     a = uid("a")
     client = await clients(a)
-    assert error_code(await client.call("room:create", {"room": f"dm:{a}:{a}z", "private": True})) == "bad_request"
+    assert (
+        error_code(await client.call("room:create", {"room": f"dm:{a}:{a}z", "private": True}))
+        == "bad_request"
+    )
 
 
 async def test_members_add_and_remove_by_owner_only(clients, uid):
     room = uid("priv")
-    owner, bob, carol = await clients(uid("owner")), await clients(uid("bob")), await clients(uid("carol"))
+    owner, bob, carol = (
+        await clients(uid("owner")),
+        await clients(uid("bob")),
+        await clients(uid("carol")),
+    )
     await owner.call("room:create", {"room": room, "private": True})
     await owner.call("room:join", {"room": room})
     assert error_code(await bob.call("room:join", {"room": room})) == "forbidden"
-    assert error_code(await bob.call("room:members:add", {"room": room, "users": [bob.user]})) == "forbidden"
+    assert (
+        error_code(await bob.call("room:members:add", {"room": room, "users": [bob.user]}))
+        == "forbidden"
+    )
     added = await owner.call("room:members:add", {"room": room, "users": [bob.user]})
     assert added["ok"] is True
     assert (await bob.call("room:join", {"room": room}))["ok"] is True
     # A member who is not the owner still cannot manage members.
-    assert error_code(await bob.call("room:members:add", {"room": room, "users": [carol.user]})) == "forbidden"
-    assert error_code(await bob.call("room:members:remove", {"room": room, "users": [owner.user]})) == "forbidden"
+    assert (
+        error_code(await bob.call("room:members:add", {"room": room, "users": [carol.user]}))
+        == "forbidden"
+    )
+    assert (
+        error_code(await bob.call("room:members:remove", {"room": room, "users": [owner.user]}))
+        == "forbidden"
+    )
     assert error_code(await carol.call("room:join", {"room": room})) == "forbidden"
     members = await owner.call("room:members", {"room": room})
     assert sorted(m["id"] for m in members["members"]) == sorted([owner.user, bob.user])
@@ -148,14 +192,23 @@ async def test_members_add_and_remove_by_owner_only(clients, uid):
 @pytest.mark.parametrize("event", ["room:members:add", "room:members:remove"])
 async def test_members_change_on_unknown_room(clients, uid, event):
     alice = await clients(uid("alice"))
-    assert error_code(await alice.call(event, {"room": uid("nowhere"), "users": [uid("bob")]})) == "not_found"
+    assert (
+        error_code(await alice.call(event, {"room": uid("nowhere"), "users": [uid("bob")]}))
+        == "not_found"
+    )
 
 
 async def test_removed_member_leaves_the_room(clients, uid):
     room = uid("priv")
-    owner, bob, carol = await clients(uid("owner")), await clients(uid("bob")), await clients(uid("carol"))
+    owner, bob, carol = (
+        await clients(uid("owner")),
+        await clients(uid("bob")),
+        await clients(uid("carol")),
+    )
     bob_tab2 = await clients(bob.user)
-    await owner.call("room:create", {"room": room, "private": True, "members": [bob.user, carol.user]})
+    await owner.call(
+        "room:create", {"room": room, "private": True, "members": [bob.user, carol.user]}
+    )
     for client in (owner, bob, bob_tab2, carol):
         assert (await client.call("room:join", {"room": room}))["ok"] is True
     await send(owner, room, "before")
@@ -183,7 +236,9 @@ async def test_removed_member_who_never_joined_gets_no_event(clients, uid):
     room = uid("priv")
     owner, bob = await clients(uid("owner")), await clients(uid("bob"))
     await owner.call("room:create", {"room": room, "private": True, "members": [bob.user]})
-    assert (await owner.call("room:members:remove", {"room": room, "users": [bob.user]}))["ok"] is True
+    assert (await owner.call("room:members:remove", {"room": room, "users": [bob.user]}))[
+        "ok"
+    ] is True
     await asyncio.sleep(QUIET)
     assert bob.events["room:removed"] == []
     assert error_code(await bob.call("room:join", {"room": room})) == "forbidden"
@@ -193,7 +248,10 @@ async def test_owner_cannot_be_removed(clients, uid):
     room = uid("priv")
     owner = await clients(uid("owner"))
     await owner.call("room:create", {"room": room, "private": True})
-    assert error_code(await owner.call("room:members:remove", {"room": room, "users": [owner.user]})) == "bad_request"
+    assert (
+        error_code(await owner.call("room:members:remove", {"room": room, "users": [owner.user]}))
+        == "bad_request"
+    )
     assert (await owner.call("room:join", {"room": room}))["ok"] is True
 
 
@@ -201,7 +259,10 @@ async def test_members_change_on_public_room_refused(clients, uid):
     room = uid("pub")
     alice = await clients(uid("alice"))
     await alice.call("room:create", {"room": room})
-    assert error_code(await alice.call("room:members:add", {"room": room, "users": [uid("bob")]})) == "bad_request"
+    assert (
+        error_code(await alice.call("room:members:add", {"room": room, "users": [uid("bob")]}))
+        == "bad_request"
+    )
 
 
 # --- direct rooms -------------------------------------------------------------------------
@@ -245,23 +306,31 @@ async def test_room_members_with_status(clients, uid):
     await owner.call("room:create", {"room": room, "private": True, "members": [bob.user, offline]})
     ack = await owner.call("room:members", {"room": room})
     assert ack["ok"] is True
-    expected = sorted([
-        {"id": owner.user, "status": "online"},
-        {"id": bob.user, "status": "online"},
-        {"id": offline, "status": "offline"},
-    ], key=lambda m: m["id"])
+    expected = sorted(
+        [
+            {"id": owner.user, "status": "online"},
+            {"id": bob.user, "status": "online"},
+            {"id": offline, "status": "offline"},
+        ],
+        key=lambda m: m["id"],
+    )
     assert sorted(ack["members"], key=lambda m: m["id"]) == expected
     assert (await bob.call("room:members", {"room": room}))["members"] == ack["members"]
 
 
 async def test_room_members_of_public_room(clients, uid):
     room = uid("pub")
-    alice, bob, carol = await clients(uid("alice")), await clients(uid("bob")), await clients(uid("carol"))
+    alice, bob, carol = (
+        await clients(uid("alice")),
+        await clients(uid("bob")),
+        await clients(uid("carol")),
+    )
     await alice.call("room:join", {"room": room})
     await bob.call("room:join", {"room": room})
     ack = await alice.call("room:members", {"room": room})
     assert sorted(ack["members"], key=lambda m: m["id"]) == sorted(
-        [{"id": alice.user, "status": "online"}, {"id": bob.user, "status": "online"}], key=lambda m: m["id"]
+        [{"id": alice.user, "status": "online"}, {"id": bob.user, "status": "online"}],
+        key=lambda m: m["id"],
     )
     assert error_code(await carol.call("room:members", {"room": room})) == "forbidden"
     assert error_code(await carol.call("room:members", {"room": uid("nowhere")})) == "not_found"
@@ -276,4 +345,6 @@ async def test_direct_room_between_users_with_at_signs(clients, uid):
         assert joined_ack["ok"] and joined_ack["room"]["kind"] == "direct"
     sent = await a.call("message:send", {"room": room, "text": "hi", "client_id": "1"})
     assert (await b.wait_for("message:new")) == [sent["message"]]
-    assert (await a.call("room:join", {"room": f"{uid('x')}@example.com"}))["error"]["code"] == "bad_request"
+    assert (await a.call("room:join", {"room": f"{uid('x')}@example.com"}))["error"][
+        "code"
+    ] == "bad_request"

@@ -31,8 +31,12 @@ setTimeout(() => { console.log(JSON.stringify({ seen, timeout: true })); process
 @pytest.fixture
 def pair(redis_url, tmp_path):
     prefix = key_prefix()
-    servers = [ServerProcess(cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID=f"d{i}", WS_GRACE_PERIOD=3)).start()
-               for i in range(2)]
+    servers = [
+        ServerProcess(
+            cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID=f"d{i}", WS_GRACE_PERIOD=3)
+        ).start()
+        for i in range(2)
+    ]
     yield servers
     for server in servers:
         server.stop()
@@ -49,8 +53,14 @@ async def test_sigterm_moves_clients_without_presence_change(pair, uid):
     script.parent.mkdir(exist_ok=True)
     script.write_text(NODE_CLIENT)
     client = await asyncio.create_subprocess_exec(
-        "node", str(script), node_a.url, node_b.url, make_token(user_id), cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        "node",
+        str(script),
+        node_a.url,
+        node_b.url,
+        make_token(user_id),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     await watcher.wait_for("presence")  # online, on node A
     loop = asyncio.get_running_loop()
@@ -62,7 +72,9 @@ async def test_sigterm_moves_clients_without_presence_change(pair, uid):
     code = await loop.run_in_executor(None, node_a.proc.wait, 30)
     assert loop.time() - started < 25
     assert code is not None
-    assert '"shutdown.drained"' in node_a.log_tail(200) or "shutdown.drained" in node_a.log_tail(200)
+    assert '"shutdown.drained"' in node_a.log_tail(200) or "shutdown.drained" in node_a.log_tail(
+        200
+    )
     await asyncio.sleep(3.5)  # longer than the grace period
     try:
         assert [e["status"] for e in watcher.events["presence"]] == ["online"]

@@ -12,7 +12,9 @@ from server.models import MessageDraft, Room
 
 
 def draft(room: str, client_id: str, text: str = "hi", sender: str = "alice") -> MessageDraft:
-    return MessageDraft(room=room, sender_id=sender, sender_name=sender.title(), text=text, client_id=client_id)
+    return MessageDraft(
+        room=room, sender_id=sender, sender_name=sender.title(), text=text, client_id=client_id
+    )
 
 
 async def test_ping(store):
@@ -23,7 +25,9 @@ async def test_room_create_is_idempotent_and_keeps_owner(store, uid):
     room = Room(id=uid("r"), kind="private", name="Team", owner="alice")
     stored, created = await store.create_room(room, ["alice", "bob"])
     assert created and stored.owner == "alice"
-    again, created_again = await store.create_room(Room(id=room.id, kind="public", name="x"), ["eve"])
+    again, created_again = await store.create_room(
+        Room(id=room.id, kind="public", name="x"), ["eve"]
+    )
     assert not created_again
     assert again.kind == "private" and again.owner == "alice" and again.name == "Team"
     assert await store.list_members(room.id) == ["alice", "bob"]

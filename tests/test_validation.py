@@ -16,54 +16,106 @@ NOT_OBJECTS = [None, "text", 42, 1.5, True, ["room"], [{"room": "r"}]]
 R = "valid-room"  # stands for a room the client has joined (replaced per test)
 
 
-
 BAD_FIELDS: dict[str, list] = {
     "auth:refresh": [{}, {"token": 5}, {"token": ""}, {"token": None}, {"token": ["t"]}],
     "room:join": [
-        {}, {"room": 5}, {"room": ""}, {"room": "x" * 129}, {"room": "a b"}, {"room": "a/b"},
-        {"room": "é"}, {"room": None}, {"room": R, "since": -1}, {"room": R, "since": "3"},
-        {"room": R, "since": 1.5}, {"room": R, "since": True}, {"room": R, "since": 2**60},
+        {},
+        {"room": 5},
+        {"room": ""},
+        {"room": "x" * 129},
+        {"room": "a b"},
+        {"room": "a/b"},
+        {"room": "é"},
+        {"room": None},
+        {"room": R, "since": -1},
+        {"room": R, "since": "3"},
+        {"room": R, "since": 1.5},
+        {"room": R, "since": True},
+        {"room": R, "since": 2**60},
     ],
     "room:leave": [{}, {"room": 1}, {"room": "a b"}, {"room": ["x"]}],
     "room:create": [
-        {}, {"room": 5}, {"room": "a b"}, {"room": "NEW", "private": "yes"},
-        {"room": "NEW", "members": "bob"}, {"room": "NEW", "members": [5]},
-        {"room": "NEW", "members": ["bad user"]}, {"room": "NEW", "name": 5},
-        {"room": "NEW", "name": ""}, {"room": "NEW", "name": "x" * 129},
+        {},
+        {"room": 5},
+        {"room": "a b"},
+        {"room": "NEW", "private": "yes"},
+        {"room": "NEW", "members": "bob"},
+        {"room": "NEW", "members": [5]},
+        {"room": "NEW", "members": ["bad user"]},
+        {"room": "NEW", "name": 5},
+        {"room": "NEW", "name": ""},
+        {"room": "NEW", "name": "x" * 129},
         {"room": "NEW", "members": [f"u{i}" for i in range(1001)]},
     ],
     "room:members": [{}, {"room": None}, {"room": "a b"}],
     "room:members:add": [
-        {}, {"room": R}, {"room": R, "users": []}, {"room": R, "users": "bob"},
-        {"room": R, "users": [1]}, {"room": R, "users": ["bad user"]}, {"users": ["bob"]},
+        {},
+        {"room": R},
+        {"room": R, "users": []},
+        {"room": R, "users": "bob"},
+        {"room": R, "users": [1]},
+        {"room": R, "users": ["bad user"]},
+        {"users": ["bob"]},
     ],
     "room:members:remove": [
-        {}, {"room": R}, {"room": R, "users": []}, {"room": R, "users": "bob"}, {"room": R, "users": [None]},
+        {},
+        {"room": R},
+        {"room": R, "users": []},
+        {"room": R, "users": "bob"},
+        {"room": R, "users": [None]},
     ],
     "message:send": [
-        {}, {"room": R}, {"room": R, "text": "x"}, {"room": R, "client_id": "c"},
-        {"text": "x", "client_id": "c"}, {"room": R, "text": 5, "client_id": "c"},
-        {"room": R, "text": None, "client_id": "c"}, {"room": R, "text": ["x"], "client_id": "c"},
-        {"room": R, "text": {"a": 1}, "client_id": "c"}, {"room": R, "text": "x", "client_id": ""},
-        {"room": R, "text": "x", "client_id": "c" * 65}, {"room": R, "text": "x", "client_id": 5},
+        {},
+        {"room": R},
+        {"room": R, "text": "x"},
+        {"room": R, "client_id": "c"},
+        {"text": "x", "client_id": "c"},
+        {"room": R, "text": 5, "client_id": "c"},
+        {"room": R, "text": None, "client_id": "c"},
+        {"room": R, "text": ["x"], "client_id": "c"},
+        {"room": R, "text": {"a": 1}, "client_id": "c"},
+        {"room": R, "text": "x", "client_id": ""},
+        {"room": R, "text": "x", "client_id": "c" * 65},
+        {"room": R, "text": "x", "client_id": 5},
         {"room": "a b", "text": "x", "client_id": "c"},
     ],
     "message:history": [
-        {}, {"room": R, "limit": "10"}, {"room": R, "limit": 1.5}, {"room": R, "limit": True},
-        {"room": R, "after": -1}, {"room": R, "before": "5"}, {"room": R, "before": -3},
-        {"room": R, "after": None, "before": {}}, {"room": 7},
+        {},
+        {"room": R, "limit": "10"},
+        {"room": R, "limit": 1.5},
+        {"room": R, "limit": True},
+        {"room": R, "after": -1},
+        {"room": R, "before": "5"},
+        {"room": R, "before": -3},
+        {"room": R, "after": None, "before": {}},
+        {"room": 7},
     ],
     "message:read": [
-        {}, {"room": R}, {"room": R, "seq": "1"}, {"room": R, "seq": -1}, {"room": R, "seq": 1.5},
-        {"room": R, "seq": None}, {"room": R, "seq": False}, {"seq": 1},
+        {},
+        {"room": R},
+        {"room": R, "seq": "1"},
+        {"room": R, "seq": -1},
+        {"room": R, "seq": 1.5},
+        {"room": R, "seq": None},
+        {"room": R, "seq": False},
+        {"seq": 1},
     ],
     "typing": [
-        {}, {"room": R}, {"room": R, "typing": "yes"}, {"room": R, "typing": 1},
-        {"room": R, "typing": None}, {"typing": True},
+        {},
+        {"room": R},
+        {"room": R, "typing": "yes"},
+        {"room": R, "typing": 1},
+        {"room": R, "typing": None},
+        {"typing": True},
     ],
     "presence:subscribe": [
-        {}, {"users": []}, {"users": "bob"}, {"users": [5]}, {"users": ["bad user"]},
-        {"users": [f"u{i}" for i in range(501)]}, {"users": None},
+        {},
+        {"users": []},
+        {"users": "bob"},
+        {"users": [5]},
+        {"users": ["bad user"]},
+        {"users": [f"u{i}" for i in range(501)]},
+        {"users": None},
     ],
     "presence:unsubscribe": [{}, {"users": "bob"}, {"users": [5]}, {"users": None}],
 }
@@ -112,7 +164,9 @@ async def test_missing_fields_and_wrong_types(clients, uid, event):
     members = await alice.call("room:members", {"room": room})
     assert sorted(m["id"] for m in members["members"]) == sorted([alice.user, bob.user])
     await still_works(alice, uid("room"))
-    assert (await alice.call("message:send", {"room": room, "text": "fine", "client_id": "c"}))["message"]["seq"] == 1
+    assert (await alice.call("message:send", {"room": room, "text": "fine", "client_id": "c"}))[
+        "message"
+    ]["seq"] == 1
 
 
 async def test_extra_fields_are_ignored(clients, uid):
@@ -120,7 +174,9 @@ async def test_extra_fields_are_ignored(clients, uid):
     alice = await clients(uid("alice"))
     ack = await alice.call("room:join", {"room": room, "extra": {"nested": [1, 2]}, "since": None})
     assert ack["ok"] is True and ack["room"]["id"] == room
-    sent = await alice.call("message:send", {"room": room, "text": "x", "client_id": "c", "seq": 99, "sender": "eve"})
+    sent = await alice.call(
+        "message:send", {"room": room, "text": "x", "client_id": "c", "seq": 99, "sender": "eve"}
+    )
     assert sent["message"]["seq"] == 1 and sent["message"]["sender"]["id"] == alice.user
 
 
@@ -213,7 +269,7 @@ class RawSocket:
             if data is None:
                 return None
             if data.startswith(prefix + "["):
-                return json.loads(data[len(prefix):])
+                return json.loads(data[len(prefix) :])
 
     async def works(self, frame_id: int = 900) -> bool:
         await self.ws.send_str(f'42/chat,{frame_id}["room:join",{{"room":"raw-room"}}]')
@@ -283,7 +339,9 @@ async def test_oversized_frame_closes_only_that_connection(server, clients, uid,
     closed = asyncio.Event()
     big.sio.on("disconnect", lambda *args: closed.set(), namespace=NAMESPACE)
     text = "y" * 70_000  # MAX_FRAME_BYTES is 65536
-    await big.sio.emit("message:send", {"room": room, "text": text, "client_id": "big"}, namespace=NAMESPACE)
+    await big.sio.emit(
+        "message:send", {"room": room, "text": text, "client_id": "big"}, namespace=NAMESPACE
+    )
     await asyncio.wait_for(closed.wait(), 10)
     assert not big.sio.connected
     if transport == "polling":
@@ -293,7 +351,9 @@ async def test_oversized_frame_closes_only_that_connection(server, clients, uid,
     assert bob.events["message:new"] == []
     history = await bob.call("message:history", {"room": room})
     assert history["messages"] == []
-    assert (await bob.call("message:send", {"room": room, "text": "ok", "client_id": "ok"}))["message"]["seq"] == 1
+    assert (await bob.call("message:send", {"room": room, "text": "ok", "client_id": "ok"}))[
+        "message"
+    ]["seq"] == 1
     carol = await clients(uid("carol"))
     await still_works(carol, room)
 
@@ -311,7 +371,9 @@ async def test_frame_just_under_the_limit_is_fine(clients, uid):
 # --- event rate limit (dedicated server) ---------------------------------------------------
 @pytest.fixture(scope="module")
 def slow_server():
-    proc = ServerProcess({"RATE_LIMIT_EVENTS_PER_SECOND": "1", "RATE_LIMIT_EVENTS_BURST": "3"}).start()
+    proc = ServerProcess(
+        {"RATE_LIMIT_EVENTS_PER_SECOND": "1", "RATE_LIMIT_EVENTS_BURST": "3"}
+    ).start()
     yield proc
     proc.stop()
 
@@ -323,8 +385,12 @@ async def test_event_rate_limit(slow_server, uid):
     await bob.connect(slow_server.url)
     try:
         assert (await alice.call("room:join", {"room": room}))["ok"] is True
-        assert (await alice.call("message:send", {"room": room, "text": "1", "client_id": "1"}))["ok"] is True
-        assert (await alice.call("message:send", {"room": room, "text": "2", "client_id": "2"}))["ok"] is True
+        assert (await alice.call("message:send", {"room": room, "text": "1", "client_id": "1"}))[
+            "ok"
+        ] is True
+        assert (await alice.call("message:send", {"room": room, "text": "2", "client_id": "2"}))[
+            "ok"
+        ] is True
         limited = await alice.call("message:send", {"room": room, "text": "3", "client_id": "3"})
         assert error_code(limited) == "rate_limited"
         # The limit is per connection: another client is not affected.
@@ -333,7 +399,12 @@ async def test_event_rate_limit(slow_server, uid):
         await asyncio.sleep(1.1)  # one token back
         retry = await alice.call("message:send", {"room": room, "text": "3", "client_id": "3"})
         assert retry["ok"] is True and retry["message"]["seq"] == 3
-        assert error_code(await alice.call("message:send", {"room": room, "text": "4", "client_id": "4"})) == "rate_limited"
+        assert (
+            error_code(
+                await alice.call("message:send", {"room": room, "text": "4", "client_id": "4"})
+            )
+            == "rate_limited"
+        )
     finally:
         await alice.disconnect()
         await bob.disconnect()
@@ -358,6 +429,11 @@ async def test_raw_socketio_client_errors_do_not_leak(server, uid):
     errors = []
     sio.on("connect_error", lambda data=None: errors.append(data), namespace=NAMESPACE)
     with pytest.raises(socketio.exceptions.ConnectionError):
-        await sio.connect(server.url, namespaces=[NAMESPACE], auth="just-a-string",
-                          transports=["websocket"], wait_timeout=5)
+        await sio.connect(
+            server.url,
+            namespaces=[NAMESPACE],
+            auth="just-a-string",
+            transports=["websocket"],
+            wait_timeout=5,
+        )
     assert errors == [{"message": "unauthorized", "data": {"code": "missing_token"}}]

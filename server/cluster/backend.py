@@ -20,7 +20,9 @@ class RedisBackend:
         self.settings = settings
         self.redis = create_redis(settings)
         self.keys = Keys(settings.REDIS_KEY_PREFIX)
-        self.registry = InstanceRegistry(self.redis, self.keys, instance_id, settings.WS_HEARTBEAT_INTERVAL)
+        self.registry = InstanceRegistry(
+            self.redis, self.keys, instance_id, settings.WS_HEARTBEAT_INTERVAL
+        )
         self.channel = f"{settings.REDIS_KEY_PREFIX}socketio"
 
     def manager(self) -> socketio.AsyncManager:
@@ -30,7 +32,9 @@ class RedisBackend:
         if self.settings.REDIS_CLUSTER:
             from .sharded import ClusterManager
 
-            return ClusterManager(self.settings.pubsub_url, channel=self.channel, redis_options=options)
+            return ClusterManager(
+                self.settings.pubsub_url, channel=self.channel, redis_options=options
+            )
         try:
             from .sharded import FastRetryRedisManager as PlainManager
         except ImportError:
@@ -48,7 +52,9 @@ class RedisBackend:
         if isinstance(info, dict) and "used_memory" in info:
             return int(info["used_memory"])
         if isinstance(info, dict):  # cluster: {node: info}
-            return sum(int(node.get("used_memory", 0)) for node in info.values() if isinstance(node, dict))
+            return sum(
+                int(node.get("used_memory", 0)) for node in info.values() if isinstance(node, dict)
+            )
         return None
 
     async def close(self) -> None:

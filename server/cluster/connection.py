@@ -34,7 +34,10 @@ def create_redis(settings: Settings, url: str | None = None) -> RedisClient:
         return RedisCluster.from_url(url, **options)
     if urlparse(url).scheme in {"redis+sentinel", "valkey+sentinel"}:
         sentinels, service, connection = parse_redis_sentinel_url(url)
-        sentinel = aioredis.Sentinel(sentinels, sentinel_kwargs={"socket_timeout": settings.REDIS_TIMEOUT},
-                                     **{**options, **connection})
+        sentinel = aioredis.Sentinel(
+            sentinels,
+            sentinel_kwargs={"socket_timeout": settings.REDIS_TIMEOUT},
+            **{**options, **connection},
+        )
         return sentinel.master_for(service or "mymaster")
     return aioredis.Redis.from_url(url, **options)

@@ -26,18 +26,21 @@ class ControlEvents(socketio.AsyncManager):
 
     control_handler: ControlHandler | None = None
 
-    async def emit(self, event, data, namespace, room=None, skip_sid=None, callback=None, to=None, **kwargs):
+    async def emit(
+        self, event, data, namespace, room=None, skip_sid=None, callback=None, to=None, **kwargs
+    ):
         if isinstance(event, str) and event.startswith(CONTROL_PREFIX):
             if self.control_handler is not None and isinstance(data, dict):
                 try:
-                    await self.control_handler(event[len(CONTROL_PREFIX):], data)
+                    await self.control_handler(event[len(CONTROL_PREFIX) :], data)
                 except Exception:
                     log.exception("cluster.control_event_failed", control_event=event)
             return None
         if event == "message:new":
             metrics.MESSAGES_DELIVERED.inc(self._local_count(namespace, to or room, skip_sid))
-        return await super().emit(event, data, namespace, room=room, skip_sid=skip_sid,
-                                  callback=callback, to=to, **kwargs)
+        return await super().emit(
+            event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, to=to, **kwargs
+        )
 
     def _local_count(self, namespace: str, room: str | None, skip_sid) -> int:
         skip = set(skip_sid) if isinstance(skip_sid, list | tuple | set) else {skip_sid}

@@ -64,12 +64,24 @@ class InstanceRegistry:
         missed heartbeats); the caller must then re-register its live connections.
         """
         now = time.time()
-        info = json.dumps({"id": self.instance_id, "connections": connections,
-                           "started_at": self.started_at, "heartbeat_at": now})
+        info = json.dumps(
+            {
+                "id": self.instance_id,
+                "connections": connections,
+                "started_at": self.started_at,
+                "heartbeat_at": now,
+            }
+        )
         ok = await self._register(
             keys=[self.keys.instances, self.keys.instance_info(self.instance_id)],
-            args=[int(now * 1000), info, self.dead_after_ms, "1" if first else "0",
-                  self.instance_id, self.keep_ms],
+            args=[
+                int(now * 1000),
+                info,
+                self.dead_after_ms,
+                "1" if first else "0",
+                self.instance_id,
+                self.keep_ms,
+            ],
         )
         if not ok:
             raise DuplicateInstance(
@@ -92,17 +104,27 @@ class InstanceRegistry:
             raw = await self.redis.get(self.keys.instance_info(instance_id))
             if raw:
                 data = json.loads(raw)
-                result.append(InstanceInfo(instance_id, int(data["connections"]),
-                                           float(data["started_at"]), float(data["heartbeat_at"])))
+                result.append(
+                    InstanceInfo(
+                        instance_id,
+                        int(data["connections"]),
+                        float(data["started_at"]),
+                        float(data["heartbeat_at"]),
+                    )
+                )
         return result
 
     async def claim_dead(self) -> list[str]:
         """Ids of instances that stopped heartbeating; each is returned to exactly one caller."""
         cutoff = int(time.time() * 1000) - self.dead_after_ms
-        stale = await self.redis.zrangebyscore(self.keys.instances, "-inf", f"({cutoff}", start=0, num=20)
+        stale = await self.redis.zrangebyscore(
+            self.keys.instances, "-inf", f"({cutoff}", start=0, num=20
+        )
         claimed = []
         for raw_id in stale:
             instance_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-            if instance_id != self.instance_id and await self.redis.zrem(self.keys.instances, instance_id):
+            if instance_id != self.instance_id and await self.redis.zrem(
+                self.keys.instances, instance_id
+            ):
                 claimed.append(instance_id)
         return claimed

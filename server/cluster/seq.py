@@ -32,7 +32,9 @@ return 1
 
 
 class RedisSeqAllocator:
-    def __init__(self, redis: RedisClient, keys: Keys, stored_max: Callable[[str], Awaitable[int]]) -> None:
+    def __init__(
+        self, redis: RedisClient, keys: Keys, stored_max: Callable[[str], Awaitable[int]]
+    ) -> None:
         self.keys = keys
         self.stored_max = stored_max
         self._incr = redis.register_script(INCR_IF_SEEDED)

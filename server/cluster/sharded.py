@@ -53,8 +53,14 @@ class _Delivery:
     listen_backoff: float = 0.25
     listen_max_backoff: float = 5.0
 
-    def _init_delivery(self, publish_attempts: int, publish_backoff: float, publish_timeout: float,
-                       listen_backoff: float, listen_max_backoff: float) -> None:
+    def _init_delivery(
+        self,
+        publish_attempts: int,
+        publish_backoff: float,
+        publish_timeout: float,
+        listen_backoff: float,
+        listen_max_backoff: float,
+    ) -> None:
         self.publish_attempts = max(1, publish_attempts)
         self.publish_backoff = publish_backoff
         self.publish_timeout = publish_timeout
@@ -67,9 +73,11 @@ class _Delivery:
         #: set while the listener is subscribed
         self.subscribed = asyncio.Event()
 
-    async def _publish_with_retries(self, send: Callable[[], Awaitable[Any]],
-                                    after_failure: Callable[[], Awaitable[None]] | None = None
-                                    ) -> bool:
+    async def _publish_with_retries(
+        self,
+        send: Callable[[], Awaitable[Any]],
+        after_failure: Callable[[], Awaitable[None]] | None = None,
+    ) -> bool:
         """``send()`` up to ``publish_attempts`` times within ``publish_timeout`` seconds.
 
         An attempt gets at most half of ``publish_timeout`` (all of it when there is a single
@@ -93,21 +101,30 @@ class _Delivery:
                 if attempt == self.publish_attempts or loop.time() + delay >= deadline:
                     self.publish_failures += 1
                     log.error(
-                        "cluster.publish_failed", channel=self.channel, attempts=attempt,
-                        error=_describe(exc), publish_failures=self.publish_failures,
+                        "cluster.publish_failed",
+                        channel=self.channel,
+                        attempts=attempt,
+                        error=_describe(exc),
+                        publish_failures=self.publish_failures,
                         impact="only this instance's clients got the message; other instances missed it",
                         action="check that Redis is reachable and healthy (failover in progress? "
-                               "REDIS_URL, network, auth); publishing resumes by itself when it answers",
+                        "REDIS_URL, network, auth); publishing resumes by itself when it answers",
                     )
                     return False
-                log.warning("cluster.publish_retry", channel=self.channel, attempt=attempt,
-                            error=_describe(exc), retry_in=delay)
+                log.warning(
+                    "cluster.publish_retry",
+                    channel=self.channel,
+                    attempt=attempt,
+                    error=_describe(exc),
+                    retry_in=delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         return False  # pragma: no cover - the loop always returns
 
-    async def _subscribed_forever(self, subscribe: Callable[[], Awaitable[Any]],
-                                  messages: Callable[[Any], AsyncIterator[Any]]) -> AsyncIterator[Any]:
+    async def _subscribed_forever(
+        self, subscribe: Callable[[], Awaitable[Any]], messages: Callable[[Any], AsyncIterator[Any]]
+    ) -> AsyncIterator[Any]:
         """Yield ``messages(pubsub)`` of a ``subscribe()``d pubsub, subscribing again with a
         capped backoff whenever it fails or ends; the pubsub is closed on every way out."""
         failures = 0  # since the last successful subscription
@@ -117,8 +134,11 @@ class _Delivery:
                 pubsub = await subscribe()
                 failures = 0
                 self.subscribed.set()
-                log.info("cluster.listener_subscribed", channel=self.channel,
-                         reconnects=self.listener_reconnects)
+                log.info(
+                    "cluster.listener_subscribed",
+                    channel=self.channel,
+                    reconnects=self.listener_reconnects,
+                )
                 async for item in messages(pubsub):
                     yield item
                 raise SubscriptionLost("subscription ended")
@@ -127,8 +147,13 @@ class _Delivery:
                 self.listener_reconnects += 1
                 failures += 1
                 sleep = self._listen_delay(failures)
-                log.warning("cluster.listener_retry", channel=self.channel, error=_describe(exc),
-                            retry_in=sleep, reconnects=self.listener_reconnects)
+                log.warning(
+                    "cluster.listener_retry",
+                    channel=self.channel,
+                    error=_describe(exc),
+                    retry_in=sleep,
+                    reconnects=self.listener_reconnects,
+                )
                 await _close_quietly(pubsub)
                 await asyncio.sleep(sleep)
             except BaseException:  # cancelled or closed: leave no connection behind
@@ -185,8 +210,9 @@ async def _answering_nodes(nodes: list[ClusterNode], window: float) -> list[Clus
     answered: list[ClusterNode] = []
     try:
         while pending and not answered and loop.time() < deadline:
-            done, pending = await asyncio.wait(pending, timeout=deadline - loop.time(),
-                                               return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait(
+                pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
             answered += [pings[t] for t in done if not t.cancelled() and t.exception() is None]
     finally:
         for task in pending:
@@ -217,15 +243,29 @@ class ClusterManager(AsyncPubSubManager, ControlEvents, _Delivery):
 
     name = "rediscluster"
 
-    def __init__(self, url: str = "redis://localhost:6379/0", channel: str = "socketio",
-                 write_only: bool = False, logger=None, json=None,
-                 redis_options: dict | None = None, *, sharded: bool | None = None,
-                 publish_attempts: int = 4, publish_backoff: float = 0.1,
-                 publish_timeout: float = 2.0, listen_backoff: float = 0.25,
-                 listen_max_backoff: float = 5.0, idle_probe: float = 15.0, probe_timeout: float = 5.0, poll_interval: float = 1.0):
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        channel: str = "socketio",
+        write_only: bool = False,
+        logger=None,
+        json=None,
+        redis_options: dict | None = None,
+        *,
+        sharded: bool | None = None,
+        publish_attempts: int = 4,
+        publish_backoff: float = 0.1,
+        publish_timeout: float = 2.0,
+        listen_backoff: float = 0.25,
+        listen_max_backoff: float = 5.0,
+        idle_probe: float = 15.0,
+        probe_timeout: float = 5.0,
+        poll_interval: float = 1.0,
+    ):
         super().__init__(channel=channel, write_only=write_only, logger=logger, json=json)
-        self._init_delivery(publish_attempts, publish_backoff, publish_timeout, listen_backoff,
-                            listen_max_backoff)
+        self._init_delivery(
+            publish_attempts, publish_backoff, publish_timeout, listen_backoff, listen_max_backoff
+        )
         self.redis_url = url
         self.redis_options = dict(redis_options or {})
         self.sharded = sharded
@@ -265,7 +305,8 @@ class ClusterManager(AsyncPubSubManager, ControlEvents, _Delivery):
             if not answering:
                 raise RedisConnectionError(
                     f"no Redis Cluster node answered a PING within {window:g}s: "
-                    + ", ".join(node.name for node in candidates))
+                    + ", ".join(node.name for node in candidates)
+                )
             for node in candidates:
                 if node not in answering:
                     manager.startup_nodes.pop(node.name, None)
@@ -281,8 +322,17 @@ class ClusterManager(AsyncPubSubManager, ControlEvents, _Delivery):
         if self.sharded is not None:
             return
         # Ask a node that just answered (the default node may be a master that hangs).
-        node = next((found for found in (client.get_node(node_name=n.name) for n in answering)
-                     if found is not None), None) or client.get_default_node()
+        node = (
+            next(
+                (
+                    found
+                    for found in (client.get_node(node_name=n.name) for n in answering)
+                    if found is not None
+                ),
+                None,
+            )
+            or client.get_default_node()
+        )
         try:
             info = await client.info("server", target_nodes=node)
             version = tuple(int(p) for p in str(info["redis_version"]).split(".")[:2])
@@ -295,8 +345,11 @@ class ClusterManager(AsyncPubSubManager, ControlEvents, _Delivery):
                 sharded = False
         if self.sharded is None:
             self.sharded = sharded
-            log.info("cluster.pubsub_mode", channel=self.channel,
-                     mode="sharded (SPUBLISH/SSUBSCRIBE)" if sharded else "plain (PUBLISH/SUBSCRIBE)")
+            log.info(
+                "cluster.pubsub_mode",
+                channel=self.channel,
+                mode="sharded (SPUBLISH/SSUBSCRIBE)" if sharded else "plain (PUBLISH/SUBSCRIBE)",
+            )
 
     async def _publisher(self) -> RedisCluster:
         if self.redis is None:
@@ -418,15 +471,32 @@ class FastRetryRedisManager(RedisManager, _Delivery):
     whose publishing retries with a short backoff and counts what it gives up.
     """
 
-    def __init__(self, url: str = "redis://localhost:6379/0", channel: str = "socketio",
-                 write_only: bool = False, logger=None, json=None,
-                 redis_options: dict | None = None, *, publish_attempts: int = 4,
-                 publish_backoff: float = 0.1, publish_timeout: float = 2.0,
-                 listen_backoff: float = 0.25, listen_max_backoff: float = 5.0):
-        super().__init__(url=url, channel=channel, write_only=write_only, logger=logger,
-                         json=json, redis_options=redis_options)
-        self._init_delivery(publish_attempts, publish_backoff, publish_timeout, listen_backoff,
-                            listen_max_backoff)
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        channel: str = "socketio",
+        write_only: bool = False,
+        logger=None,
+        json=None,
+        redis_options: dict | None = None,
+        *,
+        publish_attempts: int = 4,
+        publish_backoff: float = 0.1,
+        publish_timeout: float = 2.0,
+        listen_backoff: float = 0.25,
+        listen_max_backoff: float = 5.0,
+    ):
+        super().__init__(
+            url=url,
+            channel=channel,
+            write_only=write_only,
+            logger=logger,
+            json=json,
+            redis_options=redis_options,
+        )
+        self._init_delivery(
+            publish_attempts, publish_backoff, publish_timeout, listen_backoff, listen_max_backoff
+        )
 
     async def _publish(self, data):
         payload = self.json.dumps(data)

@@ -62,8 +62,10 @@ class MemoryPresence(Presence):
 
     async def states(self, user_ids: list[str]) -> dict[str, PresenceState]:
         return {
-            uid: PresenceState("online" if uid in self._online else "offline",
-                               None if uid in self._online else self._last_seen.get(uid))
+            uid: PresenceState(
+                "online" if uid in self._online else "offline",
+                None if uid in self._online else self._last_seen.get(uid),
+            )
             for uid in user_ids
         }
 

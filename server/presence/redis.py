@@ -131,8 +131,11 @@ class RedisPresence(Presence):
 
     def _note_failure(self, exc: Exception) -> None:
         if self.redis_ok:
-            log.error("presence.redis_unavailable", error=str(exc),
-                      hint="presence changes are queued and replayed when Redis answers")
+            log.error(
+                "presence.redis_unavailable",
+                error=str(exc),
+                hint="presence changes are queued and replayed when Redis answers",
+            )
         self.redis_ok = False
 
     async def _flush_backlog(self) -> None:
@@ -183,7 +186,9 @@ class RedisPresence(Presence):
                 if last_seen is None:
                     continue
                 try:
-                    await self.on_transition(Transition(user_id, "offline", parse_iso(_text(last_seen))))
+                    await self.on_transition(
+                        Transition(user_id, "offline", parse_iso(_text(last_seen)))
+                    )
                 except Exception:
                     log.exception("presence.offline_announce_failed", user=user_id)
 

@@ -65,7 +65,9 @@ class Store(ABC):
         """
 
     @abstractmethod
-    async def find_message(self, room_id: str, sender_id: str, client_id: str) -> Message | None: ...
+    async def find_message(
+        self, room_id: str, sender_id: str, client_id: str
+    ) -> Message | None: ...
 
     @abstractmethod
     async def last_seq(self, room_id: str) -> int:

@@ -498,12 +498,16 @@ class FirestoreStore(Store):
     async def add_members(self, room_id: str, user_ids: list[str]) -> None:
         now = utcnow()
         await self._member_batches(
-            "add_members", room_id, user_ids,
+            "add_members",
+            room_id,
+            user_ids,
             lambda batch, ref, uid: batch.set(ref, {"user": uid, "joined_at": now}, merge=True),
         )
 
     async def remove_members(self, room_id: str, user_ids: list[str]) -> None:
-        await self._member_batches("remove_members", room_id, user_ids, lambda batch, ref, uid: batch.delete(ref))
+        await self._member_batches(
+            "remove_members", room_id, user_ids, lambda batch, ref, uid: batch.delete(ref)
+        )
 
     async def is_member(self, room_id: str, user_id: str) -> bool:
         ref = self._room(room_id).collection("members").document(user_id)

@@ -83,7 +83,11 @@ class MemoryStore(Store):
 
     async def messages_before(self, room_id: str, before: int | None, limit: int) -> list[Message]:
         messages = self._messages.get(room_id, [])
-        end = len(messages) if before is None else bisect.bisect_left(messages, before, key=lambda m: m.seq)
+        end = (
+            len(messages)
+            if before is None
+            else bisect.bisect_left(messages, before, key=lambda m: m.seq)
+        )
         return messages[max(0, end - limit) : end]
 
     async def set_read_marker(self, room_id: str, user_id: str, seq: int) -> int:

@@ -51,8 +51,14 @@ MESSAGE_COLUMNS = "id, room, seq, sender_id, sender_name, text, client_id, creat
 
 def _message(row: tuple) -> Message:
     return Message(
-        id=row[0], room=row[1], seq=row[2], sender_id=row[3], sender_name=row[4],
-        text=row[5], client_id=row[6], created_at=datetime.fromisoformat(row[7]),
+        id=row[0],
+        room=row[1],
+        seq=row[2],
+        sender_id=row[3],
+        sender_name=row[4],
+        text=row[5],
+        client_id=row[6],
+        created_at=datetime.fromisoformat(row[7]),
     )
 
 
@@ -66,8 +72,9 @@ class SQLiteStore(Store):
         self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
 
     def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
-                               timeout=self.timeout)
+        conn = sqlite3.connect(
+            str(self.path), isolation_level=None, check_same_thread=False, timeout=self.timeout
+        )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
@@ -89,8 +96,13 @@ class SQLiteStore(Store):
         self._write_thread.shutdown(wait=False)
         self._read_thread.shutdown(wait=False)
 
-    async def _run(self, pool: ThreadPoolExecutor, conn: sqlite3.Connection | None,
-                   work: Callable[[sqlite3.Connection], T], abandoned: threading.Event | None = None) -> T:
+    async def _run(
+        self,
+        pool: ThreadPoolExecutor,
+        conn: sqlite3.Connection | None,
+        work: Callable[[sqlite3.Connection], T],
+        abandoned: threading.Event | None = None,
+    ) -> T:
         """``work(conn)`` on the connection's thread, bounded by the timeout.
 
         A call that times out keeps running on its thread (later calls queue behind it);
@@ -133,7 +145,9 @@ class SQLiteStore(Store):
         return await self._run(self._write_thread, self._writer, transaction, abandoned)
 
     async def _fetchall(self, sql: str, params: tuple = ()) -> list[tuple]:
-        return await self._run(self._read_thread, self._reader, lambda conn: conn.execute(sql, params).fetchall())
+        return await self._run(
+            self._read_thread, self._reader, lambda conn: conn.execute(sql, params).fetchall()
+        )
 
     async def _fetchone(self, sql: str, params: tuple = ()) -> tuple | None:
         rows = await self._fetchall(sql, params)
@@ -167,8 +181,10 @@ class SQLiteStore(Store):
             )
             if cursor.rowcount != 1:
                 return False
-            conn.executemany("INSERT OR IGNORE INTO members (room, user) VALUES (?, ?)",
-                             [(room.id, uid) for uid in members])
+            conn.executemany(
+                "INSERT OR IGNORE INTO members (room, user) VALUES (?, ?)",
+                [(room.id, uid) for uid in members],
+            )
             return True
 
         if await self._in_writer(work):
@@ -178,18 +194,27 @@ class SQLiteStore(Store):
 
     async def add_members(self, room_id: str, user_ids: list[str]) -> None:
         await self._write(
-            [("INSERT OR IGNORE INTO members (room, user) VALUES (?, ?)", (room_id, u)) for u in user_ids]
+            [
+                ("INSERT OR IGNORE INTO members (room, user) VALUES (?, ?)", (room_id, u))
+                for u in user_ids
+            ]
         )
 
     async def remove_members(self, room_id: str, user_ids: list[str]) -> None:
-        await self._write([("DELETE FROM members WHERE room = ? AND user = ?", (room_id, u)) for u in user_ids])
+        await self._write(
+            [("DELETE FROM members WHERE room = ? AND user = ?", (room_id, u)) for u in user_ids]
+        )
 
     async def is_member(self, room_id: str, user_id: str) -> bool:
-        row = await self._fetchone("SELECT 1 FROM members WHERE room = ? AND user = ?", (room_id, user_id))
+        row = await self._fetchone(
+            "SELECT 1 FROM members WHERE room = ? AND user = ?", (room_id, user_id)
+        )
         return row is not None
 
     async def list_members(self, room_id: str) -> list[str]:
-        rows = await self._fetchall("SELECT user FROM members WHERE room = ? ORDER BY user", (room_id,))
+        rows = await self._fetchall(
+            "SELECT user FROM members WHERE room = ? ORDER BY user", (room_id,)
+        )
         return [row[0] for row in rows]
 
     async def add_message(self, draft: MessageDraft, seq: int | None = None) -> AddResult:
@@ -197,16 +222,28 @@ class SQLiteStore(Store):
         now = utcnow()
 
         def work(conn: sqlite3.Connection) -> tuple[Message, bool]:
-            row = conn.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (mid,)).fetchone()
+            row = conn.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (mid,)
+            ).fetchone()
             if row is not None:
                 return _message(row), False
-            last = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE room = ?", (draft.room,)).fetchone()[0]
+            last = conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE room = ?", (draft.room,)
+            ).fetchone()[0]
             chosen = last + 1 if seq is None else seq
             try:
                 conn.execute(
                     f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (mid, draft.room, chosen, draft.sender_id, draft.sender_name, draft.text,
-                     draft.client_id, now.isoformat()),
+                    (
+                        mid,
+                        draft.room,
+                        chosen,
+                        draft.sender_id,
+                        draft.sender_name,
+                        draft.text,
+                        draft.client_id,
+                        now.isoformat(),
+                    ),
                 )
             except sqlite3.IntegrityError as exc:
                 raise SeqTaken(draft.room, last) from exc
@@ -223,7 +260,9 @@ class SQLiteStore(Store):
         return _message(row) if row else None
 
     async def last_seq(self, room_id: str) -> int:
-        row = await self._fetchone("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE room = ?", (room_id,))
+        row = await self._fetchone(
+            "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE room = ?", (room_id,)
+        )
         return row[0]
 
     async def messages_after(self, room_id: str, after: int, limit: int) -> list[Message]:
@@ -242,11 +281,15 @@ class SQLiteStore(Store):
         return [_message(r) for r in reversed(rows)]
 
     async def set_read_marker(self, room_id: str, user_id: str, seq: int) -> int:
-        await self._write([(
-            "INSERT INTO read_markers (room, user, seq) VALUES (?, ?, ?) "
-            "ON CONFLICT (room, user) DO UPDATE SET seq = MAX(seq, excluded.seq)",
-            (room_id, user_id, seq),
-        )])
+        await self._write(
+            [
+                (
+                    "INSERT INTO read_markers (room, user, seq) VALUES (?, ?, ?) "
+                    "ON CONFLICT (room, user) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+                    (room_id, user_id, seq),
+                )
+            ]
+        )
         return await self.get_read_marker(room_id, user_id)
 
     async def get_read_marker(self, room_id: str, user_id: str) -> int:
@@ -256,23 +299,34 @@ class SQLiteStore(Store):
         return row[0] if row else 0
 
     async def upsert_user(self, user_id: str, name: str) -> None:
-        await self._write([(
-            "INSERT INTO users (id, name) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET name = excluded.name",
-            (user_id, name),
-        )])
+        await self._write(
+            [
+                (
+                    "INSERT INTO users (id, name) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+                    (user_id, name),
+                )
+            ]
+        )
 
     async def set_last_seen(self, user_id: str, when: datetime) -> None:
-        await self._write([(
-            "INSERT INTO users (id, name, last_seen) VALUES (?, ?, ?) "
-            "ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen",
-            (user_id, user_id, when.isoformat()),
-        )])
+        await self._write(
+            [
+                (
+                    "INSERT INTO users (id, name, last_seen) VALUES (?, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET last_seen = excluded.last_seen",
+                    (user_id, user_id, when.isoformat()),
+                )
+            ]
+        )
 
     async def get_users(self, user_ids: list[str]) -> dict[str, UserRecord]:
         if not user_ids:
             return {}
         marks = ",".join("?" * len(user_ids))
-        rows = await self._fetchall(f"SELECT id, name, last_seen FROM users WHERE id IN ({marks})", tuple(user_ids))
+        rows = await self._fetchall(
+            f"SELECT id, name, last_seen FROM users WHERE id IN ({marks})", tuple(user_ids)
+        )
         return {
-            r[0]: UserRecord(r[0], r[1], datetime.fromisoformat(r[2]) if r[2] else None) for r in rows
+            r[0]: UserRecord(r[0], r[1], datetime.fromisoformat(r[2]) if r[2] else None)
+            for r in rows
         }

@@ -24,13 +24,19 @@ class RoundRobinBalancer:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        )
         self._ready.set()
         self._loop.run_forever()
 
-    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+    async def _serve(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
         try:
-            backend_reader, backend_writer = await asyncio.open_connection("127.0.0.1", next(self.backends))
+            backend_reader, backend_writer = await asyncio.open_connection(
+                "127.0.0.1", next(self.backends)
+            )
         except OSError:
             client_writer.close()
             return
@@ -45,7 +51,9 @@ class RoundRobinBalancer:
             finally:
                 writer.close()
 
-        await asyncio.gather(pipe(client_reader, backend_writer), pipe(backend_reader, client_writer))
+        await asyncio.gather(
+            pipe(client_reader, backend_writer), pipe(backend_reader, client_writer)
+        )
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._server.close)

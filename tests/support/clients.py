@@ -28,17 +28,27 @@ class ChatClient:
         self.events[event].append(data)
         self._arrived.set()
 
-    async def connect(self, url: str, token: str | None = None, transports=("websocket",), **kwargs) -> ChatClient:
+    async def connect(
+        self, url: str, token: str | None = None, transports=("websocket",), **kwargs
+    ) -> ChatClient:
         token = token or make_token(self.user, self.name)
-        await self.sio.connect(url, namespaces=[NAMESPACE], auth={"token": token},
-                               transports=list(transports), wait_timeout=10, **kwargs)
+        await self.sio.connect(
+            url,
+            namespaces=[NAMESPACE],
+            auth={"token": token},
+            transports=list(transports),
+            wait_timeout=10,
+            **kwargs,
+        )
         await self.wait_for("session")
         return self
 
     async def call(self, event: str, data: Any = None, timeout: float = 10) -> Any:
         return await self.sio.call(event, data, namespace=NAMESPACE, timeout=timeout)
 
-    async def wait_for(self, event: str, count: int = 1, timeout: float = 10, where=None) -> list[Any]:
+    async def wait_for(
+        self, event: str, count: int = 1, timeout: float = 10, where=None
+    ) -> list[Any]:
         """Wait until ``count`` events named ``event`` (matching ``where``) have arrived."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
@@ -47,7 +57,9 @@ class ChatClient:
                 return found
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
-                raise TimeoutError(f"{self.user}: {len(found)}/{count} {event!r} events; got {dict(self.events)}")
+                raise TimeoutError(
+                    f"{self.user}: {len(found)}/{count} {event!r} events; got {dict(self.events)}"
+                )
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
@@ -74,4 +86,6 @@ def error_code(ack: object) -> str | None:
 
 
 async def send(client: ChatClient, room: str, text: str, client_id: str | None = None) -> dict:
-    return await client.call("message:send", {"room": room, "text": text, "client_id": client_id or text})
+    return await client.call(
+        "message:send", {"room": room, "text": text, "client_id": client_id or text}
+    )

@@ -35,6 +35,7 @@ _reserved_ports: set[int] = set()
 
 # ---------------------------------------------------------------- ports and processes
 
+
 def _port_is_free(port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -42,7 +43,9 @@ def _port_is_free(port: int) -> bool:
             sock.bind((HOST, port))
         except OSError:
             return False
-    with socket.socket() as sock:  # nothing may be listening either (another user, another netns view)
+    with (
+        socket.socket() as sock
+    ):  # nothing may be listening either (another user, another netns view)
         sock.settimeout(0.2)
         return sock.connect_ex((HOST, port)) != 0
 
@@ -91,8 +94,15 @@ class RedisServer:
     ``("--maxmemory", "10mb")``.
     """
 
-    def __init__(self, port: int | None = None, password: str | None = None,
-                 args: Sequence[str] = (), *, bus_port: bool = False, sentinel: bool = False):
+    def __init__(
+        self,
+        port: int | None = None,
+        password: str | None = None,
+        args: Sequence[str] = (),
+        *,
+        bus_port: bool = False,
+        sentinel: bool = False,
+    ):
         self.port = port or free_port(10000 if bus_port else None)
         self.password = password
         self.args = list(args)
@@ -118,19 +128,40 @@ class RedisServer:
 
     def client(self, **kwargs) -> redis.Redis:
         """A synchronous client (decoded responses) for admin commands in tests."""
-        options = {"socket_timeout": 2, "socket_connect_timeout": 2, "decode_responses": True,
-                   "retry": Retry(NoBackoff(), 0)}  # callers poll; no hidden reconnect loops
-        return redis.Redis(host=HOST, port=self.port, password=self.password, **{**options, **kwargs})
+        options = {
+            "socket_timeout": 2,
+            "socket_connect_timeout": 2,
+            "decode_responses": True,
+            "retry": Retry(NoBackoff(), 0),
+        }  # callers poll; no hidden reconnect loops
+        return redis.Redis(
+            host=HOST, port=self.port, password=self.password, **{**options, **kwargs}
+        )
 
     # -- lifecycle
 
     def command_line(self) -> list[str]:
         if self.sentinel:
             return [REDIS_SERVER, str(self.dir / "sentinel.conf"), "--sentinel"]
-        line = [REDIS_SERVER, "--port", str(self.port), "--bind", HOST, "--dir", str(self.dir),
-                "--save", "", "--appendonly", "no", "--daemonize", "no",
-                "--repl-diskless-sync-delay", "0",
-                "--logfile", str(self.log_path)]
+        line = [
+            REDIS_SERVER,
+            "--port",
+            str(self.port),
+            "--bind",
+            HOST,
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--repl-diskless-sync-delay",
+            "0",
+            "--logfile",
+            str(self.log_path),
+        ]
         if self.password:
             line += ["--requirepass", self.password, "--masterauth", self.password]
         return line + self.args
@@ -141,9 +172,14 @@ class RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         # PDEATHSIG follows the forking *thread*: only safe from the main thread.
         main = threading.current_thread() is threading.main_thread()
-        self.proc = subprocess.Popen(self.command_line(), cwd=self.dir, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent if main else None)
+        self.proc = subprocess.Popen(
+            self.command_line(),
+            cwd=self.dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if main else None,
+        )
         _running.add(self)
         try:
             self.wait_ready(timeout)
@@ -155,8 +191,9 @@ class RedisServer:
     def wait_ready(self, timeout: float = 10.0) -> None:
         def ping() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"redis on {self.port} exited with {self.proc.returncode}:\n"
-                                   f"{self.log_tail()}")
+                raise RuntimeError(
+                    f"redis on {self.port} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
             with self.client() as client:
                 return bool(client.ping())
 
@@ -256,6 +293,7 @@ def _stop_leftovers() -> None:
 
 # ---------------------------------------------------------------- cluster
 
+
 class RedisCluster:
     """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each (default 3 + 3).
 
@@ -263,14 +301,26 @@ class RedisCluster:
     Node ports are free ports below 45000 whose bus port (port + 10000) is free too.
     """
 
-    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 2000,
-                 password: str | None = None):
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 2000,
+        password: str | None = None,
+    ):
         self.node_timeout_ms = node_timeout_ms
         self.password = password
         self.replicas_per_master = replicas
-        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(node_timeout_ms),
-                "--cluster-require-full-coverage", "yes"]
+        args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(node_timeout_ms),
+            "--cluster-require-full-coverage",
+            "yes",
+        ]
         self.nodes: dict[int, RedisServer] = {}
         for _ in range(masters * (1 + replicas)):
             node = RedisServer(password=password, args=args, bus_port=True)
@@ -304,12 +354,20 @@ class RedisCluster:
         command = [REDIS_CLI]
         if self.password:
             command += ["-a", self.password, "--no-auth-warning"]
-        command += ["--cluster", "create", *[f"{HOST}:{p}" for p in self.nodes],
-                    "--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"]
+        command += [
+            "--cluster",
+            "create",
+            *[f"{HOST}:{p}" for p in self.nodes],
+            "--cluster-replicas",
+            str(self.replicas_per_master),
+            "--cluster-yes",
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
             self.stop()
-            raise RuntimeError(f"redis-cli --cluster create failed:\n{result.stdout}\n{result.stderr}")
+            raise RuntimeError(
+                f"redis-cli --cluster create failed:\n{result.stdout}\n{result.stderr}"
+            )
         self.wait_healthy(timeout)
         self.create_seconds = time.monotonic() - started
         return self
@@ -319,7 +377,9 @@ class RedisCluster:
     def _cluster_nodes(self, port: int | None = None) -> list[dict]:
         """CLUSTER NODES as seen by node ``port`` (default: the first running node)."""
         last: Exception | None = None
-        candidates = [port] if port is not None else [p for p, n in self.nodes.items() if n.responsive]
+        candidates = (
+            [port] if port is not None else [p for p, n in self.nodes.items() if n.responsive]
+        )
         for candidate in candidates:
             try:
                 with self.client(candidate) as client:
@@ -333,15 +393,25 @@ class RedisCluster:
         for line in raw.strip().splitlines():
             parts = line.split()
             address = parts[1].split("@")[0]
-            rows.append({"id": parts[0], "port": int(address.rsplit(":", 1)[1]),
-                         "flags": set(parts[2].split(",")), "master_id": parts[3],
-                         "link": parts[7], "slots": parts[8:]})
+            rows.append(
+                {
+                    "id": parts[0],
+                    "port": int(address.rsplit(":", 1)[1]),
+                    "flags": set(parts[2].split(",")),
+                    "master_id": parts[3],
+                    "link": parts[7],
+                    "slots": parts[8:],
+                }
+            )
         return rows
 
     def masters(self) -> list[int]:
         """Ports of the masters that own slots and are not marked failed."""
-        return sorted(r["port"] for r in self._cluster_nodes()
-                      if "master" in r["flags"] and "fail" not in r["flags"] and r["slots"])
+        return sorted(
+            r["port"]
+            for r in self._cluster_nodes()
+            if "master" in r["flags"] and "fail" not in r["flags"] and r["slots"]
+        )
 
     def replica_of(self, master: int) -> int:
         """Port of a (non-failed) replica of the master on port ``master``."""
@@ -388,14 +458,22 @@ class RedisCluster:
         views = set()
         for port in running:
             info = self.cluster_info(port)
-            if info.get("cluster_state") != "ok" or info.get("cluster_known_nodes") != str(len(self.nodes)):
+            if info.get("cluster_state") != "ok" or info.get("cluster_known_nodes") != str(
+                len(self.nodes)
+            ):
                 return False
             rows = self._cluster_nodes(port)
-            if any(r["flags"] & {"fail", "pfail", "handshake", "noaddr"} for r in rows
-                   if r["port"] in running):
+            if any(
+                r["flags"] & {"fail", "pfail", "handshake", "noaddr"}
+                for r in rows
+                if r["port"] in running
+            ):
                 return False
-            masters = {r["id"]: (r["port"], tuple(r["slots"])) for r in rows
-                       if "master" in r["flags"] and "fail" not in r["flags"] and r["slots"]}
+            masters = {
+                r["id"]: (r["port"], tuple(r["slots"]))
+                for r in rows
+                if "master" in r["flags"] and "fail" not in r["flags"] and r["slots"]
+            }
             views.add(tuple(sorted(masters.values())))
             if len(running) == len(self.nodes):
                 for master_id in masters:
@@ -438,8 +516,16 @@ class RedisCluster:
 
         def promoted() -> int | None:
             rows = self._cluster_nodes()
-            owner = next((r for r in rows if slots[0] in r["slots"] and "master" in r["flags"]
-                          and "fail" not in r["flags"]), None)
+            owner = next(
+                (
+                    r
+                    for r in rows
+                    if slots[0] in r["slots"]
+                    and "master" in r["flags"]
+                    and "fail" not in r["flags"]
+                ),
+                None,
+            )
             if owner is None or owner["port"] == old_master_port:
                 return None
             live = (p for p, n in self.nodes.items() if n.responsive)
@@ -479,6 +565,7 @@ class RedisCluster:
 
 # ---------------------------------------------------------------- sentinel
 
+
 class RedisSentinel:
     """One master, one replica and ``sentinels`` sentinels (1 or 3) monitoring ``chatmaster``.
 
@@ -487,8 +574,9 @@ class RedisSentinel:
 
     SERVICE = "chatmaster"
 
-    def __init__(self, sentinels: int = 1, down_after_ms: int = 1000,
-                 failover_timeout_ms: int = 3000):
+    def __init__(
+        self, sentinels: int = 1, down_after_ms: int = 1000, failover_timeout_ms: int = 3000
+    ):
         self.master = RedisServer()
         self.replica = RedisServer(args=["--replicaof", HOST, str(self.master.port)])
         self.quorum = sentinels // 2 + 1
@@ -508,24 +596,31 @@ class RedisSentinel:
 
     def _write_config(self, sentinel: RedisServer) -> None:
         sentinel.dir.mkdir(parents=True, exist_ok=True)
-        (sentinel.dir / "sentinel.conf").write_text("\n".join([
-            f"port {sentinel.port}",
-            f"bind {HOST}",
-            f"dir {sentinel.dir}",
-            f"logfile {sentinel.log_path}",
-            "daemonize no",
-            f"sentinel monitor {self.SERVICE} {HOST} {self.master.port} {self.quorum}",
-            f"sentinel down-after-milliseconds {self.SERVICE} {self.down_after_ms}",
-            f"sentinel failover-timeout {self.SERVICE} {self.failover_timeout_ms}",
-            f"sentinel parallel-syncs {self.SERVICE} 1",
-            "",
-        ]))
+        (sentinel.dir / "sentinel.conf").write_text(
+            "\n".join(
+                [
+                    f"port {sentinel.port}",
+                    f"bind {HOST}",
+                    f"dir {sentinel.dir}",
+                    f"logfile {sentinel.log_path}",
+                    "daemonize no",
+                    f"sentinel monitor {self.SERVICE} {HOST} {self.master.port} {self.quorum}",
+                    f"sentinel down-after-milliseconds {self.SERVICE} {self.down_after_ms}",
+                    f"sentinel failover-timeout {self.SERVICE} {self.failover_timeout_ms}",
+                    f"sentinel parallel-syncs {self.SERVICE} 1",
+                    "",
+                ]
+            )
+        )
 
     def start(self, timeout: float = 20.0) -> RedisSentinel:
         self.master.start()
         self.replica.start()
-        _wait(lambda: self.replica.client().info("replication").get("master_link_status") == "up",
-              timeout, "replica in sync")
+        _wait(
+            lambda: self.replica.client().info("replication").get("master_link_status") == "up",
+            timeout,
+            "replica in sync",
+        )
         for sentinel in self.sentinels:
             self._write_config(sentinel)
             sentinel.start()
@@ -538,7 +633,9 @@ class RedisSentinel:
             if not sentinel.running:
                 continue
             with sentinel.client() as client:
-                host, port = client.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.SERVICE)
+                host, port = client.execute_command(
+                    "SENTINEL GET-MASTER-ADDR-BY-NAME", self.SERVICE
+                )
                 return host, int(port)
         raise RuntimeError("no sentinel is running")
 
@@ -546,9 +643,13 @@ class RedisSentinel:
         for sentinel in self.sentinels:
             with sentinel.client() as client:
                 replicas = client.execute_command("SENTINEL REPLICAS", self.SERVICE)
-                usable = [r for r in replicas if isinstance(r, dict)
-                          and not {"disconnected", "s_down", "o_down"} & set(r["flags"].split(","))
-                          and r.get("master-link-status") == "ok"]
+                usable = [
+                    r
+                    for r in replicas
+                    if isinstance(r, dict)
+                    and not {"disconnected", "s_down", "o_down"} & set(r["flags"].split(","))
+                    and r.get("master-link-status") == "ok"
+                ]
                 if not usable:
                     return False
                 if len(self.sentinels) > 1:
@@ -606,8 +707,13 @@ _default_server: RedisServer | None = None
 
 def _answers(host: str, port: int) -> bool:
     try:
-        with redis.Redis(host=host, port=port, socket_timeout=1, socket_connect_timeout=1,
-                         retry=Retry(NoBackoff(), 0)) as client:
+        with redis.Redis(
+            host=host,
+            port=port,
+            socket_timeout=1,
+            socket_connect_timeout=1,
+            retry=Retry(NoBackoff(), 0),
+        ) as client:
             return bool(client.ping())
     except redis.RedisError:
         return False

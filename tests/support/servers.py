@@ -25,8 +25,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_token(user: str, name: str | None = None, ttl: float = 3600, secret: str = TEST_SECRET,
-               **claims) -> str:
+def make_token(
+    user: str, name: str | None = None, ttl: float = 3600, secret: str = TEST_SECRET, **claims
+) -> str:
     now = int(time.time())
     payload = {"sub": user, "iat": now, "exp": now + ttl, **claims}
     if name:
@@ -50,14 +51,34 @@ class ServerProcess:
     def start(self, wait: bool = True, timeout: float = 20.0) -> ServerProcess:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = LOG_DIR / f"server-{self.port}-{int(time.time() * 1000)}.log"
-        env = {**os.environ, "CHAT_ENV": "testing", "JWT_SECRET": TEST_SECRET, **self.env,
-               "PORT": str(self.port)}
+        env = {
+            **os.environ,
+            "CHAT_ENV": "testing",
+            "JWT_SECRET": TEST_SECRET,
+            **self.env,
+            "PORT": str(self.port),
+        }
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "server.main:app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--ws-per-message-deflate", "false", "--no-access-log",
-             "--timeout-graceful-shutdown", "5"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "server.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--ws-per-message-deflate",
+                "false",
+                "--no-access-log",
+                "--timeout-graceful-shutdown",
+                "5",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         if wait:
             self.wait_healthy(timeout)
