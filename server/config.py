@@ -126,6 +126,16 @@ class Settings(BaseModel):
             self.FIRESTORE_PROJECT or self.FIRESTORE_EMULATOR_HOST
         ):
             raise ValueError("STORE=firestore needs FIRESTORE_PROJECT (or FIRESTORE_EMULATOR_HOST)")
+        for name in ("REDIS_URL", "REDIS_PUBSUB_URL"):
+            url = getattr(self, name)
+            if (
+                url.startswith(("redis+sentinel://", "valkey+sentinel://"))
+                and len(url.split("/")) < 5
+            ):
+                raise ValueError(
+                    f"{name}: a Sentinel URL needs the database and the service name: "
+                    "redis+sentinel://host1:26379,host2:26379/0/mymaster"
+                )
         if self.REDIS_CLUSTER and not self.redis_configured:
             raise ValueError("REDIS_CLUSTER=true needs REDIS_URL or REDIS_HOST")
         if self.WS_HEARTBEAT_INTERVAL >= 300:

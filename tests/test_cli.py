@@ -54,3 +54,9 @@ def test_check_config_rejects_bad_settings():
     assert "JWT_SECRET must be at least 32 characters in production" in result.stderr
     bad_port = run({"CHAT_ENV": "development", "PORT": "99999"})
     assert bad_port.returncode == 2 and "PORT" in bad_port.stderr
+
+
+def test_check_config_wants_a_sentinel_service_name():
+    result = run({"CHAT_ENV": "development", "REDIS_URL": "redis+sentinel://127.0.0.1:26379/0"})
+    assert result.returncode == 2
+    assert "a Sentinel URL needs the database and the service name" in result.stderr

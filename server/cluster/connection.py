@@ -39,5 +39,5 @@ def create_redis(settings: Settings, url: str | None = None) -> RedisClient:
             sentinel_kwargs={"socket_timeout": settings.REDIS_TIMEOUT},
             **{**options, **connection},
         )
-        return sentinel.master_for(service or "mymaster")
+        return sentinel.master_for(service)  # settings insist on a service name
     return aioredis.Redis.from_url(url, **options)
