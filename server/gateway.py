@@ -239,6 +239,9 @@ class Gateway:
         if conn.sid not in self.connections:
             return
         who = conn.identity
+        # Presence first, with no await since the check above: a disconnect from here on
+        # finds the connection registered and undoes it.
+        await self._quietly("presence.connect", self.chat.presence.connect(who.user_id, conn.sid))
         await self.sio.emit(
             "session",
             {
@@ -251,7 +254,6 @@ class Gateway:
             namespace=NAMESPACE,
             ignore_queue=True,  # a socket of this instance: no need to publish through Redis
         )
-        await self._quietly("presence.connect", self.chat.presence.connect(who.user_id, conn.sid))
         await self._quietly("store.upsert_user", self.chat.store.upsert_user(who.user_id, who.name))
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:

@@ -446,3 +446,30 @@ def test_verify_with_one_ready_token(trio):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "presence state on node-2" in result.stdout and "ops-bot: online" in result.stdout
+
+
+async def test_connections_closed_at_once_never_leave_a_user_online(trio, users, uid):
+    """Connect-and-close storms (flaky networks, reloads) end with the user offline."""
+    import socketio
+
+    from tests.support.servers import make_token
+
+    user_id = uid("flaky")
+    watcher = await users(uid("w"), trio[0])
+
+    async def blip(server: ServerProcess) -> None:
+        client = socketio.AsyncClient(reconnection=False)
+        await client.connect(
+            server.url,
+            namespaces=["/chat"],
+            auth={"token": make_token(user_id)},
+            transports=["websocket"],
+            wait_timeout=10,
+        )
+        await client.disconnect()
+
+    for _ in range(3):
+        await asyncio.gather(*(blip(trio[i % 3]) for i in range(12)))
+    await asyncio.sleep(GRACE + 2 * HEARTBEAT + 1)
+    state = await watcher.call("presence:subscribe", {"users": [user_id]})
+    assert state["presence"][user_id]["status"] == "offline"

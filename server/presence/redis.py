@@ -82,6 +82,7 @@ class RedisPresence(Presence):
         self._disconnect = redis.register_script(DISCONNECT)
         self._expire = redis.register_script(EXPIRE_GRACE)
         self._tasks: list[asyncio.Task] = []
+        self._locks = [asyncio.Lock() for _ in range(64)]  # striped by user id
         self.redis_ok = True
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -118,6 +119,11 @@ class RedisPresence(Presence):
             self._backlog.append((op, user_id, conn_id, when))
 
     async def _run(self, op: str, user_id: str, conn_id: str, when: datetime) -> None:
+        """One user's changes run one at a time, so a disconnect never overtakes its connect."""
+        async with self._locks[hash(user_id) % len(self._locks)]:
+            await self._run_unlocked(op, user_id, conn_id, when)
+
+    async def _run_unlocked(self, op: str, user_id: str, conn_id: str, when: datetime) -> None:
         online, grace, seen = self.keys.presence_of(user_id)
         conns = self.keys.instance_conns(self.instance_id)
         if op == "connect":
