@@ -46,7 +46,7 @@ class ChatServer:
         self.settings = settings
         self.instance_id = settings.instance_id
         self.version = __version__
-        self.store: Store = create_store(settings)
+        self.store: Store = metrics.TimedStore(create_store(settings))  # type: ignore[assignment]
         self.verifier = TokenVerifier(settings)
         self.connect_limiter = WindowCounter(settings.RATE_LIMIT_CONNECTS_PER_MINUTE, 60.0)
         self.cluster = (

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Gauge("chat_connections", "Socket.IO connections on this instance")
@@ -18,3 +23,32 @@ AUTH_FAILURES = Counter("chat_auth_failures_total", "Refused connection attempts
 REDIS_LATENCY = Histogram("chat_redis_seconds", "Redis command latency", ["op"])
 STORE_LATENCY = Histogram("chat_store_seconds", "Store call latency", ["op"])
 REDIS_MEMORY = Gauge("chat_redis_used_memory_bytes", "Redis used_memory from INFO (sampled)")
+
+
+@contextmanager
+def timed(histogram: Histogram, op: str) -> Iterator[None]:
+    """Observe how long the block took, in seconds, under label ``op``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        histogram.labels(op).observe(time.perf_counter() - started)
+
+
+class TimedStore:
+    """Wraps a store so that every coroutine method's latency lands in ``chat_store_seconds``."""
+
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        async def timed_call(*args, **kwargs):
+            with timed(STORE_LATENCY, name):
+                return await attr(*args, **kwargs)
+
+        setattr(self, name, timed_call)  # build the wrapper once per method
+        return timed_call

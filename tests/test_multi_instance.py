@@ -293,6 +293,13 @@ async def test_metrics_expose_cluster_figures(trio, users, uid):
     assert lines["chat_cluster_connections"] >= 2
     assert lines["chat_online_users"] >= 2
     assert lines["chat_redis_used_memory_bytes"] > 0
+    text_a_lines = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text_a.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert text_a_lines['chat_store_seconds_count{op="add_message"}'] >= 1
+    assert text_a_lines['chat_redis_seconds_count{op="presence_connect"}'] >= 1
 
 
 async def test_grace_started_by_a_dead_instance_is_finished_by_another(redis_url, tmp_path, uid):

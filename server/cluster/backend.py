@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import socketio
 
 from .. import metrics
@@ -43,9 +41,8 @@ class RedisBackend:
         return PlainManager(self.settings.pubsub_url, channel=self.channel, redis_options=options)
 
     async def ping(self) -> None:
-        started = time.perf_counter()
-        await self.redis.ping()
-        metrics.REDIS_LATENCY.labels("ping").observe(time.perf_counter() - started)
+        with metrics.timed(metrics.REDIS_LATENCY, "ping"):
+            await self.redis.ping()
 
     async def used_memory(self) -> int | None:
         info = await self.redis.info("memory")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from .. import metrics
 from .connection import RedisClient
 from .keys import Keys
 
@@ -43,7 +44,8 @@ class RedisSeqAllocator:
 
     async def next(self, room_id: str) -> int:
         key = self.keys.seq(room_id)
-        value = int(await self._incr(keys=[key]))
+        with metrics.timed(metrics.REDIS_LATENCY, "seq_incr"):
+            value = int(await self._incr(keys=[key]))
         if value >= 0:
             return value
         return int(await self._seed(keys=[key], args=[await self.stored_max(room_id)]))

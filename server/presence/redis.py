@@ -23,6 +23,7 @@ from datetime import datetime
 
 import structlog
 
+from .. import metrics
 from ..cluster.connection import RedisClient
 from ..cluster.keys import PRESENCE_BUCKETS, Keys
 from ..cluster.registry import InstanceRegistry
@@ -121,7 +122,8 @@ class RedisPresence(Presence):
     async def _run(self, op: str, user_id: str, conn_id: str, when: datetime) -> None:
         """One user's changes run one at a time, so a disconnect never overtakes its connect."""
         async with self._locks[hash(user_id) % len(self._locks)]:
-            await self._run_unlocked(op, user_id, conn_id, when)
+            with metrics.timed(metrics.REDIS_LATENCY, f"presence_{op}"):
+                await self._run_unlocked(op, user_id, conn_id, when)
 
     async def _run_unlocked(self, op: str, user_id: str, conn_id: str, when: datetime) -> None:
         online, grace, seen = self.keys.presence_of(user_id)
