@@ -46,9 +46,15 @@ class TimedStore:
         if not inspect.iscoroutinefunction(attr):
             return attr
 
+        observe = STORE_LATENCY.labels(name).observe
+        clock = time.perf_counter
+
         async def timed_call(*args, **kwargs):
-            with timed(STORE_LATENCY, name):
+            started = clock()
+            try:
                 return await attr(*args, **kwargs)
+            finally:
+                observe(clock() - started)
 
         setattr(self, name, timed_call)  # build the wrapper once per method
         return timed_call
