@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.support.clients import ChatClient
+from tests.support.clients import ChatClient, connect_and_close, metric_values
 from tests.support.servers import ServerProcess, key_prefix, start_all
 
 GRACE = 1.0
@@ -284,20 +284,12 @@ async def test_metrics_expose_cluster_figures(trio, users, uid):
         text_a = (await http.get(f"{trio[0].url}/metrics")).text
         text_b = (await http.get(f"{trio[1].url}/metrics")).text
     assert 'chat_acks_total{code="ok"}' in text_a
-    lines = {
-        line.split(" ")[0]: float(line.split(" ")[1])
-        for line in text_b.splitlines()
-        if line and not line.startswith("#")
-    }
+    lines = metric_values(text_b)
     assert lines["chat_messages_delivered_total"] >= 1
     assert lines["chat_cluster_connections"] >= 2
     assert lines["chat_online_users"] >= 2
     assert lines["chat_redis_used_memory_bytes"] > 0
-    text_a_lines = {
-        line.split(" ")[0]: float(line.split(" ")[1])
-        for line in text_a.splitlines()
-        if line and not line.startswith("#")
-    }
+    text_a_lines = metric_values(text_a)
     assert text_a_lines['chat_store_seconds_count{op="add_message"}'] >= 1
     assert text_a_lines['chat_redis_seconds_count{op="presence_connect"}'] >= 1
 
@@ -457,26 +449,10 @@ def test_verify_with_one_ready_token(trio):
 
 async def test_connections_closed_at_once_never_leave_a_user_online(trio, users, uid):
     """Connect-and-close storms (flaky networks, reloads) end with the user offline."""
-    import socketio
-
-    from tests.support.servers import make_token
-
     user_id = uid("flaky")
     watcher = await users(uid("w"), trio[0])
-
-    async def blip(server: ServerProcess) -> None:
-        client = socketio.AsyncClient(reconnection=False)
-        await client.connect(
-            server.url,
-            namespaces=["/chat"],
-            auth={"token": make_token(user_id)},
-            transports=["websocket"],
-            wait_timeout=10,
-        )
-        await client.disconnect()
-
     for _ in range(3):
-        await asyncio.gather(*(blip(trio[i % 3]) for i in range(12)))
+        await asyncio.gather(*(connect_and_close(trio[i % 3].url, user_id) for i in range(12)))
     await asyncio.sleep(GRACE + 2 * HEARTBEAT + 1)
     state = await watcher.call("presence:subscribe", {"users": [user_id]})
     assert state["presence"][user_id]["status"] == "offline"

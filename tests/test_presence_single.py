@@ -9,7 +9,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.support.clients import QUIET, ChatClient
+from tests.support.clients import QUIET, ChatClient, connect_and_close
 from tests.support.servers import ServerProcess
 
 GRACE = 1.0
@@ -202,26 +202,10 @@ async def test_last_seen_survives_a_restart(tmp_path, uid):
 
 
 async def test_connections_closed_at_once_never_leave_a_user_online(connect, presence_server, uid):
-    import socketio
-
-    from tests.support.servers import make_token
-
     user_id = uid("flaky")
     watcher = await connect(uid("w"))
-
-    async def blip() -> None:
-        client = socketio.AsyncClient(reconnection=False)
-        await client.connect(
-            presence_server.url,
-            namespaces=["/chat"],
-            auth={"token": make_token(user_id)},
-            transports=["websocket"],
-            wait_timeout=10,
-        )
-        await client.disconnect()
-
     for _ in range(3):
-        await asyncio.gather(*(blip() for _ in range(12)))
+        await asyncio.gather(*(connect_and_close(presence_server.url, user_id) for _ in range(12)))
     await asyncio.sleep(GRACE + 1)
     state = await subscribe(watcher, user_id)
     assert state[user_id]["status"] == "offline"

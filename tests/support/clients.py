@@ -89,3 +89,27 @@ async def send(client: ChatClient, room: str, text: str, client_id: str | None =
     return await client.call(
         "message:send", {"room": room, "text": text, "client_id": client_id or text}
     )
+
+
+async def connect_and_close(url: str, user: str) -> None:
+    """Open a connection for ``user`` and close it at once (no waiting for ``session``)."""
+    from .servers import make_token
+
+    client = socketio.AsyncClient(reconnection=False)
+    await client.connect(
+        url,
+        namespaces=[NAMESPACE],
+        auth={"token": make_token(user)},
+        transports=["websocket"],
+        wait_timeout=10,
+    )
+    await client.disconnect()
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus text exposition → {"name{labels}": value}."""
+    return {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
