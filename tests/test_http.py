@@ -11,7 +11,7 @@ import pytest
 import socketio
 
 from server import __version__
-from tests.support.clients import NAMESPACE, ChatClient
+from tests.support.clients import NAMESPACE, ChatClient, metric_values
 from tests.support.servers import TEST_SECRET, ServerProcess
 
 
@@ -41,6 +41,26 @@ async def wait_connections(http, url: str, expected: int, timeout: float = 5) ->
 
 
 # --- health ---------------------------------------------------------------------------------
+
+
+async def refused_attempt(url: str) -> None:
+    """One connection attempt with a garbage token, which the server must refuse."""
+    refused = socketio.AsyncClient(reconnection=False)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await refused.connect(
+            url,
+            namespaces=[NAMESPACE],
+            auth={"token": "garbage"},
+            transports=["websocket"],
+            wait_timeout=5,
+        )
+
+
+def sample(text: str, name: str) -> float:
+    """The value of one Prometheus sample (0 when the series does not exist yet)."""
+    return metric_values(text).get(name, 0.0)
+
+
 async def test_health_shape(server, http):
     response = await http.get(f"{server.url}/api/health")
     assert response.status_code == 200
@@ -69,15 +89,7 @@ async def test_health_counts_connections(production_like, http, uid):
     try:
         assert await connections(http, url) == 2
         # A refused attempt is not a connection.
-        refused = socketio.AsyncClient(reconnection=False)
-        with pytest.raises(socketio.exceptions.ConnectionError):
-            await refused.connect(
-                url,
-                namespaces=[NAMESPACE],
-                auth={"token": "garbage"},
-                transports=["websocket"],
-                wait_timeout=5,
-            )
+        await refused_attempt(url)
         assert await connections(http, url) == 2
         await alice.disconnect()
         await wait_connections(http, url, 1)
@@ -91,12 +103,6 @@ async def test_metrics_of_one_instance(production_like, http, uid):
     url = production_like.url
     await wait_connections(http, url, 0)
 
-    def sample(text: str, name: str) -> float:
-        for line in text.splitlines():
-            if not line.startswith("#") and line.rsplit(" ", 1)[0] == name:
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
     before = (await http.get(f"{url}/metrics")).text
     room = uid("room")
     alice, bob = ChatClient(uid("alice")), ChatClient(uid("bob"))
@@ -107,15 +113,7 @@ async def test_metrics_of_one_instance(production_like, http, uid):
         await bob.call("room:join", {"room": room})
         await alice.call("message:send", {"room": room, "text": "counted", "client_id": "c"})
         await bob.wait_for("message:new")
-        refused = socketio.AsyncClient(reconnection=False)
-        with pytest.raises(socketio.exceptions.ConnectionError):
-            await refused.connect(
-                url,
-                namespaces=[NAMESPACE],
-                auth={"token": "garbage"},
-                transports=["websocket"],
-                wait_timeout=5,
-            )
+        await refused_attempt(url)
         response = await http.get(f"{url}/metrics")
         assert response.status_code == 200 and response.headers["content-type"].startswith(
             "text/plain"

@@ -47,20 +47,17 @@ class _Delivery:
     """Publish retries and listener bookkeeping shared by the managers below."""
 
     channel: str
-    publish_attempts: int = 4
-    publish_backoff: float = 0.1
-    publish_timeout: float = 2.0
-    listen_backoff: float = 0.25
-    listen_max_backoff: float = 5.0
 
     def _init_delivery(
         self,
-        publish_attempts: int,
-        publish_backoff: float,
-        publish_timeout: float,
-        listen_backoff: float,
-        listen_max_backoff: float,
+        *,
+        publish_attempts: int = 4,
+        publish_backoff: float = 0.1,
+        publish_timeout: float = 2.0,
+        listen_backoff: float = 0.25,
+        listen_max_backoff: float = 5.0,
     ) -> None:
+        """Delivery options, the same for every manager below (their ``**delivery``)."""
         self.publish_attempts = max(1, publish_attempts)
         self.publish_backoff = publish_backoff
         self.publish_timeout = publish_timeout
@@ -253,19 +250,13 @@ class ClusterManager(AsyncPubSubManager, ControlEvents, _Delivery):
         redis_options: dict | None = None,
         *,
         sharded: bool | None = None,
-        publish_attempts: int = 4,
-        publish_backoff: float = 0.1,
-        publish_timeout: float = 2.0,
-        listen_backoff: float = 0.25,
-        listen_max_backoff: float = 5.0,
         idle_probe: float = 15.0,
         probe_timeout: float = 5.0,
         poll_interval: float = 1.0,
+        **delivery: float,
     ):
         super().__init__(channel=channel, write_only=write_only, logger=logger, json=json)
-        self._init_delivery(
-            publish_attempts, publish_backoff, publish_timeout, listen_backoff, listen_max_backoff
-        )
+        self._init_delivery(**delivery)
         self.redis_url = url
         self.redis_options = dict(redis_options or {})
         self.sharded = sharded
@@ -479,12 +470,7 @@ class FastRetryRedisManager(RedisManager, _Delivery):
         logger=None,
         json=None,
         redis_options: dict | None = None,
-        *,
-        publish_attempts: int = 4,
-        publish_backoff: float = 0.1,
-        publish_timeout: float = 2.0,
-        listen_backoff: float = 0.25,
-        listen_max_backoff: float = 5.0,
+        **delivery: float,
     ):
         super().__init__(
             url=url,
@@ -494,9 +480,7 @@ class FastRetryRedisManager(RedisManager, _Delivery):
             json=json,
             redis_options=redis_options,
         )
-        self._init_delivery(
-            publish_attempts, publish_backoff, publish_timeout, listen_backoff, listen_max_backoff
-        )
+        self._init_delivery(**delivery)
 
     async def _publish(self, data):
         payload = self.json.dumps(data)
