@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-from tests.support.servers import ROOT
+from tests.support.servers import chat_server
 
 
-def run(env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", "check-config"],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def run(env: dict[str, str]):
+    return chat_server("check-config", env=env, timeout=60)
 
 
 def test_check_config_ok_with_sqlite(tmp_path):

@@ -8,7 +8,15 @@ import httpx
 import pytest
 
 from tests.support.clients import ChatClient, connect_and_close, metric_values
-from tests.support.servers import ServerProcess, key_prefix, start_all
+from tests.support.servers import (
+    TEST_SECRET,
+    ServerProcess,
+    chat_server,
+    free_port,
+    key_prefix,
+    make_token,
+    start_all,
+)
 
 GRACE = 1.0
 HEARTBEAT = 0.5
@@ -322,26 +330,7 @@ async def test_grace_started_by_a_dead_instance_is_finished_by_another(redis_url
 
 
 def test_verify_command_passes_on_a_healthy_cluster(trio):
-    import subprocess
-    import sys
-
-    from tests.support.servers import ROOT, TEST_SECRET
-
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "verify",
-            *(s.url for s in trio),
-            "--token-secret",
-            TEST_SECRET,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    result = chat_server("verify", *(s.url for s in trio), "--token-secret", TEST_SECRET)
     assert result.returncode == 0, result.stdout + result.stderr
     results = {}  # check name -> "ok" / "FAIL", from the printed table
     for line in result.stdout.splitlines()[1:-1]:
@@ -360,30 +349,10 @@ def test_verify_command_passes_on_a_healthy_cluster(trio):
     assert result.stdout.splitlines()[-1] == "deployment verified"
 
 
-def test_verify_command_fails_when_an_instance_is_down(trio, tmp_path):
-    import subprocess
-    import sys
-
-    from tests.support.servers import ROOT, TEST_SECRET, free_port
-
+def test_verify_command_fails_when_an_instance_is_down(trio):
     dead = f"http://127.0.0.1:{free_port()}"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "verify",
-            trio[0].url,
-            dead,
-            "--token-secret",
-            TEST_SECRET,
-            "--timeout",
-            "3",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=90,
+    result = chat_server(
+        "verify", trio[0].url, dead, "--token-secret", TEST_SECRET, "--timeout", "3"
     )
     assert result.returncode == 1
     assert f"health {dead}" in result.stdout and "FAIL" in result.stdout
@@ -391,29 +360,11 @@ def test_verify_command_fails_when_an_instance_is_down(trio, tmp_path):
 
 
 def test_verify_through_a_load_balancer_meets_every_instance(trio):
-    import subprocess
-    import sys
-
     from tests.support.balancer import RoundRobinBalancer
-    from tests.support.servers import ROOT, TEST_SECRET
 
     balancer = RoundRobinBalancer([server.port for server in trio])
     try:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "server.cli",
-                "verify",
-                balancer.url,
-                "--token-secret",
-                TEST_SECRET,
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
+        result = chat_server("verify", balancer.url, "--token-secret", TEST_SECRET)
     finally:
         balancer.close()
     assert result.returncode == 0, result.stdout + result.stderr
@@ -422,27 +373,7 @@ def test_verify_through_a_load_balancer_meets_every_instance(trio):
 
 
 def test_verify_with_one_ready_token(trio):
-    import subprocess
-    import sys
-
-    from tests.support.servers import ROOT, make_token
-
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "verify",
-            trio[1].url,
-            trio[2].url,
-            "--token",
-            make_token("ops-bot"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    result = chat_server("verify", trio[1].url, trio[2].url, "--token", make_token("ops-bot"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "presence state on node-2" in result.stdout and "ops-bot: online" in result.stdout
 

@@ -139,3 +139,15 @@ def key_prefix() -> str:
     prefix = f"t{uuid.uuid4().hex[:8]}:"
     KEY_PREFIXES.append(prefix)
     return prefix
+
+
+def chat_server(*args: str, env: dict[str, str] | None = None, timeout: float = 90):
+    """Run the ``chat-server`` console command (as ``python -m server.cli``) and capture it."""
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
