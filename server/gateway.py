@@ -352,10 +352,7 @@ class Gateway:
         return {"room": room.to_wire()}
 
     async def room_members(self, conn: Connection, request: RoomRef) -> dict:
-        await self.chat.rooms.readable(conn.identity, request.room)
-        if not await self.chat.store.is_member(request.room, conn.identity.user_id):
-            raise ChatError("forbidden", "only members may list a room's members")
-        members = await self.chat.store.list_members(request.room)
+        members = await self.chat.rooms.members_for(conn.identity, request.room)
         states = await self.chat.presence_states(members)
         return {"members": [{"id": uid, "status": states[uid]["status"]} for uid in members]}
 

@@ -80,6 +80,12 @@ class RoomService:
             await self._require_member(who, room)
         return room
 
+    async def members_for(self, who: Identity, room_id: str) -> list[str]:
+        """The room's member ids, for members only (of public rooms too: those who joined)."""
+        room = await self._existing(room_id)
+        await self._require_member(who, room)
+        return await self.store.list_members(room_id)
+
     async def may_send(self, who: Identity, room_id: str) -> None:
         """Membership of private rooms is re-checked at send (a removal may be in flight)."""
         room = await self._existing(room_id)
