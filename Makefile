@@ -8,7 +8,7 @@ export UV_SYSTEM_CERTS ?= 1
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-node install-browser run run-firestore test lint format clean
+.PHONY: install install-node install-browser install-bench run run-firestore test bench lint format clean
 
 # uv (the installer behind the lock file) in a small venv of its own when it is not on PATH.
 $(UV):
@@ -50,6 +50,21 @@ run-firestore: install install-node
 test: install install-node install-browser
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
 
+# The side-by-side benchmark's Node tools (reference server, load generator), locked apart
+# from the test suite's.
+bench/node/node_modules/.installed: bench/node/package.json bench/node/package-lock.json
+	command -v node >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
+	cd bench/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install-bench: bench/node/node_modules/.installed
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+
+# This server against Node's Socket.IO on this machine (docs/benchmarks.md); takes minutes.
+# RATES="100 200 500 2000" DUR=8 IDLE=1 as in ../shared/bench/compare.sh.
+bench: install install-bench
+	.venv/bin/python -m bench.side_by_side
+
 lint: install
 	$(UV) run --frozen ruff check server tests bench
 	$(UV) run --frozen ruff format --check server tests bench
@@ -59,4 +74,4 @@ format: install
 	$(UV) run --frozen ruff check --fix server tests bench
 
 clean:
-	rm -rf .venv .tools node_modules .pytest_cache .ruff_cache .run data
+	rm -rf .venv .tools node_modules bench/node/node_modules .pytest_cache .ruff_cache .run data
