@@ -68,6 +68,7 @@ bench: install install-bench
 lint: install
 	$(UV) run --frozen ruff check server tests bench
 	$(UV) run --frozen ruff format --check server tests bench
+	$(UV) run --frozen lint-imports
 
 format: install
 	$(UV) run --frozen ruff format server tests bench

@@ -25,7 +25,7 @@ import statistics
 import time
 import uuid
 
-from server.models import MessageDraft
+from server.core.models import MessageDraft
 from server.store.firestore import FirestoreStore
 from tests.support.firestore_emulator import FirestoreEmulator
 

@@ -9,9 +9,7 @@ token signed with an RSA public key can never verify), ``exp`` and ``sub`` requi
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qs
 
@@ -19,11 +17,11 @@ import httpx
 import jwt
 import structlog
 
-from .config import Settings
+from server.core.ids import USER_ID_RULE, is_user_id
+from server.core.models import Identity
 
 log = structlog.get_logger(__name__)
 
-USER_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 RefusalCode = Literal["missing_token", "invalid_token", "token_expired"]
 JWKS_MIN_REFRESH_SECONDS = 60.0
 
@@ -37,14 +35,11 @@ class AuthError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who a verified token speaks for."""
-
-    user_id: str
-    name: str
-    expires_at: float
-    role: str | None = None
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if header and header[:7].lower() == "bearer " and header[7:].strip():
+        return header[7:].strip()
+    return None
 
 
 def token_from_connect(auth: Any, environ: dict) -> str | None:
@@ -53,9 +48,9 @@ def token_from_connect(auth: Any, environ: dict) -> str | None:
         token = auth.get("token")
         if isinstance(token, str) and token:
             return token
-    header = environ.get("HTTP_AUTHORIZATION", "")
-    if header[:7].lower() == "bearer " and header[7:].strip():
-        return header[7:].strip()
+    bearer = bearer_token(environ.get("HTTP_AUTHORIZATION", ""))
+    if bearer:
+        return bearer
     values = parse_qs(environ.get("QUERY_STRING", "")).get("token")
     return values[0] if values and values[0] else None
 
@@ -115,19 +110,34 @@ def jwt_set_keys(jwk_set: jwt.PyJWKSet) -> list[jwt.PyJWK]:
 
 
 class TokenVerifier:
-    """Verifies connection tokens against the configured keys and claims."""
+    """Verifies connection tokens against the configured keys and claims.
 
-    def __init__(self, settings: Settings) -> None:
-        self.algorithms = list(settings.JWT_ALGORITHMS)
+    Invariant: only ``algorithms`` are accepted, and they are one family (HS* or
+    public-key), so an HS token signed with a public key can never verify.
+    """
+
+    def __init__(
+        self,
+        *,
+        algorithms: list[str],
+        secret: str = "",
+        public_key: str = "",
+        jwks_url: str = "",
+        jwks_min_refresh: float = JWKS_MIN_REFRESH_SECONDS,
+        audience: str = "",
+        issuer: str = "",
+        leeway: float = 0,
+    ) -> None:
+        self.algorithms = list(algorithms)
         self.hmac = all(alg.startswith("HS") for alg in self.algorithms)
-        self.secret = settings.JWT_SECRET
-        self.public_key = settings.JWT_PUBLIC_KEY.replace("\\n", "\n")
-        self.audience = settings.JWT_AUDIENCE or None
-        self.issuer = settings.JWT_ISSUER or None
-        self.leeway = settings.JWT_LEEWAY
+        self.secret = secret
+        self.public_key = public_key.replace("\\n", "\n")
+        self.audience = audience or None
+        self.issuer = issuer or None
+        self.leeway = leeway
         self.jwks = (
-            JwksCache(settings.JWT_JWKS_URL, min_refresh=settings.JWT_JWKS_MIN_REFRESH)
-            if settings.JWT_JWKS_URL and not self.hmac
+            JwksCache(jwks_url, min_refresh=jwks_min_refresh)
+            if jwks_url and not self.hmac
             else None
         )
 
@@ -163,24 +173,32 @@ class TokenVerifier:
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise AuthError("invalid_token", str(exc) or type(exc).__name__) from exc
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not USER_ID.match(sub):
-            raise AuthError("invalid_token", "sub must be 1-128 characters of [A-Za-z0-9_.:@-]")
+        if not is_user_id(sub):
+            raise AuthError("invalid_token", f"sub must be {USER_ID_RULE}")
         name = claims.get("name")
         name = name[:128] if isinstance(name, str) and name.strip() else sub
         role = claims.get("role") if isinstance(claims.get("role"), str) else None
         return Identity(user_id=sub, name=name, expires_at=float(claims["exp"]), role=role)
 
 
-def mint_dev_token(
-    settings: Settings, user_id: str, name: str | None, ttl: float = 3600 * 12
-) -> str:
-    """A token for development and the demo page (only served when DEV_TOKENS is true)."""
-    now = int(time.time())
-    claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + int(ttl)}
-    if name:
-        claims["name"] = name
-    if settings.JWT_AUDIENCE:
-        claims["aud"] = settings.JWT_AUDIENCE
-    if settings.JWT_ISSUER:
-        claims["iss"] = settings.JWT_ISSUER
-    return jwt.encode(claims, settings.JWT_SECRET, algorithm=settings.JWT_ALGORITHMS[0])
+class DevTokens:
+    """Mints tokens for development and the demo page (served only when DEV_TOKENS is true)."""
+
+    def __init__(
+        self, *, secret: str, algorithm: str, audience: str = "", issuer: str = ""
+    ) -> None:
+        self.secret = secret
+        self.algorithm = algorithm
+        self.audience = audience
+        self.issuer = issuer
+
+    def mint(self, user_id: str, name: str | None, ttl: float = 3600 * 12) -> str:
+        now = int(time.time())
+        claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + int(ttl)}
+        if name:
+            claims["name"] = name
+        if self.audience:
+            claims["aud"] = self.audience
+        if self.issuer:
+            claims["iss"] = self.issuer
+        return jwt.encode(claims, self.secret, algorithm=self.algorithm)

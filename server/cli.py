@@ -6,14 +6,14 @@ import argparse
 import asyncio
 import sys
 
-from .config import ConfigError, Settings, load_settings
+from server.config import ConfigError, Settings, load_settings
 
 
 async def _check_backends(settings: Settings) -> list[str]:
-    from .store import create_store
+    from server.factories import build_store
 
     problems: list[str] = []
-    store = create_store(settings)
+    store = build_store(settings)
     try:
         await asyncio.wait_for(store.start(), settings.STORE_TIMEOUT * 2)
         await asyncio.wait_for(store.ping(), settings.STORE_TIMEOUT)
@@ -26,9 +26,10 @@ async def _check_backends(settings: Settings) -> list[str]:
         except Exception:
             pass
     if settings.redis_configured:
-        from .cluster.connection import create_redis
+        from server.bus.connection import create_redis
+        from server.factories import redis_config
 
-        redis = create_redis(settings)
+        redis = create_redis(redis_config(settings))
         try:
             await asyncio.wait_for(redis.ping(), settings.REDIS_TIMEOUT)
             mode = "cluster" if settings.REDIS_CLUSTER else "standalone/sentinel"
@@ -62,7 +63,7 @@ def check_config() -> int:
 
 
 def verify(urls: list[str], token_secret: str | None, token: str | None, timeout: float) -> int:
-    from .verify import Verifier
+    from server.verify import Verifier
 
     if not (token_secret or token):
         print("verify needs --token-secret (to mint test tokens) or --token", file=sys.stderr)

@@ -18,8 +18,8 @@ from urllib.parse import quote
 from dynaconf import Dynaconf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-ROOT = Path(__file__).resolve().parent.parent
-SETTINGS_FILE = ROOT / "settings.toml"
+from server.resources import SETTINGS_FILE
+
 ENV_SWITCH = "CHAT_ENV"
 
 
@@ -177,7 +177,7 @@ class Settings(BaseModel):
     @property
     def sqlite_path(self) -> Path:
         path = Path(self.SQLITE_PATH)
-        return path if path.is_absolute() else ROOT / path
+        return path if path.is_absolute() else Path.cwd() / path
 
 
 _INSTANCE_SUFFIX = uuid.uuid4().hex[:6]

@@ -15,8 +15,8 @@ import uuid
 import pytest
 import socketio
 
-from server.cluster.manager import RedisManager
-from server.cluster.sharded import ClusterManager, FastRetryRedisManager
+from server.bus.manager import RedisManager
+from server.bus.sharded import ClusterManager, FastRetryRedisManager
 
 logger = logging.getLogger("tests.cluster_manager")
 

@@ -13,8 +13,8 @@ import time
 import pytest
 from google.api_core import exceptions as gexc
 
-from server.errors import SeqTaken, StoreUnavailable
-from server.models import MessageDraft
+from server.core.errors import SeqTaken, StoreUnavailable
+from server.core.models import MessageDraft
 from server.store import firestore as firestore_module
 from server.store.firestore import FirestoreStore
 from tests.support.firestore_emulator import FirestoreEmulator

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from server.auth import Identity
-from server.errors import StoreUnavailable
-from server.messages import MessageService
-from server.models import MessageDraft
-from server.payloads import SendMessage
-from server.rooms import RoomService
+from server.core.errors import StoreUnavailable
+from server.core.models import MessageDraft
+from server.services.messages import MessageService
+from server.services.payloads import SendMessage
+from server.services.rooms import RoomService
 from server.store.memory import MemoryStore
 
 

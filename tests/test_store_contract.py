@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from server.errors import SeqTaken
-from server.models import MessageDraft, Room
+from server.core.errors import SeqTaken
+from server.core.models import MessageDraft, Room
 
 
 def draft(room: str, client_id: str, text: str = "hi", sender: str = "alice") -> MessageDraft:

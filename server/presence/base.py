@@ -63,7 +63,3 @@ class Presence(ABC):
     @abstractmethod
     async def online_users(self) -> int:
         """How many users are online (grace periods included)."""
-
-    @abstractmethod
-    async def connection_count(self) -> int:
-        """Live connections across every instance."""

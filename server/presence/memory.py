@@ -6,8 +6,8 @@ import asyncio
 
 import structlog
 
-from ..models import utcnow
-from .base import Presence, PresenceState, Transition, TransitionHandler
+from server.core.models import utcnow
+from server.presence.base import Presence, PresenceState, Transition, TransitionHandler
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +71,3 @@ class MemoryPresence(Presence):
 
     async def online_users(self) -> int:
         return len(self._online)
-
-    async def connection_count(self) -> int:
-        return sum(len(c) for c in self._connections.values())

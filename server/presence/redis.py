@@ -23,12 +23,13 @@ from datetime import datetime
 
 import structlog
 
-from .. import metrics
-from ..cluster.connection import RedisClient
-from ..cluster.keys import PRESENCE_BUCKETS, Keys
-from ..cluster.registry import InstanceRegistry
-from ..models import iso, parse_iso, utcnow
-from .base import Presence, PresenceState, Transition, TransitionHandler
+from server.bus.connection import RedisClient
+from server.bus.keys import PRESENCE_BUCKETS, Keys
+from server.bus.registry import InstanceRegistry
+from server.core import metrics
+from server.core.locks import KeyedLock
+from server.core.models import iso, parse_iso, utcnow
+from server.presence.base import Presence, PresenceState, Transition, TransitionHandler
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +84,7 @@ class RedisPresence(Presence):
         self._disconnect = redis.register_script(DISCONNECT)
         self._expire = redis.register_script(EXPIRE_GRACE)
         self._tasks: list[asyncio.Task] = []
-        self._locks = [asyncio.Lock() for _ in range(64)]  # striped by user id
+        self._locks = KeyedLock()  # a user's changes on this instance run in order
         self.redis_ok = True
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -121,7 +122,7 @@ class RedisPresence(Presence):
 
     async def _run(self, op: str, user_id: str, conn_id: str, when: datetime) -> None:
         """One user's changes run one at a time, so a disconnect never overtakes its connect."""
-        async with self._locks[hash(user_id) % len(self._locks)]:
+        async with self._locks.hold(user_id):
             with metrics.timed(metrics.REDIS_LATENCY, f"presence_{op}"):
                 await self._run_unlocked(op, user_id, conn_id, when)
 
@@ -254,6 +255,3 @@ class RedisPresence(Presence):
                 pipe.hlen(online)
                 pipe.zcard(grace)
             return sum(await pipe.execute())
-
-    async def connection_count(self) -> int:
-        return sum(info.connections for info in await self.registry.live())

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from datetime import datetime
 
-from ..models import AddResult, Message, MessageDraft, Room, UserRecord
+from server.core.models import AddResult, Message, MessageDraft, Room, UserRecord
 
 
 class Store(ABC):

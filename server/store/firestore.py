@@ -36,8 +36,7 @@ import asyncio
 import os
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -51,9 +50,18 @@ from google.cloud.firestore_v1.services.firestore.transports.grpc_asyncio import
     FirestoreGrpcAsyncIOTransport,
 )
 
-from ..errors import SeqTaken, StoreUnavailable
-from ..models import AddResult, Message, MessageDraft, Room, UserRecord, message_id, utcnow
-from .base import Store
+from server.core.errors import SeqTaken, StoreUnavailable
+from server.core.locks import KeyedLock
+from server.core.models import (
+    AddResult,
+    Message,
+    MessageDraft,
+    Room,
+    UserRecord,
+    message_id,
+    utcnow,
+)
+from server.store.base import Store
 
 T = TypeVar("T")
 
@@ -160,31 +168,6 @@ class _SeqConflict(Exception):
         self.seq = seq
 
 
-class _KeyedLocks:
-    """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple, list] = {}  # key -> [lock, users]
-
-    @asynccontextmanager
-    async def hold(self, key: tuple, deadline: float) -> AsyncIterator[None]:
-        entry = self._entries.get(key)
-        if entry is None:
-            entry = self._entries[key] = [asyncio.Lock(), 0]
-        entry[1] += 1
-        try:
-            async with asyncio.timeout_at(deadline):
-                await entry[0].acquire()
-            try:
-                yield
-            finally:
-                entry[0].release()
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                self._entries.pop(key, None)
-
-
 def _utc(value: Any) -> datetime | None:
     """A plain aware UTC datetime from what Firestore returns (DatetimeWithNanoseconds)."""
     if value is None:
@@ -246,18 +229,8 @@ class FirestoreStore(Store):
         self.budget = 2 * timeout
         self.credentials_file = credentials_file
         self._client: _Client | None = None
-        self._locks = _KeyedLocks()
+        self._locks = KeyedLock()
         self._background: set[asyncio.Task] = set()
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> FirestoreStore:
-        return cls(
-            project=settings.FIRESTORE_PROJECT,
-            emulator_host=settings.FIRESTORE_EMULATOR_HOST,
-            database=settings.FIRESTORE_DATABASE,
-            timeout=settings.STORE_TIMEOUT,
-            credentials_file=settings.GOOGLE_APPLICATION_CREDENTIALS,
-        )
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -6,9 +6,17 @@ import bisect
 from dataclasses import replace
 from datetime import datetime
 
-from ..errors import SeqTaken
-from ..models import AddResult, Message, MessageDraft, Room, UserRecord, message_id, utcnow
-from .base import Store
+from server.core.errors import SeqTaken
+from server.core.models import (
+    AddResult,
+    Message,
+    MessageDraft,
+    Room,
+    UserRecord,
+    message_id,
+    utcnow,
+)
+from server.store.base import Store
 
 
 class MemoryStore(Store):

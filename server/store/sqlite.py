@@ -18,9 +18,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
-from ..errors import SeqTaken, StoreUnavailable
-from ..models import AddResult, Message, MessageDraft, Room, UserRecord, message_id, utcnow
-from .base import Store
+from server.core.errors import SeqTaken, StoreUnavailable
+from server.core.models import (
+    AddResult,
+    Message,
+    MessageDraft,
+    Room,
+    UserRecord,
+    message_id,
+    utcnow,
+)
+from server.store.base import Store
 
 T = TypeVar("T")
 

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import threading
 
-from .servers import free_port
+from tests.support.servers import free_port
 
 
 class RoundRobinBalancer:

@@ -8,7 +8,7 @@ from typing import Any
 
 import socketio
 
-from .servers import make_token
+from tests.support.servers import make_token
 
 NAMESPACE = "/chat"
 
@@ -93,7 +93,7 @@ async def send(client: ChatClient, room: str, text: str, client_id: str | None =
 
 async def connect_and_close(url: str, user: str) -> None:
     """Open a connection for ``user`` and close it at once (no waiting for ``session``)."""
-    from .servers import make_token
+    from tests.support.servers import make_token
 
     client = socketio.AsyncClient(reconnection=False)
     await client.connect(

@@ -48,7 +48,7 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, wait: bool = True, timeout: float = 20.0) -> ServerProcess:
+    def start(self, wait: bool = True, timeout: float = 60.0) -> ServerProcess:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = LOG_DIR / f"server-{self.port}-{int(time.time() * 1000)}.log"
         env = {

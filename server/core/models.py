@@ -26,9 +26,22 @@ def parse_iso(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def room_kind(room_id: str) -> RoomKind:
-    """Direct rooms are recognised by their id; others are public until created private."""
-    return "direct" if room_id.startswith("dm:") else "public"
+def iso_from_epoch(seconds: float) -> str | None:
+    """``iso`` of a Unix time; None beyond what a datetime holds (year > 9999)."""
+    try:
+        return iso(datetime.fromtimestamp(seconds, UTC))
+    except (OverflowError, ValueError, OSError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a verified token speaks for."""
+
+    user_id: str
+    name: str
+    expires_at: float
+    role: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,8 +12,8 @@ import json
 import time
 from dataclasses import dataclass
 
-from .connection import RedisClient
-from .keys import Keys
+from server.bus.connection import RedisClient
+from server.bus.keys import Keys
 
 MISSED_HEARTBEATS = 3
 # Scripts touch keys of the ``{P:instances}`` tag only, so they work on Redis Cluster.

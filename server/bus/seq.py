@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from .. import metrics
-from .connection import RedisClient
-from .keys import Keys
+from server.bus.connection import RedisClient
+from server.bus.keys import Keys
+from server.core import metrics
 
 INCR_IF_SEEDED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end

@@ -3,39 +3,21 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Protocol
 
 import structlog
 
-from . import metrics
-from .auth import Identity
-from .errors import ChatError, SeqTaken, StoreUnavailable
-from .models import AddResult, Message, MessageDraft
-from .payloads import History, MarkRead, SendMessage
-from .rooms import RoomService
-from .store.base import Store
+from server.core import metrics
+from server.core.errors import ChatError, SeqTaken, StoreUnavailable
+from server.core.models import AddResult, Identity, Message, MessageDraft
+from server.services.payloads import History, MarkRead, SendMessage
+from server.services.ports import Fanout, SeqAllocator
+from server.services.rooms import RoomService
+from server.store.base import Store
 
 log = structlog.get_logger(__name__)
 
 SEQ_ATTEMPTS = 8
 MISSED_LIMIT = 100
-
-
-class Fanout(Protocol):
-    """Delivers an event to every socket joined to a room, on every instance."""
-
-    async def to_room(
-        self, room_id: str, event: str, data: dict, skip_sid: str | None = None
-    ) -> None: ...
-
-
-class SeqAllocator(Protocol):
-    """Hands out a room's next seq outside the store (e.g. Redis INCR)."""
-
-    async def next(self, room_id: str) -> int: ...
-
-    async def advance(self, room_id: str, at_least: int) -> None:
-        """Make sure the next value handed out is above ``at_least``."""
 
 
 def page(
@@ -112,35 +94,36 @@ class MessageService:
         return result.message
 
     async def _store(self, draft: MessageDraft) -> AddResult:
-        if self.allocator is None:
+        allocator = self.allocator
+        if allocator is None:
             return await self.store.add_message(draft)
         existing = await self.store.find_message(draft.room, draft.sender_id, draft.client_id)
         if existing is not None:
             return AddResult(existing, created=False)
         for _ in range(SEQ_ATTEMPTS):
-            seq = await self._next_seq(draft.room)
+            seq = await self._next_seq(allocator, draft.room)
             try:
                 return await self.store.add_message(draft, seq)
             except SeqTaken as taken:
                 log.warning(
                     "messages.seq_taken", room=draft.room, seq=seq, stored_max=taken.max_seq
                 )
-                await self._advance(draft.room, taken.max_seq)
+                await self._advance(allocator, draft.room, taken.max_seq)
         raise StoreUnavailable(f"could not allocate a free seq in room {draft.room!r}")
 
-    async def _next_seq(self, room_id: str) -> int:
+    async def _next_seq(self, allocator: SeqAllocator, room_id: str) -> int:
         """Seq from the allocator; when it is down, the store's max + 1 (conflicts retried)."""
         try:
-            return await self.allocator.next(room_id)
+            return await allocator.next(room_id)
         except StoreUnavailable:
             raise
         except Exception as exc:
             log.warning("messages.allocator_unavailable", room=room_id, error=str(exc))
             return await self.store.last_seq(room_id) + 1
 
-    async def _advance(self, room_id: str, at_least: int) -> None:
+    async def _advance(self, allocator: SeqAllocator, room_id: str, at_least: int) -> None:
         try:
-            await self.allocator.advance(room_id, at_least)
+            await allocator.advance(room_id, at_least)
         except Exception as exc:
             log.warning("messages.allocator_advance_failed", room=room_id, error=str(exc))
 

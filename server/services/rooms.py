@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .auth import USER_ID, Identity
-from .errors import ChatError
-from .models import Room
-from .payloads import ChangeMembers, CreateRoom
-from .store.base import Store
+from server.core.errors import ChatError
+from server.core.ids import is_user_id
+from server.core.models import Identity, Room, RoomKind
+from server.services.payloads import ChangeMembers, CreateRoom
+from server.store.base import Store
 
 
 def direct_members(room_id: str) -> tuple[str, str] | None:
@@ -22,7 +22,7 @@ def direct_members(room_id: str) -> tuple[str, str] | None:
     for index, char in enumerate(rest):
         if char == ":":
             a, b = rest[:index], rest[index + 1 :]
-            if USER_ID.match(a) and USER_ID.match(b) and a < b:
+            if is_user_id(a) and is_user_id(b) and a < b:
                 found.append((a, b))
     return found[0] if len(found) == 1 else None
 
@@ -95,7 +95,7 @@ class RoomService:
     async def create(self, who: Identity, request: CreateRoom) -> Room:
         if request.room.startswith("dm:"):
             raise ChatError("bad_request", "direct rooms are created by joining dm:<a>:<b>")
-        kind = "private" if request.private else "public"
+        kind: RoomKind = "private" if request.private else "public"
         members = sorted({who.user_id, *request.members})
         room, created = await self.store.create_room(
             Room(request.room, kind, request.name or request.room, owner=who.user_id), members

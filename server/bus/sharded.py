@@ -32,7 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from socketio.async_pubsub_manager import AsyncPubSubManager
 
-from .manager import ControlEvents, RedisManager
+from server.bus.manager import ControlEvents, RedisManager
 
 log = structlog.get_logger(__name__)
 

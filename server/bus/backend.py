@@ -4,41 +4,38 @@ from __future__ import annotations
 
 import socketio
 
-from .. import metrics
-from ..config import Settings
-from .connection import client_options, create_redis
-from .keys import Keys
-from .registry import InstanceRegistry
+from server.bus.connection import RedisConfig, client_options, create_redis
+from server.bus.keys import Keys
+from server.bus.registry import InstanceRegistry
+from server.core import metrics
 
 
 class RedisBackend:
     """What an instance needs from Redis besides presence: health, figures, the manager."""
 
-    def __init__(self, settings: Settings, instance_id: str) -> None:
-        self.settings = settings
-        self.redis = create_redis(settings)
-        self.keys = Keys(settings.REDIS_KEY_PREFIX)
-        self.registry = InstanceRegistry(
-            self.redis, self.keys, instance_id, settings.WS_HEARTBEAT_INTERVAL
-        )
-        self.channel = f"{settings.REDIS_KEY_PREFIX}socketio"
+    def __init__(self, config: RedisConfig, instance_id: str, heartbeat_interval: float) -> None:
+        self.config = config
+        self.redis = create_redis(config)
+        self.keys = Keys(config.key_prefix)
+        self.registry = InstanceRegistry(self.redis, self.keys, instance_id, heartbeat_interval)
+        self.channel = f"{config.key_prefix}socketio"
 
     def manager(self) -> socketio.AsyncManager:
         """The Socket.IO manager that carries emits between instances."""
-        options = client_options(self.settings)
+        options = client_options(self.config)
         options.pop("retry")
-        if self.settings.REDIS_CLUSTER:
-            from .sharded import ClusterManager
+        if self.config.cluster:
+            from server.bus.sharded import ClusterManager
 
             return ClusterManager(
-                self.settings.pubsub_url, channel=self.channel, redis_options=options
+                self.config.pubsub_url, channel=self.channel, redis_options=options
             )
         try:
-            from .sharded import FastRetryRedisManager as PlainManager
+            from server.bus.sharded import FastRetryRedisManager as PlainManager
         except ImportError:
-            from .manager import RedisManager as PlainManager
+            from server.bus.manager import RedisManager as PlainManager
 
-        return PlainManager(self.settings.pubsub_url, channel=self.channel, redis_options=options)
+        return PlainManager(self.config.pubsub_url, channel=self.channel, redis_options=options)
 
     async def ping(self) -> None:
         with metrics.timed(metrics.REDIS_LATENCY, "ping"):

@@ -6,7 +6,7 @@ from typing import Annotated, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from .errors import ChatError
+from server.core.errors import ChatError
 
 # Direct rooms (dm:<a>:<b>) may also hold "@", since user ids may (e-mail-like ids).
 RoomId = Annotated[

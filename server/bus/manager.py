@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import socketio
 import structlog
 
-from .. import metrics
+from server.core import metrics
 
 log = structlog.get_logger(__name__)
 

@@ -1,0 +1,59 @@
+"""Redis clients: standalone (TLS, ACL user, DB), Sentinel, or Redis Cluster."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from socketio.redis_manager import parse_redis_sentinel_url
+
+RedisClient = aioredis.Redis | RedisCluster
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """Where Redis is and how to talk to it.
+
+    ``url`` carries the state (presence, registry, seq); ``pubsub_url`` the Socket.IO
+    traffic between instances (the same server unless a separate pub/sub Redis is set).
+    ``cluster`` means Redis Cluster (sharded pub/sub), nothing else.
+    """
+
+    url: str
+    pubsub_url: str
+    cluster: bool = False
+    timeout: float = 5.0
+    key_prefix: str = "chat:"
+
+
+def client_options(config: RedisConfig) -> dict[str, Any]:
+    """Timeouts and retries shared by every client we build."""
+    return {
+        "socket_timeout": config.timeout,
+        "socket_connect_timeout": config.timeout,
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2),
+        "health_check_interval": 15,
+    }
+
+
+def create_redis(config: RedisConfig, url: str | None = None) -> RedisClient:
+    """A client of ``url`` (default: the state Redis) with the shared options."""
+    url = url or config.url
+    options = client_options(config)
+    if config.cluster:
+        options.pop("health_check_interval")
+        return RedisCluster.from_url(url, **options)
+    if urlparse(url).scheme in {"redis+sentinel", "valkey+sentinel"}:
+        sentinels, service, connection = parse_redis_sentinel_url(url)
+        sentinel = aioredis.Sentinel(
+            sentinels,
+            sentinel_kwargs={"socket_timeout": config.timeout},
+            **{**options, **connection},
+        )
+        return sentinel.master_for(service)  # configuration insists on a service name
+    return aioredis.Redis.from_url(url, **options)

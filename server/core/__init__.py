@@ -1,0 +1,1 @@
+"""The bottom layer: models, errors, ids, metrics and small utilities. Imports nothing of ours."""

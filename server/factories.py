@@ -1,0 +1,70 @@
+"""Parts built from settings, shared by the composition root and the operator CLI."""
+
+from __future__ import annotations
+
+from server.auth import DevTokens, TokenVerifier
+from server.bus.connection import RedisConfig
+from server.config import Settings
+from server.core import metrics
+from server.store.base import Store
+
+
+def build_store(settings: Settings) -> Store:
+    """The configured store, with every call timed into ``chat_store_seconds``."""
+    if settings.STORE == "memory":
+        from server.store.memory import MemoryStore
+
+        store: Store = MemoryStore()
+    elif settings.STORE == "firestore":
+        from server.store.firestore import FirestoreStore
+
+        store = FirestoreStore(
+            project=settings.FIRESTORE_PROJECT,
+            emulator_host=settings.FIRESTORE_EMULATOR_HOST,
+            database=settings.FIRESTORE_DATABASE,
+            timeout=settings.STORE_TIMEOUT,
+            credentials_file=settings.GOOGLE_APPLICATION_CREDENTIALS,
+        )
+    else:
+        from server.store.sqlite import SQLiteStore
+
+        store = SQLiteStore(settings.sqlite_path, timeout=settings.STORE_TIMEOUT)
+    return metrics.TimedStore(store)  # type: ignore[return-value]
+
+
+def build_verifier(settings: Settings) -> TokenVerifier:
+    return TokenVerifier(
+        algorithms=settings.JWT_ALGORITHMS,
+        secret=settings.JWT_SECRET,
+        public_key=settings.JWT_PUBLIC_KEY,
+        jwks_url=settings.JWT_JWKS_URL,
+        jwks_min_refresh=settings.JWT_JWKS_MIN_REFRESH,
+        audience=settings.JWT_AUDIENCE,
+        issuer=settings.JWT_ISSUER,
+        leeway=settings.JWT_LEEWAY,
+    )
+
+
+def dev_tokens(settings: Settings) -> tuple[DevTokens | None, str]:
+    """The development token minter, or None and why it is off."""
+    if not settings.DEV_TOKENS:
+        return None, "development tokens are disabled (DEV_TOKENS=false)"
+    if not settings.JWT_ALGORITHMS[0].startswith("HS"):
+        return None, "development tokens need an HS* algorithm and JWT_SECRET"
+    minter = DevTokens(
+        secret=settings.JWT_SECRET,
+        algorithm=settings.JWT_ALGORITHMS[0],
+        audience=settings.JWT_AUDIENCE,
+        issuer=settings.JWT_ISSUER,
+    )
+    return minter, ""
+
+
+def redis_config(settings: Settings) -> RedisConfig:
+    return RedisConfig(
+        url=settings.redis_url,
+        pubsub_url=settings.pubsub_url,
+        cluster=settings.REDIS_CLUSTER,
+        timeout=settings.REDIS_TIMEOUT,
+        key_prefix=settings.REDIS_KEY_PREFIX,
+    )

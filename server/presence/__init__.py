@@ -1,0 +1,1 @@
+"""Presence backends: who is online, each transition decided exactly once (memory, Redis)."""

@@ -1,0 +1,35 @@
+"""What the services need from the outside world, as small protocols.
+
+The transport implements ``Fanout`` and ``PresenceAnnouncer`` (Socket.IO rooms across
+instances); the inter-instance bus implements ``SeqAllocator`` (Redis INCR). Services
+import these protocols, never the implementations.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from server.presence.base import Transition
+
+
+class Fanout(Protocol):
+    """Delivers an event to every socket joined to a room, on every instance."""
+
+    async def to_room(
+        self, room_id: str, event: str, data: dict, skip_sid: str | None = None
+    ) -> None: ...
+
+
+class PresenceAnnouncer(Protocol):
+    """Tells every socket that follows a user about that user's transition."""
+
+    async def announce(self, transition: Transition) -> None: ...
+
+
+class SeqAllocator(Protocol):
+    """Hands out a room's next seq outside the store (e.g. Redis INCR)."""
+
+    async def next(self, room_id: str) -> int: ...
+
+    async def advance(self, room_id: str, at_least: int) -> None:
+        """Make sure the next value handed out is above ``at_least``."""

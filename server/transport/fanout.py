@@ -1,0 +1,81 @@
+"""Outbound: events to rooms, presence announcements, and the control events between instances.
+
+Emits go through the Socket.IO client manager, which carries them to every instance (Redis
+pub/sub) or keeps them in this process (single instance). Control events are emits named
+``$chat:…``; the manager hands them to :meth:`Fanout.on_control` on every instance instead
+of to clients (see ``server/bus/manager.py``).
+
+``$chat:evict {room, users}`` removes the listed users' sockets from a room wherever they
+are connected. One event per request, whatever the number of users; each instance finds
+the affected sockets through the per-user Socket.IO room (an index), never by scanning
+every connection.
+"""
+
+from __future__ import annotations
+
+import socketio
+
+from server.core.models import iso
+from server.presence.base import Transition
+from server.transport.channels import NAMESPACE, presence_channel, room_channel, user_channel
+from server.transport.connections import ConnectionRegistry
+
+EVICT = "evict"
+
+
+class Fanout:
+    """Implements the services' ``Fanout`` and ``PresenceAnnouncer`` on Socket.IO rooms."""
+
+    def __init__(self, sio: socketio.AsyncServer, registry: ConnectionRegistry) -> None:
+        self.sio = sio
+        self.registry = registry
+
+    async def to_room(
+        self, room_id: str, event: str, data: dict, skip_sid: str | None = None
+    ) -> None:
+        await self.sio.emit(
+            event, data, room=room_channel(room_id), skip_sid=skip_sid, namespace=NAMESPACE
+        )
+
+    async def to_local_sid(self, sid: str, event: str, data: dict) -> None:
+        """One socket of this instance: no round trip through Redis."""
+        await self.sio.emit(event, data, to=sid, namespace=NAMESPACE, ignore_queue=True)
+
+    async def announce(self, transition: Transition) -> None:
+        await self.sio.emit(
+            "presence",
+            {
+                "user": transition.user_id,
+                "status": transition.status,
+                "last_seen": iso(transition.last_seen),
+            },
+            room=presence_channel(transition.user_id),
+            namespace=NAMESPACE,
+        )
+
+    async def evict(self, room_id: str, user_ids: list[str]) -> None:
+        """Remove ``user_ids``' sockets from ``room_id`` on every instance (one control event)."""
+        if user_ids:
+            await self.sio.emit(
+                f"$chat:{EVICT}", {"room": room_id, "users": user_ids}, namespace=NAMESPACE
+            )
+
+    async def on_control(self, name: str, data: dict) -> None:
+        """A control event from any instance (this one included)."""
+        if name == EVICT:
+            users = data.get("users")
+            if not isinstance(users, list):  # the single-user form of earlier releases
+                users = [data.get("user")]
+            await self.evict_local(str(data.get("room")), [str(u) for u in users])
+
+    async def evict_local(self, room_id: str, user_ids: list[str]) -> None:
+        """Make this instance's sockets of ``user_ids`` leave ``room_id``; O(their sockets)."""
+        manager = self.sio.manager
+        for user_id in user_ids:
+            for sid, _ in list(manager.get_participants(NAMESPACE, user_channel(user_id))):
+                conn = self.registry.get(sid)
+                if conn is None or room_id not in conn.joined:
+                    continue
+                conn.joined.discard(room_id)
+                await self.sio.leave_room(sid, room_channel(room_id), namespace=NAMESPACE)
+                await self.to_local_sid(sid, "room:removed", {"room": room_id})

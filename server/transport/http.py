@@ -1,0 +1,83 @@
+"""HTTP routes beside Socket.IO: health, development tokens, stats, metrics, the demo page.
+
+The routes read one :class:`HttpContext`, built by the composition root and kept on
+``app.state.http``; they hold no state of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from server.auth import AuthError, DevTokens, TokenVerifier, bearer_token
+from server.core.ids import USER_ID_PATTERN
+from server.services.figures import Figures
+from server.services.health import Health
+
+router = APIRouter()
+
+
+@dataclass(frozen=True, slots=True)
+class HttpContext:
+    """What the HTTP routes need. ``dev_tokens`` is None when they are not served, and
+    ``dev_tokens_off`` then says why."""
+
+    health: Health
+    figures: Figures
+    verifier: TokenVerifier
+    dev_tokens: DevTokens | None
+    dev_tokens_off: str
+    demo_dir: Path
+
+
+def context(request: Request) -> HttpContext:
+    return request.app.state.http
+
+
+@router.get("/api/health")
+async def health(request: Request) -> JSONResponse:
+    body, healthy = await context(request).health.report()
+    return JSONResponse(body, status_code=200 if healthy else 503)
+
+
+class DevTokenRequest(BaseModel):
+    user: Annotated[str, Field(pattern=f"^{USER_ID_PATTERN}$")]
+    name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+
+
+@router.post("/api/dev/token")
+async def dev_token(body: DevTokenRequest, request: Request) -> dict:
+    ctx = context(request)
+    if ctx.dev_tokens is None:
+        raise HTTPException(404, ctx.dev_tokens_off)
+    return {"token": ctx.dev_tokens.mint(body.user, body.name)}
+
+
+@router.get("/api/stats")
+async def stats(request: Request) -> dict:
+    """Instance and cluster figures, for an admin token (claim ``role: "admin"``)."""
+    ctx = context(request)
+    token = bearer_token(request.headers.get("authorization")) or request.query_params.get("token")
+    try:
+        identity = await ctx.verifier.verify(token)
+    except AuthError as exc:
+        raise HTTPException(401, f"{exc.code}: {exc.reason}") from None
+    if identity.role != "admin":
+        raise HTTPException(403, "an admin token (claim role: admin) is required")
+    return await ctx.figures.collect()
+
+
+@router.get("/metrics")
+async def metrics_text() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", include_in_schema=False)
+async def demo_page(request: Request) -> FileResponse:
+    return FileResponse(context(request).demo_dir / "index.html")
