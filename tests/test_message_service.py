@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from server.auth import Identity
 from server.core.errors import StoreUnavailable
-from server.core.models import MessageDraft
+from server.core.models import Identity, MessageDraft
 from server.services.messages import MessageService
 from server.services.payloads import SendMessage
 from server.services.rooms import RoomService

@@ -1,0 +1,162 @@
+"""The /chat handlers in process: the guard, routing, admission and fan-out on a fake server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import socketio
+
+from server.auth import TokenVerifier
+from server.core.ratelimit import WindowCounter
+from server.core.state import InstanceState
+from server.presence.memory import MemoryPresence
+from server.services.messages import MessageService
+from server.services.presence import PresenceService
+from server.services.rooms import RoomService
+from server.store.memory import MemoryStore
+from server.transport.channels import room_channel, user_channel
+from server.transport.connections import Admission, ConnectionRegistry
+from server.transport.fanout import Fanout
+from server.transport.namespace import ChatNamespace
+from tests.support.fake_sio import FakeServer
+from tests.support.servers import TEST_SECRET, make_token
+
+
+class Wired:
+    """The parts of one instance as the composition root wires them, on a fake server."""
+
+    def __init__(self, burst: int = 100) -> None:
+        self.sio = FakeServer()
+        self.store = MemoryStore()
+        self.state = InstanceState("test-1", "0")
+        self.registry = ConnectionRegistry()
+        self.fanout = Fanout(self.sio, self.registry)  # type: ignore[arg-type]
+        self.presence = PresenceService(
+            lambda on_t: MemoryPresence(60, on_t), self.store, self.fanout
+        )
+        rooms = RoomService(self.store)
+        self.messages = MessageService(self.store, rooms, self.fanout, max_length=100)
+        verifier = TokenVerifier(algorithms=["HS256"], secret=TEST_SECRET)
+        self.admission = Admission(
+            self.sio,  # type: ignore[arg-type]
+            self.registry,
+            self.state,
+            verifier,
+            self.presence,
+            self.store.upsert_user,
+            connect_limiter=WindowCounter(100, 60.0),
+            events_per_second=0.001,
+            events_burst=burst,
+            trust_proxy_headers=False,
+        )
+        self.ns = ChatNamespace(
+            state=self.state,
+            registry=self.registry,
+            admission=self.admission,
+            verifier=verifier,
+            rooms=rooms,
+            messages=self.messages,
+            presence=self.presence,
+            fanout=self.fanout,
+            max_presence_subscriptions=10,
+        )
+        self.ns._set_server(self.sio)
+
+    async def connect(self, sid: str, user: str, token: str | None = None) -> None:
+        environ = {"asgi.scope": {"client": ("127.0.0.1", 1)}}
+        await self.ns.trigger_event("connect", sid, environ, {"token": token or make_token(user)})
+        self.sio.manager.connected.add(sid)
+
+    async def call(self, sid: str, event: str, data=None):
+        return await self.ns.trigger_event(event, sid, data)
+
+
+@pytest.fixture
+async def wired() -> Wired:
+    made = Wired()
+    await made.store.start()
+    return made
+
+
+async def test_a_refused_token_never_registers_the_socket(wired):
+    with pytest.raises(socketio.exceptions.ConnectionRefusedError) as refused:
+        await wired.connect("s1", "alice", token="not-a-token")
+    assert refused.value.error_args == {
+        "message": "unauthorized",
+        "data": {"code": "invalid_token"},
+    }
+    assert wired.registry.get("s1") is None
+    assert wired.sio.manager.rooms[user_channel("alice")] == set()
+
+
+async def test_send_needs_a_join_and_broadcasts_to_the_room_but_the_sender(wired):
+    await wired.connect("s1", "alice")
+    await wired.connect("s2", "bob")
+    early = await wired.call("s1", "message:send", {"room": "r", "text": "hi", "client_id": "c1"})
+    assert early["ok"] is False and early["error"]["code"] == "forbidden"
+    for sid in ("s1", "s2"):
+        assert (await wired.call(sid, "room:join", {"room": "r"}))["ok"] is True
+    ack = await wired.call("s1", "message:send", {"room": "r", "text": "hi", "client_id": "c1"})
+    assert ack["ok"] is True and ack["message"]["seq"] == 1
+    [sent] = wired.sio.named("message:new")
+    assert (sent.room, sent.skip_sid, sent.data["text"]) == (room_channel("r"), "s1", "hi")
+    assert wired.state.in_flight == 0
+
+
+async def test_the_guard_answers_bad_input_unknown_events_and_failures(wired, monkeypatch):
+    await wired.connect("s1", "alice")
+    not_object = await wired.call("s1", "room:join", ["r"])
+    assert not_object["error"]["code"] == "bad_request"
+    unknown = await wired.call("s1", "room:explode", {})
+    assert unknown["error"] == {"code": "bad_request", "message": "unknown event 'room:explode'"}
+    spoofed = await wired.call("s1", "connect", {})  # a connected socket sending "connect"
+    assert spoofed["error"]["code"] == "bad_request"
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(wired.messages, "history", broken)
+    failed = await wired.call("s1", "message:history", {"room": "r"})
+    assert failed["error"]["code"] == "internal" and "boom" not in failed["error"]["message"]
+    assert wired.state.in_flight == 0
+
+
+async def test_events_past_the_burst_are_rate_limited_known_or_not():
+    wired = Wired(burst=2)
+    await wired.store.start()
+    await wired.connect("s1", "alice")
+    assert (await wired.call("s1", "room:join", {"room": "r"}))["ok"] is True
+    assert (await wired.call("s1", "nope", {}))["error"]["code"] == "bad_request"
+    assert (await wired.call("s1", "room:join", {"room": "r"}))["error"]["code"] == "rate_limited"
+
+
+async def test_removing_members_sends_one_control_event_and_evicts_only_them(wired):
+    for sid, user in (("s1", "alice"), ("s2", "bob"), ("s3", "bob"), ("s4", "eve")):
+        await wired.connect(sid, user)
+    created = await wired.call(
+        "s1", "room:create", {"room": "team", "private": True, "members": ["bob", "eve"]}
+    )
+    assert created["ok"] is True
+    for sid in ("s1", "s2", "s3", "s4"):
+        assert (await wired.call(sid, "room:join", {"room": "team"}))["ok"] is True
+    ack = await wired.call("s1", "room:members:remove", {"room": "team", "users": ["bob", "zed"]})
+    assert ack == {"ok": True, "room": "team", "removed": ["bob"]}
+    [control] = wired.sio.named("$chat:evict")
+    assert control.data == {"room": "team", "users": ["bob"]}
+    await wired.fanout.on_control("evict", control.data)  # what every instance's manager does
+    assert wired.sio.manager.rooms[room_channel("team")] == {"s1", "s4"}
+    assert sorted(e.to for e in wired.sio.named("room:removed")) == ["s2", "s3"]
+
+
+async def test_disconnect_forgets_the_socket_and_its_presence(wired):
+    await wired.connect("s1", "alice")
+    await asyncio.sleep(0)  # after-connect registers presence in the background
+    for _ in range(100):
+        if (await wired.presence.states(["alice"]))["alice"]["status"] == "online":
+            break
+        await asyncio.sleep(0.01)
+    assert (await wired.presence.states(["alice"]))["alice"]["status"] == "online"
+    wired.sio.manager.connected.discard("s1")
+    await wired.ns.trigger_event("disconnect", "s1", "client disconnect")
+    assert wired.registry.get("s1") is None
