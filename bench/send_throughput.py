@@ -10,7 +10,8 @@ them to their rooms: ``--rooms own`` gives each sender its own room (nobody rece
 messages), ``--rooms shared`` puts all K in one room (every send is delivered to the K-1
 others, so they are receivers too). Each sender sends one message at a time, the next as soon
 as the ack arrives, for ``--duration`` seconds (at most ``--max-sends`` each). Figures: acked
-sends per second, ack latency, errors by code, and the CPU each side used.
+sends per second, ack latency, errors by code, store calls per SQLite write transaction
+(``/commit``, the writer's group commit; blank for other stores), and the CPU each side used.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import multiprocessing
 import time
 import uuid
 from collections import Counter
+
+import httpx
 
 from bench.common import (
     CpuMeter,
@@ -35,6 +38,7 @@ from bench.common import (
     running_servers,
     timed_send,
 )
+from tests.support.clients import metric_values
 from tests.support.servers import ServerProcess
 
 TABLE = Table(
@@ -49,11 +53,22 @@ TABLE = Table(
         ("p99 ms", 7, ".1f"),
         ("max ms", 7, ".1f"),
         ("errors", 6, "d"),
+        ("/commit", 7, ".1f"),
         ("srv%", 5, ".0f"),
         ("cli%", 5, ".0f"),
         ("oth%", 5, ".0f"),
     ]
 )
+
+
+def writer_commits(servers: list[ServerProcess]) -> tuple[float, float]:
+    """(transactions, calls in them) of the SQLite writers so far, from /metrics."""
+    batches = calls = 0.0
+    for server in servers:
+        values = metric_values(httpx.get(f"{server.url}/metrics", timeout=10).text)
+        batches += values.get('chat_store_batch_calls_count{lane="writer"}', 0.0)
+        calls += values.get('chat_store_batch_calls_sum{lane="writer"}', 0.0)
+    return batches, calls
 
 
 async def run_case(
@@ -92,6 +107,7 @@ async def run_case(
             else:
                 latencies.append(seconds)
 
+    commits_before = writer_commits(servers)
     try:
         meter.start()
         began = time.monotonic()
@@ -104,6 +120,10 @@ async def run_case(
         )
         elapsed = time.monotonic() - began
         cpu = meter.stop()
+        commits = [
+            after - before
+            for after, before in zip(writer_commits(servers), commits_before, strict=True)
+        ]
     finally:
         await disconnect_all(joined.clients)
 
@@ -119,6 +139,7 @@ async def run_case(
         ms["p99"],
         ms["max"],
         sum(errors.values()),
+        commits[1] / commits[0] if commits[0] else "",
         cpu["server"],
         cpu["clients"],
         cpu["other"],

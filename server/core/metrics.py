@@ -22,6 +22,12 @@ ACKS = Counter("chat_acks_total", "Acks sent, by result code", ["code"])
 AUTH_FAILURES = Counter("chat_auth_failures_total", "Refused connection attempts", ["code"])
 REDIS_LATENCY = Histogram("chat_redis_seconds", "Redis command latency", ["op"])
 STORE_LATENCY = Histogram("chat_store_seconds", "Store call latency", ["op"])
+STORE_BATCH = Histogram(
+    "chat_store_batch_calls",
+    "SQLite store calls that went to a connection's thread together (the writer's commit together)",
+    ["lane"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
 REDIS_MEMORY = Gauge("chat_redis_used_memory_bytes", "Redis used_memory from INFO (sampled)")
 
 

@@ -1,23 +1,31 @@
 """SQLite store: the embedded default. WAL journal; the work runs on two threads of its own.
 
-One connection writes and one reads, each on its own single thread, so the event loop
-never blocks and every transaction runs whole in one hop to its thread (no statement of
-another caller can interleave). WAL lets the reader run beside the writer. Several
-processes on one host may share the file: seq allocation runs inside ``BEGIN IMMEDIATE``
-and ``UNIQUE(room, seq)`` backs it; a lock held elsewhere is waited for up to the timeout.
+One connection writes and one reads, each on its own single thread (a *lane*), so the event
+loop never blocks. Calls that arrive while a lane's thread is busy wait, and then go over
+together in one hop: one thread wake-up and one loop wake-up for the lot instead of one each.
+On the writer's lane everything that went over together runs in one ``BEGIN IMMEDIATE``
+transaction (group commit), each call inside a savepoint of its own: a call that fails rolls
+back to its savepoint alone, the others commit, and every call is answered only after the
+``COMMIT`` (an acked message is on disk as much as before: WAL, ``synchronous=NORMAL``).
+Seqs are allocated inside the transaction (max + 1, one call after the other), so they stay
+dense and unique. WAL lets the reader run beside the writer. Several processes on one host
+may share the file: ``UNIQUE(room, seq)`` backs the allocation, and a lock held elsewhere is
+waited for up to the timeout; a batch whose ``BEGIN`` or ``COMMIT`` fails fails its own
+calls, whose callers may retry (sends are idempotent by client id).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from server.core import metrics
 from server.core.errors import SeqTaken, StoreUnavailable
 from server.core.models import (
     AddResult,
@@ -70,14 +78,182 @@ def _message(row: tuple) -> Message:
     )
 
 
+def _translated(exc: Exception) -> Exception:
+    """The exception a store caller sees for ``exc`` raised by sqlite3."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return StoreUnavailable(f"sqlite error: {exc}")
+    if isinstance(exc, sqlite3.ProgrammingError):  # e.g. the connection was closed
+        return StoreUnavailable(f"sqlite connection unusable: {exc}")
+    return exc
+
+
+Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
+
+
+class _Call:
+    """One store call waiting for, or running on, a lane."""
+
+    __slots__ = ("work", "future", "abandoned")
+
+    def __init__(self, work: Callable[[sqlite3.Connection], Any], future: asyncio.Future) -> None:
+        self.work = work
+        self.future = future
+        #: Set on the loop when the caller gave up (timeout, cancellation); read by the
+        #: lane's thread, which then leaves the call's writes out of the commit.
+        self.abandoned = False
+
+
+class _Lane:
+    """One connection on one thread of its own, fed in batches.
+
+    ``submit`` queues a call; when the thread is free, every queued call goes over in one
+    hop and ``run_batch(conn, calls)`` runs them there, returning one outcome per call. The
+    futures are settled in one loop callback when the batch is done, then the next batch
+    (what queued meanwhile) goes over. Invariant: at most one batch per lane at a time.
+    """
+
+    def __init__(
+        self, name: str, run_batch: Callable[[sqlite3.Connection, list[_Call]], list[Outcome]]
+    ) -> None:
+        self.name = name
+        self.conn: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{name}")
+        self._run_batch = run_batch
+        self._queued: list[_Call] = []
+        self._busy = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._batch_sizes = metrics.STORE_BATCH.labels(name)
+
+    async def open(self, opener: Callable[[], sqlite3.Connection]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.conn = await self._loop.run_in_executor(self._thread, opener)
+
+    async def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:  # queued behind the batch in progress, if any
+            await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)
+        self._thread.shutdown(wait=False)
+
+    def submit(self, work: Callable[[sqlite3.Connection], Any]) -> _Call:
+        if self.conn is None or self._loop is None:
+            raise StoreUnavailable("sqlite store is closed")
+        call = _Call(work, self._loop.create_future())
+        self._queued.append(call)
+        if not self._busy:
+            self._busy = True
+            # calls made in this turn of the loop go over with this one
+            self._loop.call_soon(self._dispatch)
+        return call
+
+    def _dispatch(self) -> None:
+        calls, self._queued = self._queued, []
+        if not calls:
+            self._busy = False
+            return
+        self._batch_sizes.observe(len(calls))
+        conn = self.conn
+        try:
+            if conn is None:
+                raise StoreUnavailable("sqlite store is closed")
+            done = self._thread.submit(self._run_batch, conn, calls)
+        except Exception as exc:  # closed meanwhile: the executor refuses new work
+            unavailable = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(str(exc))
+            self._settle(calls, [(False, unavailable)] * len(calls))
+            return
+        done.add_done_callback(lambda finished: self._from_thread(calls, finished))
+
+    def _from_thread(self, calls: list[_Call], finished: Future) -> None:
+        exc = finished.exception()
+        outcomes = [(False, _translated(exc))] * len(calls) if exc else finished.result()
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._settle, calls, outcomes)
+
+    def _settle(self, calls: list[_Call], outcomes: list[Outcome]) -> None:
+        for call, (ok, value) in zip(calls, outcomes, strict=True):
+            if call.future.done():  # its caller gave up
+                continue
+            if ok:
+                call.future.set_result(value)
+            else:
+                call.future.set_exception(value)
+        self._dispatch()
+
+
+def _read_batch(conn: sqlite3.Connection, calls: list[_Call]) -> list[Outcome]:
+    """Reads, one after the other; each answers for itself."""
+    outcomes: list[Outcome] = []
+    for call in calls:
+        if call.abandoned:
+            outcomes.append((False, StoreUnavailable("abandoned before it started")))
+            continue
+        try:
+            outcomes.append((True, call.work(conn)))
+        except Exception as exc:
+            outcomes.append((False, _translated(exc)))
+    return outcomes
+
+
+def _write_batch(conn: sqlite3.Connection, calls: list[_Call]) -> list[Outcome]:
+    """Every call in one transaction, each in a savepoint of its own (group commit).
+
+    A call that raises is rolled back to its savepoint and answers with its exception; the
+    others commit together and answer after the ``COMMIT``. A call abandoned before it ran
+    is skipped; one abandoned while the batch ran makes the batch roll back and run again
+    without it, so that nothing a caller gave up on is committed (its seq is reused: seqs
+    stay dense). A ``BEGIN`` or ``COMMIT`` that fails fails every call of the batch.
+    """
+    outcomes: list[Outcome | None] = [None] * len(calls)
+    gone = StoreUnavailable("abandoned by its caller")
+    live = []
+    for index, call in enumerate(calls):
+        if call.abandoned:
+            outcomes[index] = (False, gone)
+        else:
+            live.append(index)
+    while live:
+        results: dict[int, Outcome] = {}
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for index in live:
+                call = calls[index]
+                if call.abandoned:  # e.g. its caller gave up while BEGIN waited for a lock
+                    results[index] = (False, gone)
+                    continue
+                conn.execute("SAVEPOINT call")
+                try:
+                    results[index] = (True, call.work(conn))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO call")
+                    results[index] = (False, _translated(exc))
+                conn.execute("RELEASE call")
+            late = [i for i in live if results[i][0] and calls[i].abandoned]
+            if late:
+                conn.execute("ROLLBACK")
+                for index in late:
+                    outcomes[index] = (False, gone)
+                live = [i for i in live if i not in late]
+                continue
+            conn.execute("COMMIT")
+        except Exception as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(Exception):
+                    conn.execute("ROLLBACK")
+            failure = _translated(exc)
+            for index in live:
+                outcomes[index] = (False, failure)
+            break
+        for index in live:
+            outcomes[index] = results[index]
+        break
+    return outcomes  # type: ignore[return-value]
+
+
 class SQLiteStore(Store):
     def __init__(self, path: Path, timeout: float = 5.0) -> None:
         self.path = path
         self.timeout = timeout
-        self._writer: sqlite3.Connection | None = None
-        self._reader: sqlite3.Connection | None = None
-        self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
-        self._read_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
+        self._writer = _Lane("writer", _write_batch)
+        self._reader = _Lane("reader", _read_batch)
 
     def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -88,74 +264,42 @@ class SQLiteStore(Store):
         conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
         return conn
 
+    def _open_with_schema(self) -> sqlite3.Connection:
+        conn = self._open()
+        conn.executescript(SCHEMA)
+        return conn
+
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        loop = asyncio.get_running_loop()
-        self._writer = await loop.run_in_executor(self._write_thread, self._open)
-        await self._run(self._write_thread, self._writer, lambda conn: conn.executescript(SCHEMA))
-        self._reader = await loop.run_in_executor(self._read_thread, self._open)
+        await self._writer.open(self._open_with_schema)
+        await self._reader.open(self._open)
 
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        for pool, conn in ((self._read_thread, self._reader), (self._write_thread, self._writer)):
-            if conn is not None:
-                await loop.run_in_executor(pool, conn.close)
-        self._reader = self._writer = None
-        self._write_thread.shutdown(wait=False)
-        self._read_thread.shutdown(wait=False)
+        await self._reader.close()
+        await self._writer.close()
 
-    async def _run(
-        self,
-        pool: ThreadPoolExecutor,
-        conn: sqlite3.Connection | None,
-        work: Callable[[sqlite3.Connection], T],
-        abandoned: threading.Event | None = None,
-    ) -> T:
-        """``work(conn)`` on the connection's thread, bounded by the timeout.
+    async def _call(self, lane: _Lane, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work(conn)`` on the lane's thread, bounded by the timeout.
 
-        A call that times out keeps running on its thread (later calls queue behind it);
-        ``abandoned`` is set then, so that a transaction still waiting rolls back instead
-        of committing what its caller already reported as failed.
+        A caller that stops waiting (timeout, cancellation) marks its call abandoned: if it
+        has not run yet it never will, and a write of it is not committed.
         """
-        if conn is None:
-            raise StoreUnavailable("sqlite store is closed")
-        future = asyncio.get_running_loop().run_in_executor(pool, work, conn)
+        call = lane.submit(work)
         try:
-            return await asyncio.wait_for(future, self.timeout)
+            return await asyncio.wait_for(call.future, self.timeout)
         except TimeoutError as exc:
-            if abandoned is not None:
-                abandoned.set()
+            call.abandoned = True
             raise StoreUnavailable(f"sqlite did not answer within {self.timeout}s") from exc
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"sqlite error: {exc}") from exc
-        except sqlite3.ProgrammingError as exc:  # e.g. the connection was closed
-            raise StoreUnavailable(f"sqlite connection unusable: {exc}") from exc
+        except asyncio.CancelledError:
+            call.abandoned = True
+            raise
 
     async def _in_writer(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """``work`` inside one ``BEGIN IMMEDIATE`` transaction, committed or rolled back whole."""
-        abandoned = threading.Event()
-
-        def transaction(conn: sqlite3.Connection) -> T:
-            if abandoned.is_set():  # its caller gave up while it queued: do nothing
-                raise StoreUnavailable("abandoned before it started")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(conn)
-                if abandoned.is_set():  # the caller gave up while BEGIN waited for a lock
-                    raise StoreUnavailable("abandoned by its caller")
-                conn.execute("COMMIT")
-                return result
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
-        return await self._run(self._write_thread, self._writer, transaction, abandoned)
+        """``work`` inside a write transaction, committed or rolled back whole."""
+        return await self._call(self._writer, work)
 
     async def _fetchall(self, sql: str, params: tuple = ()) -> list[tuple]:
-        return await self._run(
-            self._read_thread, self._reader, lambda conn: conn.execute(sql, params).fetchall()
-        )
+        return await self._call(self._reader, lambda conn: conn.execute(sql, params).fetchall())
 
     async def _fetchone(self, sql: str, params: tuple = ()) -> tuple | None:
         rows = await self._fetchall(sql, params)

@@ -1,0 +1,159 @@
+"""SQLite store: concurrent calls share one hop and one transaction, and fail only alone.
+
+The behaviour every store shares is in test_store_contract.py; these tests cover what the
+SQLite store adds on top: group commit and what happens to the calls of a batch when one of
+them, or the whole transaction, fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from server.core import metrics
+from server.core.errors import SeqTaken, StoreUnavailable
+from server.core.models import MessageDraft
+from server.store.sqlite import SQLiteStore, _Call, _write_batch
+
+
+def draft(room: str, client_id: str, sender: str = "alice") -> MessageDraft:
+    return MessageDraft(room, sender, sender.title(), f"text {client_id}", client_id)
+
+
+def writer_batches() -> tuple[float, float]:
+    """(batches, calls) the writer lanes of this process have sent to their threads so far."""
+    figures = {
+        sample.name: sample.value
+        for sample in metrics.STORE_BATCH.collect()[0].samples
+        if sample.labels.get("lane") == "writer"
+    }
+    return figures["chat_store_batch_calls_count"], figures["chat_store_batch_calls_sum"]
+
+
+@pytest.fixture
+async def store(tmp_path):
+    instance = SQLiteStore(tmp_path / "chat.db", timeout=1.0)
+    await instance.start()
+    yield instance
+    await instance.close()
+
+
+def stored_seqs(path, room: str) -> list[int]:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT seq FROM messages WHERE room = ? ORDER BY seq", (room,))
+        return [row[0] for row in rows]
+
+
+async def test_concurrent_sends_commit_together_with_dense_seqs(store, uid):
+    room = uid("r")
+    batches_before, calls_before = writer_batches()
+    results = await asyncio.gather(*(store.add_message(draft(room, f"c{i}")) for i in range(50)))
+    batches, calls = (
+        now - before
+        for now, before in zip(writer_batches(), (batches_before, calls_before), strict=True)
+    )
+    assert calls == 50
+    assert batches < 50  # grouped: fewer transactions than sends
+    assert sorted(r.message.seq for r in results) == list(range(1, 51))
+    assert all(r.created for r in results)
+    assert stored_seqs(store.path, room) == list(range(1, 51))
+
+
+async def test_a_repeat_in_the_same_batch_returns_the_first(store, uid):
+    room = uid("r")
+    first, repeat, other = await asyncio.gather(
+        store.add_message(draft(room, "same")),
+        store.add_message(draft(room, "same")),
+        store.add_message(draft(room, "other")),
+    )
+    assert first.created and not repeat.created and other.created
+    assert repeat.message == first.message
+    assert stored_seqs(store.path, room) == [1, 2]
+
+
+async def test_a_failing_call_fails_alone_and_the_batch_commits(store, uid):
+    room = uid("r")
+    await store.add_message(draft(room, "taken"), seq=1)
+    outcomes = await asyncio.gather(
+        store.add_message(draft(room, "a")),
+        store.add_message(draft(room, "conflict"), seq=1),
+        store.add_message(draft(room, "b")),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], SeqTaken)
+    assert [o.message.seq for o in (outcomes[0], outcomes[2])] == [2, 3]
+    assert await store.find_message(room, "alice", "conflict") is None
+    assert stored_seqs(store.path, room) == [1, 2, 3]
+
+
+async def test_a_batch_that_cannot_begin_fails_its_calls_and_stores_none(store, uid):
+    room = uid("r")
+    await store.add_message(draft(room, "before"))
+    locker = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")  # another process holds the database
+        outcomes = await asyncio.gather(
+            *(store.add_message(draft(room, f"c{i}")) for i in range(5)),
+            return_exceptions=True,
+        )
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes)
+    assert stored_seqs(store.path, room) == [1]
+    retried = await asyncio.gather(*(store.add_message(draft(room, f"c{i}")) for i in range(5)))
+    assert sorted(r.message.seq for r in retried) == [2, 3, 4, 5, 6]
+    again = await store.add_message(draft(room, "c0"))  # still idempotent after the failure
+    assert not again.created and again.message == retried[0].message
+
+
+def test_a_call_abandoned_during_its_batch_is_not_committed(tmp_path):
+    """The batch rolls back and runs again without it: the others commit, seqs stay dense."""
+    conn = sqlite3.connect(tmp_path / "t.db", isolation_level=None, check_same_thread=False)
+    conn.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, name TEXT)")
+    loop = asyncio.new_event_loop()
+
+    def insert(name: str):
+        def work(c: sqlite3.Connection) -> int:
+            seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM t").fetchone()[0]
+            c.execute("INSERT INTO t VALUES (?, ?)", (seq, name))
+            return seq
+
+        return work
+
+    calls = [_Call(insert(name), loop.create_future()) for name in ("a", "b", "c")]
+    abandon_b = insert("c")
+
+    def third(c: sqlite3.Connection) -> int:
+        calls[1].abandoned = True  # b's caller gives up after b ran, before the commit
+        return abandon_b(c)
+
+    calls[2].work = third
+    outcomes = _write_batch(conn, calls)
+    loop.close()
+    assert outcomes[0] == (True, 1) and outcomes[2] == (True, 2)
+    assert outcomes[1][0] is False and isinstance(outcomes[1][1], StoreUnavailable)
+    assert conn.execute("SELECT seq, name FROM t ORDER BY seq").fetchall() == [(1, "a"), (2, "c")]
+    assert not conn.in_transaction
+
+
+async def test_a_caller_that_times_out_before_its_batch_begins_stores_nothing(store, uid):
+    room = uid("r")
+    locker = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        first = asyncio.ensure_future(store.add_message(draft(room, "first")))
+        await asyncio.sleep(0.5)
+        second = asyncio.ensure_future(store.add_message(draft(room, "second")))
+        await asyncio.sleep(1.2)  # second's caller gave up at 1.5 s; its batch waits on BEGIN
+        locker.execute("ROLLBACK")
+    finally:
+        locker.close()
+    for task in (first, second):
+        with pytest.raises(StoreUnavailable):
+            await task
+    later = await store.add_message(draft(room, "later"))
+    assert later.message.seq == 1
+    assert stored_seqs(store.path, room) == [1]
