@@ -7,6 +7,10 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 export UV_SYSTEM_CERTS ?= 1
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# The websocket layer refuses frames over the server's frame limit (bytes), as in the Procfile;
+# the client IP comes from TRUSTED_PROXIES, never from uvicorn's proxy headers.
+MAX_FRAME_BYTES ?= 65536
+UVICORN_FLAGS := --ws-per-message-deflate false --no-proxy-headers --ws-max-size $(MAX_FRAME_BYTES)
 
 .PHONY: install install-node install-browser install-bench run run-firestore test bench lint format clean
 
@@ -36,7 +40,7 @@ install-browser:
 	  || echo "chromium could not be installed: the demo page test will be skipped"; }
 
 run: install
-	$(UV) run --frozen uvicorn server.main:app --host $(HOST) --port $(PORT) --ws-per-message-deflate false
+	$(UV) run --frozen uvicorn server.main:app --host $(HOST) --port $(PORT) $(UVICORN_FLAGS)
 
 FIRESTORE_PORT ?= 8085
 # The same server on a local Firestore emulator (in memory: emptied when it stops).
@@ -45,7 +49,7 @@ run-firestore: install install-node
 	  trap "kill $$! 2>/dev/null" EXIT INT TERM; \
 	  for i in $$(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$(FIRESTORE_PORT)) 2>/dev/null && break; sleep 0.2; done; \
 	  STORE=firestore FIRESTORE_EMULATOR_HOST=127.0.0.1:$(FIRESTORE_PORT) FIRESTORE_PROJECT=demo-chat \
-	  $(UV) run --frozen uvicorn server.main:app --host $(HOST) --port $(PORT) --ws-per-message-deflate false
+	  $(UV) run --frozen uvicorn server.main:app --host $(HOST) --port $(PORT) $(UVICORN_FLAGS)
 
 test: install install-node install-browser
 	$(UV) run --frozen pytest $(PYTEST_ARGS)

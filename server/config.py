@@ -8,8 +8,10 @@ names the variable and what is wrong with it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
+import tomllib
 import uuid
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +38,7 @@ class Settings(BaseModel):
     INSTANCE_ID: str = ""
     HOST: str = "127.0.0.1"
     PORT: int = Field(8000, ge=1, le=65535)
-    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     LOG_FORMAT: Literal["json", "console"] = "json"
 
     REDIS_URL: str = ""
@@ -78,18 +80,44 @@ class Settings(BaseModel):
     RATE_LIMIT_EVENTS_PER_SECOND: float = Field(20, gt=0)
     RATE_LIMIT_EVENTS_BURST: int = Field(40, ge=1)
     TRUST_PROXY_HEADERS: bool = False
+    TRUSTED_PROXIES: list[str] = []
 
     DEV_TOKENS: bool = False
+    API_DOCS: bool = True
+    METRICS_TOKEN: str = ""
     CORS_ORIGINS: list[str] = []
     SHUTDOWN_TIMEOUT: float = Field(25, gt=0)
     HEALTH_CHECK_TIMEOUT: float = Field(2.0, gt=0)
 
-    @field_validator("REDIS_PASSWORD", "REDIS_USERNAME", "JWT_SECRET", "INSTANCE_ID", mode="before")
+    @field_validator(
+        "REDIS_PASSWORD",
+        "REDIS_USERNAME",
+        "JWT_SECRET",
+        "INSTANCE_ID",
+        "METRICS_TOKEN",
+        mode="before",
+    )
     @classmethod
     def _as_text(cls, value: Any) -> str:
         return "" if value is None else str(value)
 
-    @field_validator("JWT_ALGORITHMS", "CORS_ORIGINS", mode="before")
+    @field_validator("LOG_LEVEL", mode="before")
+    @classmethod
+    def _level_any_case(cls, value: Any) -> Any:
+        """``warning`` (uvicorn's spelling) and ``Warning`` mean ``WARNING``."""
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("TRUSTED_PROXIES")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+        return value
+
+    @field_validator("JWT_ALGORITHMS", "CORS_ORIGINS", "TRUSTED_PROXIES", mode="before")
     @classmethod
     def _as_list(cls, value: Any) -> list[str]:
         if isinstance(value, str):
@@ -122,6 +150,24 @@ class Settings(BaseModel):
             raise ValueError("JWT_SECRET must be at least 32 characters in production")
         if uses_keys and not (self.JWT_PUBLIC_KEY or self.JWT_JWKS_URL):
             raise ValueError("RS/ES algorithms need JWT_PUBLIC_KEY (PEM) or JWT_JWKS_URL")
+        if uses_keys and not (self.JWT_AUDIENCE and self.JWT_ISSUER):
+            # One issuer's keys sign every tenant's tokens (Firebase: every project's), so
+            # without both checks a token minted for someone else's project gets in.
+            raise ValueError(
+                "JWT_PUBLIC_KEY / JWT_JWKS_URL need JWT_AUDIENCE and JWT_ISSUER: without them "
+                "any token signed by the same issuer for another application is accepted "
+                "(docs/deployment.md gives the Firebase, Cognito and Auth0 values)"
+            )
+        if self.env == "production":
+            if self.DEV_TOKENS:
+                raise ValueError(
+                    "DEV_TOKENS=true in production would mint a token for any user id; unset it"
+                )
+            if uses_hmac and self.JWT_SECRET in published_secrets():
+                raise ValueError(
+                    "JWT_SECRET is the development secret published in settings.toml; "
+                    "set a secret of your own"
+                )
         if self.STORE == "firestore" and not (
             self.FIRESTORE_PROJECT or self.FIRESTORE_EMULATOR_HOST
         ):
@@ -181,6 +227,17 @@ class Settings(BaseModel):
 
 
 _INSTANCE_SUFFIX = uuid.uuid4().hex[:6]
+
+
+def published_secrets() -> set[str]:
+    """The JWT secrets that settings.toml publishes for development and tests."""
+    with open(SETTINGS_FILE, "rb") as file:
+        sections = tomllib.load(file)
+    return {
+        str(section["JWT_SECRET"])
+        for section in sections.values()
+        if isinstance(section, dict) and section.get("JWT_SECRET")
+    }
 
 
 def _default_instance_id() -> str:

@@ -34,7 +34,15 @@ def create_app(settings: Settings | None = None) -> Any:
         finally:
             await node.stop()
 
-    api = FastAPI(title="chat-server", version=node.state.version, lifespan=lifespan)
+    docs = settings.API_DOCS
+    api = FastAPI(
+        title="chat-server",
+        version=node.state.version,
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     api.state.http = node.http
     if settings.CORS_ORIGINS:
         api.add_middleware(

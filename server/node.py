@@ -143,6 +143,7 @@ class Node:
             dev_tokens=minter,
             dev_tokens_off=off,
             demo_dir=DEMO_DIR,
+            metrics_token=settings.METRICS_TOKEN,
         )
 
     def _presence_backend(self, on_transition: TransitionHandler) -> Presence:
@@ -174,6 +175,12 @@ class Node:
         self._sampler = asyncio.get_running_loop().create_task(
             self.figures.sample_forever(self.settings.WS_HEARTBEAT_INTERVAL)
         )
+        if self.http.dev_tokens is not None:
+            log.warning(
+                "auth.dev_tokens_enabled",
+                hint="POST /api/dev/token mints a token for any user id (loopback clients "
+                "only); set DEV_TOKENS=false outside development",
+            )
         log.info(
             "server.started",
             instance_id=self.state.instance_id,

@@ -24,6 +24,8 @@ from tests.support.servers import TEST_SECRET, ServerProcess, make_token
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 AUDIENCE = "chat-clients"
 ISSUER = "https://issuer.example.test/"
+#: What a public-key server needs besides its key (it refuses to start without aud and iss).
+KEYED = {"JWT_SECRET": "", "JWT_AUDIENCE": AUDIENCE, "JWT_ISSUER": ISSUER}
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -42,7 +44,8 @@ def raw_token(header: dict, claims: dict, secret: bytes | None) -> str:
 
 def claims_for(user: str, ttl: float = 3600, **extra) -> dict:
     now = int(time.time())
-    return {"sub": user, "iat": now, "exp": now + ttl, **extra}
+    # Public-key servers must check aud and iss; HS servers without them ignore both.
+    return {"sub": user, "iat": now, "exp": now + ttl, "aud": AUDIENCE, "iss": ISSUER, **extra}
 
 
 async def attempt(
@@ -125,7 +128,7 @@ def start_all(*servers: ServerProcess) -> list[ServerProcess]:
     for proc in servers:
         proc.start(wait=False)
     for proc in servers:
-        proc.wait_healthy()
+        proc.wait_healthy(90)  # a loaded machine starts three processes slowly
     return list(servers)
 
 
@@ -133,10 +136,10 @@ def start_all(*servers: ServerProcess) -> list[ServerProcess]:
 def key_servers(rsa_keys, ec_keys):
     """RS256, ES256 and aud/iss-checking servers, started together."""
     rs = ServerProcess(
-        {"JWT_ALGORITHMS": "RS256", "JWT_PUBLIC_KEY": pem_public(rsa_keys[0]), "JWT_SECRET": ""}
+        {"JWT_ALGORITHMS": "RS256", "JWT_PUBLIC_KEY": pem_public(rsa_keys[0]), **KEYED}
     )
     es = ServerProcess(
-        {"JWT_ALGORITHMS": "ES256", "JWT_PUBLIC_KEY": pem_public(ec_keys[0]), "JWT_SECRET": ""}
+        {"JWT_ALGORITHMS": "ES256", "JWT_PUBLIC_KEY": pem_public(ec_keys[0]), **KEYED}
     )
     claims = ServerProcess({"JWT_AUDIENCE": AUDIENCE, "JWT_ISSUER": ISSUER})
     started = start_all(rs, es, claims)

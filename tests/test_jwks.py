@@ -56,10 +56,14 @@ class JwksServer:
         self.httpd.shutdown()
 
 
+AUDIENCE = "chat-jwks-test"
+ISSUER = "https://issuer.example.test/jwks"
+
+
 def token(private, kid: str, user: str) -> str:
     now = int(time.time())
     return jwt.encode(
-        {"sub": user, "exp": now + 600, "iat": now},
+        {"sub": user, "exp": now + 600, "iat": now, "aud": AUDIENCE, "iss": ISSUER},
         private,
         algorithm="RS256",
         headers={"kid": kid},
@@ -78,6 +82,8 @@ def jwks_setup():
             "JWT_SECRET": "",
             "JWT_JWKS_URL": jwks.url,
             "JWT_JWKS_MIN_REFRESH": "2",
+            "JWT_AUDIENCE": AUDIENCE,
+            "JWT_ISSUER": ISSUER,
         }
     ).start()
     yield jwks, server, first_private

@@ -2,7 +2,9 @@
 
 Our own events go through structlog; the standard-library loggers of uvicorn, python-socketio
 and the Redis and Google clients are rendered by the same processors, so every line of an
-instance has one format (and, in JSON, the instance id).
+instance has one format (and, in JSON, the instance id), and no line carries a token or a
+password: uvicorn logs each websocket URL, ``?token=`` included, at INFO
+(``server/core/redact.py`` scrubs every rendered value).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import logging
 import sys
 
 import structlog
+
+from server.core.redact import redact_values
 
 THIRD_PARTY_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "socketio", "engineio")
 
@@ -42,6 +46,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json", instance_id: str =
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
+                redact_values,  # last before rendering: the message and the traceback too
                 renderer,
             ],
         )

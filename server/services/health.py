@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from server.core.redact import redact
 from server.core.state import InstanceState
 from server.services.figures import Figures
 
@@ -21,7 +22,7 @@ async def timed_check(name: str, check: Check, timeout: float) -> dict:
     except TimeoutError:
         return {"ok": False, "error": f"{name} did not answer within {timeout}s"}
     except Exception as exc:
-        return {"ok": False, "error": f"{name}: {exc}"[:300]}
+        return {"ok": False, "error": redact(f"{name}: {exc}")[:300]}
     return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
 
 

@@ -6,6 +6,8 @@ The routes read one :class:`HttpContext`, built by the composition root and kept
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -26,7 +28,7 @@ router = APIRouter()
 @dataclass(frozen=True, slots=True)
 class HttpContext:
     """What the HTTP routes need. ``dev_tokens`` is None when they are not served, and
-    ``dev_tokens_off`` then says why."""
+    ``dev_tokens_off`` then says why. ``metrics_token``, when set, guards ``/metrics``."""
 
     health: Health
     figures: Figures
@@ -34,6 +36,7 @@ class HttpContext:
     dev_tokens: DevTokens | None
     dev_tokens_off: str
     demo_dir: Path
+    metrics_token: str = ""
 
 
 def context(request: Request) -> HttpContext:
@@ -56,6 +59,9 @@ async def dev_token(body: DevTokenRequest, request: Request) -> dict:
     ctx = context(request)
     if ctx.dev_tokens is None:
         raise HTTPException(404, ctx.dev_tokens_off)
+    if not is_loopback(request.client.host if request.client else ""):
+        # The direct peer, never a forwarded address: a proxy in front makes this remote.
+        raise HTTPException(403, "development tokens are served to loopback clients only")
     return {"token": ctx.dev_tokens.mint(body.user, body.name)}
 
 
@@ -73,8 +79,20 @@ async def stats(request: Request) -> dict:
     return await ctx.figures.collect()
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @router.get("/metrics")
-async def metrics_text() -> Response:
+async def metrics_text(request: Request) -> Response:
+    expected = context(request).metrics_token
+    if expected:
+        given = bearer_token(request.headers.get("authorization")) or ""
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise HTTPException(401, "metrics need Authorization: Bearer <METRICS_TOKEN>")
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

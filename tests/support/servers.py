@@ -41,6 +41,7 @@ class ServerProcess:
 
     env: dict[str, str]
     port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
 
@@ -66,11 +67,16 @@ class ServerProcess:
                 "uvicorn",
                 "server.main:app",
                 "--host",
-                "127.0.0.1",
+                self.host,
                 "--port",
                 str(self.port),
                 "--ws-per-message-deflate",
                 "false",
+                # As the Procfile: the client IP is ours to work out (TRUSTED_PROXIES), and
+                # the websocket layer refuses frames over the frame limit, in bytes.
+                "--no-proxy-headers",
+                "--ws-max-size",
+                self.env.get("MAX_FRAME_BYTES", "65536"),
                 "--no-access-log",
                 "--timeout-graceful-shutdown",
                 "5",
