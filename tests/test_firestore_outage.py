@@ -15,8 +15,8 @@ from google.api_core import exceptions as gexc
 
 from server.core.errors import SeqTaken, StoreUnavailable
 from server.core.models import MessageDraft
-from server.store import firestore as firestore_module
 from server.store.firestore import FirestoreStore
+from server.store.firestore import overrides as firestore_overrides
 from tests.support.firestore_emulator import FirestoreEmulator
 
 pytestmark = pytest.mark.skipif(
@@ -93,7 +93,7 @@ async def test_stalled_backend_hits_the_deadline(fs, emulator, uid):
 
 async def test_lost_commit_answer_is_retried_idempotently(fs, uid, monkeypatch):
     """A commit that applied but whose answer was lost: the retry reports the stored message."""
-    original = firestore_module._Transaction._commit
+    original = firestore_overrides.Transaction._commit
     lost = 0
 
     async def commit_then_lose_answer(self):
@@ -104,7 +104,7 @@ async def test_lost_commit_answer_is_retried_idempotently(fs, uid, monkeypatch):
             raise gexc.DeadlineExceeded("answer lost")
         return result
 
-    monkeypatch.setattr(firestore_module._Transaction, "_commit", commit_then_lose_answer)
+    monkeypatch.setattr(firestore_overrides.Transaction, "_commit", commit_then_lose_answer)
     room = uid("r")
     first = await fs.add_message(draft(room, "c1"))
     assert lost == 1

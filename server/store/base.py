@@ -1,7 +1,7 @@
 """The store interface: rooms, members, messages, read markers and user records.
 
 One implementation per file beside this one (``memory.py``, ``sqlite.py``,
-``firestore.py``); ``tests/test_store_contract.py`` runs the same suite against each.
+the ``firestore/`` package); ``tests/test_store_contract.py`` runs the same suite against each.
 Every method may raise :class:`server.errors.StoreUnavailable` when the backend does not
 answer; callers turn that into the ``unavailable`` ack.
 """

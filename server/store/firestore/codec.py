@@ -1,0 +1,123 @@
+"""Firestore documents <-> the chat models: the only place that knows field names.
+
+Invariants: a decoder takes what the library returns (a ``DocumentSnapshot``) and gives a
+model or None for a missing document; times come back as plain aware UTC datetimes
+(Firestore keeps microseconds); an encoder's dict is exactly what one document holds.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from server.core.models import Message, MessageDraft, Room, UserRecord, utcnow
+
+
+def utc(value: Any) -> datetime | None:
+    """A plain aware UTC datetime from what Firestore returns (DatetimeWithNanoseconds)."""
+    if value is None:
+        return None
+    value = value.astimezone(UTC)
+    return datetime(
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+        tzinfo=UTC,
+    )
+
+
+def fields(snapshot: Any) -> dict[str, Any]:
+    """The document's fields, ``{}`` when it does not exist."""
+    return (snapshot.to_dict() or {}) if snapshot.exists else {}
+
+
+# ---------------------------------------------------------------- rooms/{room}
+
+
+def room_record(room: Room) -> dict[str, Any]:
+    return {
+        "kind": room.kind,
+        "name": room.name,
+        "owner": room.owner,
+        "created_at": room.created_at,
+    }
+
+
+def room_from(snapshot: Any) -> Room | None:
+    data = fields(snapshot)
+    if "kind" not in data:  # missing, or only a seq counter: messages but no room record
+        return None
+    return Room(
+        id=snapshot.id,
+        kind=data["kind"],
+        name=data["name"],
+        owner=data.get("owner"),
+        created_at=utc(data.get("created_at")) or utcnow(),
+    )
+
+
+def member_record(user_id: str, joined_at: datetime) -> dict[str, Any]:
+    return {"user": user_id, "joined_at": joined_at}
+
+
+# ---------------------------------------------------------------- rooms/{room}/messages/{id}
+
+
+def message_record(draft: MessageDraft, seq: int, now: datetime, write_id: str) -> dict[str, Any]:
+    """``write_id`` marks the call that wrote it (see ``store.add_message``)."""
+    return {
+        "room": draft.room,
+        "seq": seq,
+        "sender_id": draft.sender_id,
+        "sender_name": draft.sender_name,
+        "text": draft.text,
+        "client_id": draft.client_id,
+        "created_at": now,
+        "write_id": write_id,
+    }
+
+
+def message_from(snapshot: Any) -> Message:
+    data = fields(snapshot)
+    return Message(
+        id=snapshot.id,
+        room=data["room"],
+        seq=int(data["seq"]),
+        sender_id=data["sender_id"],
+        sender_name=data["sender_name"],
+        text=data["text"],
+        client_id=data["client_id"],
+        created_at=utc(data["created_at"]) or utcnow(),
+    )
+
+
+def write_id_of(snapshot: Any) -> str | None:
+    return fields(snapshot).get("write_id")
+
+
+def guard_record(message_id: str) -> dict[str, Any]:
+    """``rooms/{room}/seqs/{seq}``: exists once per used seq."""
+    return {"message_id": message_id}
+
+
+def seq_of(snapshot: Any) -> int:
+    """The ``seq`` field of a message or read marker, 0 when missing."""
+    return int(fields(snapshot).get("seq", 0))
+
+
+# ---------------------------------------------------------------- read markers, users
+
+
+def marker_record(seq: int) -> dict[str, Any]:
+    return {"seq": seq, "updated_at": utcnow()}
+
+
+def user_from(snapshot: Any) -> UserRecord | None:
+    if not snapshot.exists:
+        return None
+    data = fields(snapshot)
+    return UserRecord(snapshot.id, data.get("name", snapshot.id), utc(data.get("last_seen")))

@@ -1,0 +1,513 @@
+"""FirestoreStore: the Store contract on Cloud Firestore (docs/firestore.md).
+
+Data model (all ids are strings)::
+
+    system/health                       {kind, created_at}          read by ping()
+    rooms/{room}                        {kind, name, owner, created_at, last_seq}
+    rooms/{room}/members/{user}         {user, joined_at}
+    rooms/{room}/messages/{message_id}  {room, seq, sender_id, sender_name, text,
+                                         client_id, created_at, write_id}
+    rooms/{room}/seqs/{seq}             {message_id}                uniqueness guard of seq
+    rooms/{room}/read_markers/{user}    {seq, updated_at}
+    users/{user}                        {name, last_seen}
+
+``message_id`` is a hash of (room, sender, client_id): repeated sends map to the same
+document, and ``create()`` refuses a second one, which makes sends idempotent; the ids are
+random-looking, so writes spread over the key space. The order of a room is the integer
+``seq`` field, never the document id. A seq is used at most once: its ``seqs/{seq}`` guard
+is created (``create()``) in the same commit as the message.
+
+Every method is one of a few shapes run by :class:`~.calls.Caller` (deadline, retries,
+errors): a single-document read (:meth:`_read`), a query (:meth:`_query`), a batch
+(:meth:`_commit`) or a transaction (:meth:`_transact`, one document key at a time per
+process). Field names live in :mod:`.codec`; library overrides in :mod:`.overrides`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Hashable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from google.api_core import exceptions as gexc
+from google.cloud.firestore_v1 import AsyncClient, AsyncTransaction, AsyncWriteBatch
+from google.cloud.firestore_v1.base_query import FieldFilter
+
+from server.core.errors import SeqTaken, StoreUnavailable
+from server.core.models import (
+    AddResult,
+    Message,
+    MessageDraft,
+    Room,
+    UserRecord,
+    message_id,
+    utcnow,
+)
+from server.store.base import Store
+from server.store.firestore import codec
+from server.store.firestore.calls import Caller, describe
+from server.store.firestore.overrides import Client, Transaction
+
+T = TypeVar("T")
+
+BATCH_LIMIT = 500  # writes per commit
+GUARD_CONFLICTS_PER_ATTEMPT = 4
+
+
+class _SeqConflict(Exception):
+    """The seq guard document already exists."""
+
+    def __init__(self, seq: int) -> None:
+        super().__init__(seq)
+        self.seq = seq
+
+
+class FirestoreStore(Store):
+    allocates_seq_cheaply = False
+
+    def __init__(
+        self,
+        project: str,
+        emulator_host: str = "",
+        database: str = "(default)",
+        timeout: float = 5.0,
+        *,
+        credentials_file: str = "",
+    ) -> None:
+        self.emulator_host = emulator_host
+        self.project = project or ("demo-chat" if emulator_host else "")
+        self.database = database or "(default)"
+        self.timeout = timeout
+        #: upper bound of one call including retries and waiting for this process's turn
+        self.budget = 2 * timeout
+        self.credentials_file = credentials_file
+        self.calls = Caller(timeout, self.budget)
+        self._client: Client | None = None
+        self._background: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _make_client(self) -> Client:
+        if self.emulator_host:
+            # The client reads this variable when it is built: it then talks plain gRPC to
+            # the emulator with anonymous credentials and the "owner" token.
+            os.environ["FIRESTORE_EMULATOR_HOST"] = self.emulator_host
+            return Client(project=self.project, database=self.database)
+        saved = os.environ.pop("FIRESTORE_EMULATOR_HOST", None)  # never let a stray one win
+        try:
+            credentials = None
+            if self.credentials_file:
+                import google.auth
+
+                credentials, _ = google.auth.load_credentials_from_file(
+                    self.credentials_file, scopes=list(AsyncClient.SCOPE)
+                )
+            # Without a file: Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS
+            # in the environment, or the metadata server on Google Cloud).
+            return Client(
+                project=self.project or None, credentials=credentials, database=self.database
+            )
+        except Exception as exc:  # google.auth.exceptions.DefaultCredentialsError and friends
+            raise StoreUnavailable(f"firestore credentials could not be loaded: {exc}") from exc
+        finally:
+            if saved is not None:
+                os.environ["FIRESTORE_EMULATOR_HOST"] = saved
+
+    async def start(self) -> None:
+        if self._client is None:
+            self._client = self._make_client()
+        health = self._health()
+
+        async def ensure(timeout: float) -> None:
+            if not (await health.get(retry=None, timeout=timeout)).exists:
+                try:
+                    await health.create(
+                        {"kind": "health", "created_at": utcnow()}, retry=None, timeout=timeout
+                    )
+                except gexc.AlreadyExists:
+                    pass  # another instance created it first
+
+        await self.calls("start (system/health)", ensure)
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=self.timeout)
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    # ------------------------------------------------------------------ the shapes of a call
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            raise StoreUnavailable("firestore store is not started")
+        return self._client
+
+    def _health(self) -> Any:
+        return self.client.collection("system").document("health")
+
+    def _room(self, room_id: str) -> Any:
+        return self.client.collection("rooms").document(room_id)
+
+    def _in_room(self, room_id: str, collection: str, doc_id: str) -> Any:
+        return self._room(room_id).collection(collection).document(doc_id)
+
+    def _user(self, user_id: str) -> Any:
+        return self.client.collection("users").document(user_id)
+
+    async def _read(self, what: str, ref: Any, decode: Callable[[Any], T]) -> T:
+        """One document read: ``decode(snapshot)`` (the snapshot says whether it exists)."""
+
+        async def op(timeout: float) -> T:
+            return decode(await ref.get(retry=None, timeout=timeout))
+
+        return await self.calls(what, op)
+
+    async def _query(self, what: str, query: Any, decode: Callable[[Any], T]) -> list[T]:
+        async def op(timeout: float) -> list[T]:
+            return [decode(s) for s in await query.get(retry=None, timeout=timeout)]
+
+        return await self.calls(what, op)
+
+    async def _commit(self, what: str, writes: Callable[[AsyncWriteBatch], None]) -> None:
+        """One batch: ``writes(batch)`` adds the writes, applied all or nothing."""
+
+        async def op(timeout: float) -> None:
+            batch = self.client.batch()
+            writes(batch)
+            await batch.commit(retry=None, timeout=timeout)
+
+        await self.calls(what, op)
+
+    async def _transact(
+        self, what: str, key: Hashable, body: Callable[[AsyncTransaction, float], Awaitable[T]]
+    ) -> T:
+        """Run ``body(transaction, timeout)`` in a read-write transaction, retried."""
+        first_id: list[bytes | None] = []
+        return await self.calls.locked(
+            what, key, lambda timeout: self._transaction(body, timeout, first_id)
+        )
+
+    async def _transaction(
+        self,
+        body: Callable[[AsyncTransaction, float], Awaitable[T]],
+        timeout: float,
+        first_id: list[bytes | None],
+    ) -> T:
+        """One transaction attempt. ``first_id`` carries the first attempt's id across
+        attempts: later ones begin with ``retry_transaction`` set to it, as the library's
+        own transaction retry does, so a retried transaction keeps its place in line."""
+        transaction = Transaction(self.client, timeout)
+        await transaction._begin(retry_id=first_id[0] if first_id else None)
+        if not first_id:
+            first_id.append(transaction._id)
+        try:
+            result = await body(transaction, timeout)
+            await transaction._commit()
+            return result
+        except BaseException:
+            if transaction.in_progress:
+                # Release the transaction's locks without holding up the caller.
+                self._spawn(self._quiet(transaction._rollback()))
+            raise
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _quiet(coro: Awaitable[None]) -> None:
+        try:
+            await coro
+        except Exception:  # best effort: the transaction expires on the server anyway
+            pass
+
+    # ------------------------------------------------------------------ health
+
+    async def ping(self) -> None:
+        """One read of system/health, bounded by ``timeout``, no retry."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._health().get(retry=None, timeout=self.timeout)
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"firestore ping: no answer within {self.timeout:.2f}s") from exc
+        except gexc.GoogleAPICallError as exc:
+            raise StoreUnavailable(f"firestore ping failed: {describe(exc, self.timeout)}") from exc
+
+    # ------------------------------------------------------------------ rooms and members
+
+    async def get_room(self, room_id: str) -> Room | None:
+        return await self._read(f"get_room({room_id!r})", self._room(room_id), codec.room_from)
+
+    async def create_room(self, room: Room, members: list[str]) -> tuple[Room, bool]:
+        ref = self._room(room.id)
+        member_ids = sorted(set(members))[: BATCH_LIMIT - 1]
+        now = utcnow()
+
+        async def body(transaction: AsyncTransaction, timeout: float) -> tuple[Room, bool]:
+            existing = codec.room_from(
+                await ref.get(transaction=transaction, retry=None, timeout=timeout)
+            )
+            if existing is not None:
+                return existing, False
+            # merge: keeps last_seq when messages reached the room before its record
+            transaction.set(ref, codec.room_record(room), merge=True)
+            for uid in member_ids:
+                transaction.set(
+                    ref.collection("members").document(uid), codec.member_record(uid, now)
+                )
+            return room, True
+
+        stored, created = await self._transact(f"create_room({room.id!r})", ("room", room.id), body)
+        if created and len(members) > len(member_ids):
+            await self.add_members(room.id, sorted(set(members))[len(member_ids) :])
+        return stored, created
+
+    async def _member_batches(
+        self, what: str, room_id: str, user_ids: list[str], write: Callable[..., Any]
+    ) -> None:
+        """Apply ``write(batch, member_ref, user_id)`` to every user, BATCH_LIMIT per commit."""
+        unique = sorted(set(user_ids))
+        for start in range(0, len(unique), BATCH_LIMIT):
+            chunk = unique[start : start + BATCH_LIMIT]
+
+            def writes(batch: AsyncWriteBatch, chunk: list[str] = chunk) -> None:
+                for uid in chunk:
+                    write(batch, self._in_room(room_id, "members", uid), uid)
+
+            await self._commit(f"{what}({room_id!r})", writes)
+
+    async def add_members(self, room_id: str, user_ids: list[str]) -> None:
+        now = utcnow()
+        await self._member_batches(
+            "add_members",
+            room_id,
+            user_ids,
+            lambda batch, ref, uid: batch.set(ref, codec.member_record(uid, now), merge=True),
+        )
+
+    async def remove_members(self, room_id: str, user_ids: list[str]) -> None:
+        await self._member_batches(
+            "remove_members", room_id, user_ids, lambda batch, ref, uid: batch.delete(ref)
+        )
+
+    async def is_member(self, room_id: str, user_id: str) -> bool:
+        ref = self._in_room(room_id, "members", user_id)
+        return await self._read(f"is_member({room_id!r})", ref, lambda s: bool(s.exists))
+
+    async def list_members(self, room_id: str) -> list[str]:
+        members = self._room(room_id).collection("members")
+        return sorted(await self._query(f"list_members({room_id!r})", members, lambda s: s.id))
+
+    # ------------------------------------------------------------------ messages
+
+    async def add_message(self, draft: MessageDraft, seq: int | None = None) -> AddResult:
+        mid = message_id(draft.room, draft.sender_id, draft.client_id)
+        # Marks the document as written by this call: when an attempt committed but its
+        # answer was lost, the retry finds the document and still reports created=True.
+        write_id = uuid.uuid4().hex
+        now = utcnow()
+        if seq is None:
+            return await self._add_allocating(draft, mid, write_id, now)
+        return await self._add_with_seq(draft, mid, write_id, now, seq)
+
+    @staticmethod
+    def _found(snapshot: Any, write_id: str) -> AddResult | None:
+        """The stored message as an AddResult (created by this call or not), None if absent."""
+        if not snapshot.exists:
+            return None
+        return AddResult(
+            codec.message_from(snapshot), created=codec.write_id_of(snapshot) == write_id
+        )
+
+    async def _existing(self, ref: Any, write_id: str, timeout: float) -> AddResult | None:
+        return self._found(await ref.get(retry=None, timeout=timeout), write_id)
+
+    async def _add_allocating(
+        self, draft: MessageDraft, mid: str, write_id: str, now: datetime
+    ) -> AddResult:
+        """Allocate last_seq + 1 in a transaction on the room document."""
+        room_ref = self._room(draft.room)
+        message_ref = self._in_room(draft.room, "messages", mid)
+        # Raised past a seq whose guard turned out to be taken (a concurrent explicit-seq
+        # write): the next attempt allocates above it.
+        floor = 0
+        chosen = 0
+
+        async def body(transaction: AsyncTransaction, timeout: float) -> AddResult:
+            nonlocal chosen
+            found = self._found(
+                await message_ref.get(transaction=transaction, retry=None, timeout=timeout),
+                write_id,
+            )
+            if found is not None:
+                return found
+            room = await room_ref.get(transaction=transaction, retry=None, timeout=timeout)
+            last = int(codec.fields(room).get("last_seq", 0))
+            # Seqs stored with an explicit seq do not move last_seq: also read the top
+            # message so this path never allocates below them.
+            top = await self._max_seq(draft.room, timeout, transaction)
+            chosen = max(last, top, floor) + 1
+            # Guard first. A Firestore commit is all-or-nothing; the emulator applies
+            # writes in order until one fails, so a taken guard must fail first there too.
+            transaction.create(
+                self._in_room(draft.room, "seqs", str(chosen)), codec.guard_record(mid)
+            )
+            transaction.create(message_ref, codec.message_record(draft, chosen, now, write_id))
+            transaction.set(room_ref, {"last_seq": chosen}, merge=True)
+            return AddResult(draft.stored(chosen, now), created=True)
+
+        first_id: list[bytes | None] = []
+
+        async def once(timeout: float) -> AddResult:
+            try:
+                return await self._transaction(body, timeout, first_id)
+            except gexc.AlreadyExists:
+                existing = await self._existing(message_ref, write_id, timeout)
+                if existing is not None:
+                    return existing
+                raise _SeqConflict(chosen) from None
+
+        async def op(timeout: float) -> AddResult:
+            nonlocal floor
+            for _ in range(GUARD_CONFLICTS_PER_ATTEMPT):
+                try:
+                    return await once(timeout)
+                except _SeqConflict as conflict:
+                    floor = max(conflict.seq, await self._max_seq(draft.room, timeout))
+            raise gexc.Aborted(f"seq guards of room {draft.room!r} kept moving")
+
+        return await self.calls.locked(
+            f"add_message(room={draft.room!r})", ("room", draft.room), op
+        )
+
+    async def _add_with_seq(
+        self, draft: MessageDraft, mid: str, write_id: str, now: datetime, seq: int
+    ) -> AddResult:
+        """Store with a seq from an external allocator; the seq guard makes it unique."""
+        message_ref = self._in_room(draft.room, "messages", mid)
+        guard_ref = self._in_room(draft.room, "seqs", str(seq))
+
+        async def op(timeout: float) -> AddResult | int:
+            existing = await self._existing(message_ref, write_id, timeout)
+            if existing is not None:
+                return existing
+            batch = self.client.batch()
+            # Guard first (see _add_allocating): a taken seq leaves nothing behind.
+            batch.create(guard_ref, codec.guard_record(mid))
+            batch.create(message_ref, codec.message_record(draft, seq, now, write_id))
+            try:
+                await batch.commit(retry=None, timeout=timeout)
+            except gexc.AlreadyExists:
+                existing = await self._existing(message_ref, write_id, timeout)
+                if existing is not None:
+                    return existing
+                return max(seq, await self._max_seq(draft.room, timeout))  # seq taken
+            return AddResult(draft.stored(seq, now), created=True)
+
+        outcome = await self.calls(f"add_message(room={draft.room!r}, seq={seq})", op)
+        if isinstance(outcome, int):
+            raise SeqTaken(draft.room, outcome)
+        return outcome
+
+    async def find_message(self, room_id: str, sender_id: str, client_id: str) -> Message | None:
+        ref = self._in_room(room_id, "messages", message_id(room_id, sender_id, client_id))
+        return await self._read(
+            f"find_message({room_id!r})",
+            ref,
+            lambda s: codec.message_from(s) if s.exists else None,
+        )
+
+    def _messages(self, room_id: str) -> Any:
+        return self._room(room_id).collection("messages")
+
+    async def _max_seq(self, room_id: str, timeout: float, transaction: Any = None) -> int:
+        query = self._messages(room_id).order_by("seq", direction="DESCENDING").limit(1)
+        rows = await query.get(transaction=transaction, retry=None, timeout=timeout)
+        return codec.seq_of(rows[0]) if rows else 0
+
+    async def last_seq(self, room_id: str) -> int:
+        return await self.calls(
+            f"last_seq({room_id!r})", lambda timeout: self._max_seq(room_id, timeout)
+        )
+
+    async def messages_after(self, room_id: str, after: int, limit: int) -> list[Message]:
+        if limit <= 0:
+            return []
+        query = (
+            self._messages(room_id)
+            .where(filter=FieldFilter("seq", ">", after))
+            .order_by("seq")
+            .limit(limit)
+        )
+        return await self._query(f"messages_after({room_id!r}, {after})", query, codec.message_from)
+
+    async def messages_before(self, room_id: str, before: int | None, limit: int) -> list[Message]:
+        if limit <= 0:
+            return []
+        query = self._messages(room_id)
+        if before is not None:
+            query = query.where(filter=FieldFilter("seq", "<", before))
+        query = query.order_by("seq", direction="DESCENDING").limit(limit)
+        rows = await self._query(
+            f"messages_before({room_id!r}, {before})", query, codec.message_from
+        )
+        return rows[::-1]
+
+    # ------------------------------------------------------------------ read markers
+
+    async def set_read_marker(self, room_id: str, user_id: str, seq: int) -> int:
+        ref = self._in_room(room_id, "read_markers", user_id)
+
+        async def body(transaction: AsyncTransaction, timeout: float) -> int:
+            stored = codec.seq_of(
+                await ref.get(transaction=transaction, retry=None, timeout=timeout)
+            )
+            if seq <= stored:
+                return stored
+            transaction.set(ref, codec.marker_record(seq))
+            return seq
+
+        return await self._transact(
+            f"set_read_marker({room_id!r}, {user_id!r})", ("marker", room_id, user_id), body
+        )
+
+    async def get_read_marker(self, room_id: str, user_id: str) -> int:
+        ref = self._in_room(room_id, "read_markers", user_id)
+        return await self._read(f"get_read_marker({room_id!r}, {user_id!r})", ref, codec.seq_of)
+
+    # ------------------------------------------------------------------ users
+
+    async def upsert_user(self, user_id: str, name: str) -> None:
+        ref = self._user(user_id)
+        await self._commit(
+            f"upsert_user({user_id!r})", lambda batch: batch.set(ref, {"name": name}, merge=True)
+        )
+
+    async def set_last_seen(self, user_id: str, when: datetime) -> None:
+        ref = self._user(user_id)
+        await self._commit(
+            f"set_last_seen({user_id!r})",
+            lambda batch: batch.set(ref, {"last_seen": when}, merge=True),
+        )
+
+    async def get_users(self, user_ids: list[str]) -> dict[str, UserRecord]:
+        unique = list(dict.fromkeys(user_ids))
+        if not unique:
+            return {}
+        refs = [self._user(uid) for uid in unique]
+
+        async def op(timeout: float) -> dict[str, UserRecord]:
+            found: dict[str, UserRecord] = {}
+            async for snapshot in self.client.get_all(refs, retry=None, timeout=timeout):
+                record = codec.user_from(snapshot)
+                if record is not None:
+                    found[record.id] = record
+            return {uid: found[uid] for uid in unique if uid in found}
+
+        return await self.calls(f"get_users({len(unique)} ids)", op)
