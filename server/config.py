@@ -68,6 +68,7 @@ class Settings(BaseModel):
 
     STORE: Literal["sqlite", "firestore", "memory"] = "sqlite"
     SQLITE_PATH: str = "data/chat.db"
+    SQLITE_ROOM_CACHE: int = Field(10_000, ge=0)
     FIRESTORE_PROJECT: str = ""
     FIRESTORE_DATABASE: str = "(default)"
     FIRESTORE_EMULATOR_HOST: str = ""

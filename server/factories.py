@@ -28,7 +28,11 @@ def build_store(settings: Settings) -> Store:
     else:
         from server.store.sqlite import SQLiteStore
 
-        store = SQLiteStore(settings.sqlite_path, timeout=settings.STORE_TIMEOUT)
+        store = SQLiteStore(
+            settings.sqlite_path,
+            timeout=settings.STORE_TIMEOUT,
+            room_cache=settings.SQLITE_ROOM_CACHE,
+        )
     return metrics.TimedStore(store)  # type: ignore[return-value]
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from server.core import metrics
 from server.core.errors import SeqTaken, StoreUnavailable
-from server.core.models import MessageDraft
+from server.core.models import MessageDraft, Room
 from server.store.sqlite import SQLiteStore, _Call, _write_batch
 
 
@@ -123,7 +123,7 @@ def test_a_call_abandoned_during_its_batch_is_not_committed(tmp_path):
 
         return work
 
-    calls = [_Call(insert(name), loop.create_future()) for name in ("a", "b", "c")]
+    calls = [_Call(insert(name), loop.create_future(), 0.0) for name in ("a", "b", "c")]
     abandon_b = insert("c")
 
     def third(c: sqlite3.Connection) -> int:
@@ -157,3 +157,50 @@ async def test_a_caller_that_times_out_before_its_batch_begins_stores_nothing(st
     later = await store.add_message(draft(room, "later"))
     assert later.message.seq == 1
     assert stored_seqs(store.path, room) == [1]
+
+
+def room_cache_gauge() -> float:
+    return metrics.STORE_ROOM_CACHE.collect()[0].samples[0].value
+
+
+async def test_rooms_kept_in_memory_stay_within_the_limit(tmp_path, uid):
+    small = SQLiteStore(tmp_path / "rooms.db", timeout=1.0, room_cache=2)
+    await small.start()
+    try:
+        rooms = [Room(uid("r"), "private", f"Room {i}", owner="alice") for i in range(3)]
+        for room in rooms:
+            await small.create_room(room, ["alice"])
+        for _ in range(2):
+            for room in rooms:
+                got = await small.get_room(room.id)
+                assert (got.id, got.kind, got.name, got.owner) == (
+                    room.id,
+                    room.kind,
+                    room.name,
+                    room.owner,
+                )
+        assert room_cache_gauge() == 2
+        # a room another process created is read from the file when first asked for
+        other = uid("r")
+        with sqlite3.connect(small.path) as conn:
+            conn.execute(
+                "INSERT INTO rooms (id, kind, name, owner, created_at) VALUES (?, ?, ?, ?, ?)",
+                (other, "public", "Other", None, "2026-01-02T03:04:05+00:00"),
+            )
+        assert (await small.get_room(other)).name == "Other"
+        assert await small.get_room(uid("missing")) is None
+        assert room_cache_gauge() == 2
+    finally:
+        await small.close()
+
+
+async def test_no_room_is_kept_when_the_limit_is_zero(tmp_path, uid):
+    none_kept = SQLiteStore(tmp_path / "rooms.db", timeout=1.0, room_cache=0)
+    await none_kept.start()
+    try:
+        room = Room(uid("r"), "public", "Lobby")
+        await none_kept.create_room(room, ["alice"])
+        assert (await none_kept.get_room(room.id)).name == "Lobby"
+        assert none_kept._rooms == {}
+    finally:
+        await none_kept.close()

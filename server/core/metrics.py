@@ -28,6 +28,9 @@ STORE_BATCH = Histogram(
     ["lane"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
+STORE_ROOM_CACHE = Gauge(
+    "chat_store_room_cache_rooms", "Rooms the SQLite store keeps in memory (SQLITE_ROOM_CACHE)"
+)
 REDIS_MEMORY = Gauge("chat_redis_used_memory_bytes", "Redis used_memory from INFO (sampled)")
 
 

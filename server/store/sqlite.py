@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
@@ -93,11 +94,14 @@ Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
 class _Call:
     """One store call waiting for, or running on, a lane."""
 
-    __slots__ = ("work", "future", "abandoned")
+    __slots__ = ("work", "future", "deadline", "abandoned")
 
-    def __init__(self, work: Callable[[sqlite3.Connection], Any], future: asyncio.Future) -> None:
+    def __init__(
+        self, work: Callable[[sqlite3.Connection], Any], future: asyncio.Future, deadline: float
+    ) -> None:
         self.work = work
         self.future = future
+        self.deadline = deadline  # loop time
         #: Set on the loop when the caller gave up (timeout, cancellation); read by the
         #: lane's thread, which then leaves the call's writes out of the commit.
         self.abandoned = False
@@ -110,16 +114,27 @@ class _Lane:
     hop and ``run_batch(conn, calls)`` runs them there, returning one outcome per call. The
     futures are settled in one loop callback when the batch is done, then the next batch
     (what queued meanwhile) goes over. Invariant: at most one batch per lane at a time.
+
+    Every call gets ``timeout`` seconds: one timer per lane (not one per call) fails the
+    calls that are past their deadline with :class:`StoreUnavailable` and marks them
+    abandoned. Calls are answered in the order they were submitted, so the oldest
+    unanswered call is always the next to expire.
     """
 
     def __init__(
-        self, name: str, run_batch: Callable[[sqlite3.Connection, list[_Call]], list[Outcome]]
+        self,
+        name: str,
+        run_batch: Callable[[sqlite3.Connection, list[_Call]], list[Outcome]],
+        timeout: float,
     ) -> None:
         self.name = name
+        self.timeout = timeout
         self.conn: sqlite3.Connection | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{name}")
         self._run_batch = run_batch
         self._queued: list[_Call] = []
+        self._unanswered: deque[_Call] = deque()  # in submission order
+        self._timer: asyncio.TimerHandle | None = None
         self._busy = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._batch_sizes = metrics.STORE_BATCH.labels(name)
@@ -133,12 +148,19 @@ class _Lane:
         if conn is not None:  # queued behind the batch in progress, if any
             await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)
         self._thread.shutdown(wait=False)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def submit(self, work: Callable[[sqlite3.Connection], Any]) -> _Call:
-        if self.conn is None or self._loop is None:
+        loop = self._loop
+        if self.conn is None or loop is None:
             raise StoreUnavailable("sqlite store is closed")
-        call = _Call(work, self._loop.create_future())
+        call = _Call(work, loop.create_future(), loop.time() + self.timeout)
         self._queued.append(call)
+        self._unanswered.append(call)
+        if self._timer is None:
+            self._timer = loop.call_at(call.deadline, self._expire)
         if not self._busy:
             self._busy = True
             # calls made in this turn of the loop go over with this one
@@ -176,7 +198,27 @@ class _Lane:
                 call.future.set_result(value)
             else:
                 call.future.set_exception(value)
+        unanswered = self._unanswered
+        while unanswered and unanswered[0].future.done():
+            unanswered.popleft()
         self._dispatch()
+
+    def _expire(self) -> None:
+        """Fail the calls past their deadline; then wait for the oldest one left."""
+        self._timer = None
+        now = self._loop.time()
+        unanswered = self._unanswered
+        while unanswered:
+            call = unanswered[0]
+            if not call.future.done():
+                if call.deadline > now:
+                    self._timer = self._loop.call_at(call.deadline, self._expire)
+                    return
+                call.abandoned = True
+                call.future.set_exception(
+                    StoreUnavailable(f"sqlite did not answer within {self.timeout}s")
+                )
+            unanswered.popleft()
 
 
 def _read_batch(conn: sqlite3.Connection, calls: list[_Call]) -> list[Outcome]:
@@ -249,11 +291,21 @@ def _write_batch(conn: sqlite3.Connection, calls: list[_Call]) -> list[Outcome]:
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: Path, timeout: float = 5.0) -> None:
+    """``room_cache``: how many rooms ``get_room`` keeps in memory, oldest dropped first.
+
+    A room never changes once created (``create_room`` inserts or ignores; nothing updates
+    or deletes a room), so a kept room is never stale; one created by another process is
+    read from the file the first time it is asked for. This saves the read that every send
+    would otherwise make to check its room.
+    """
+
+    def __init__(self, path: Path, timeout: float = 5.0, room_cache: int = 10_000) -> None:
         self.path = path
         self.timeout = timeout
-        self._writer = _Lane("writer", _write_batch)
-        self._reader = _Lane("reader", _read_batch)
+        self.room_cache = room_cache
+        self._rooms: dict[str, Room] = {}
+        self._writer = _Lane("writer", _write_batch, timeout)
+        self._reader = _Lane("reader", _read_batch, timeout)
 
     def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -286,10 +338,7 @@ class SQLiteStore(Store):
         """
         call = lane.submit(work)
         try:
-            return await asyncio.wait_for(call.future, self.timeout)
-        except TimeoutError as exc:
-            call.abandoned = True
-            raise StoreUnavailable(f"sqlite did not answer within {self.timeout}s") from exc
+            return await call.future
         except asyncio.CancelledError:
             call.abandoned = True
             raise
@@ -318,12 +367,26 @@ class SQLiteStore(Store):
         await self._fetchone("SELECT 1")
 
     async def get_room(self, room_id: str) -> Room | None:
+        room = self._rooms.get(room_id)
+        if room is not None:
+            return room
         row = await self._fetchone(
             "SELECT id, kind, name, owner, created_at FROM rooms WHERE id = ?", (room_id,)
         )
         if row is None:
             return None
-        return Room(row[0], row[1], row[2], row[3], datetime.fromisoformat(row[4]))
+        room = Room(row[0], row[1], row[2], row[3], datetime.fromisoformat(row[4]))
+        self._keep(room)
+        return room
+
+    def _keep(self, room: Room) -> None:
+        if self.room_cache <= 0:
+            return
+        rooms = self._rooms
+        rooms[room.id] = room
+        while len(rooms) > self.room_cache:
+            del rooms[next(iter(rooms))]
+        metrics.STORE_ROOM_CACHE.set(len(rooms))
 
     async def create_room(self, room: Room, members: list[str]) -> tuple[Room, bool]:
         def work(conn: sqlite3.Connection) -> bool:
