@@ -78,6 +78,9 @@ class Settings(BaseModel):
     MAX_MESSAGE_LENGTH: int = Field(4000, ge=1, le=100_000)
     MAX_FRAME_BYTES: int = Field(65536, ge=1024)
     RATE_LIMIT_CONNECTS_PER_MINUTE: int = Field(60, ge=1)
+    REFUSAL_LIMITER_MAX_KEYS: int = Field(100_000, ge=100)
+    MAX_CONNECTIONS_PER_USER: int = Field(20, ge=1)
+    MAX_CONNECTIONS_PER_IP: int = Field(200, ge=1)
     RATE_LIMIT_EVENTS_PER_SECOND: float = Field(20, gt=0)
     RATE_LIMIT_EVENTS_BURST: int = Field(40, ge=1)
     TRUST_PROXY_HEADERS: bool = False

@@ -21,10 +21,12 @@ import structlog
 from server import __version__
 from server.bus.backend import RedisBackend
 from server.bus.manager import LocalManager
+from server.bus.refusals import RedisRefusals
 from server.bus.seq import RedisSeqAllocator
 from server.config import Settings
+from server.core.clientip import ClientAddress
 from server.core.jsoncodec import OrjsonCodec
-from server.core.ratelimit import WindowCounter
+from server.core.refusals import LocalRefusals, RefusalCounter, Refusals
 from server.core.state import InstanceState
 from server.factories import build_store, build_verifier, dev_tokens, redis_config
 from server.presence.base import Presence, TransitionHandler
@@ -103,10 +105,12 @@ class Node:
             self.verifier,
             self.presence,
             self.store.upsert_user,
-            connect_limiter=WindowCounter(settings.RATE_LIMIT_CONNECTS_PER_MINUTE, 60.0),
+            refusals=self._refusals(),
+            client_address=ClientAddress(settings.TRUST_PROXY_HEADERS, settings.TRUSTED_PROXIES),
+            max_connections_per_user=settings.MAX_CONNECTIONS_PER_USER,
+            max_connections_per_ip=settings.MAX_CONNECTIONS_PER_IP,
             events_per_second=settings.RATE_LIMIT_EVENTS_PER_SECOND,
             events_burst=settings.RATE_LIMIT_EVENTS_BURST,
-            trust_proxy_headers=settings.TRUST_PROXY_HEADERS,
         )
         self.sio.register_namespace(
             ChatNamespace(
@@ -151,6 +155,18 @@ class Node:
         if self.bus is None:
             return MemoryPresence(grace, on_transition)
         return RedisPresence(grace, on_transition, self.bus.redis, self.bus.keys, self.bus.registry)
+
+    def _refusals(self) -> Refusals:
+        """Refused attempts per address: in this process, and shared through Redis if there."""
+        window = 60.0
+        local = RefusalCounter(
+            self.settings.RATE_LIMIT_CONNECTS_PER_MINUTE,
+            window,
+            self.settings.REFUSAL_LIMITER_MAX_KEYS,
+        )
+        if self.bus is None:
+            return LocalRefusals(local)
+        return RedisRefusals(self.bus.redis, self.bus.keys, local, window)
 
     def _allocator(self) -> RedisSeqAllocator | None:
         """Redis INCR for stores whose own seq allocation is slow (Firestore), when Redis is there."""

@@ -8,7 +8,8 @@ import pytest
 import socketio
 
 from server.auth import TokenVerifier
-from server.core.ratelimit import WindowCounter
+from server.core.clientip import ClientAddress
+from server.core.refusals import LocalRefusals, RefusalCounter
 from server.core.state import InstanceState
 from server.presence.memory import MemoryPresence
 from server.services.messages import MessageService
@@ -45,10 +46,12 @@ class Wired:
             verifier,
             self.presence,
             self.store.upsert_user,
-            connect_limiter=WindowCounter(100, 60.0),
+            refusals=LocalRefusals(RefusalCounter(100, 60.0)),
+            client_address=ClientAddress(trust_peer=False, trusted=[]),
+            max_connections_per_user=100,
+            max_connections_per_ip=100,
             events_per_second=0.001,
             events_burst=burst,
-            trust_proxy_headers=False,
         )
         self.ns = ChatNamespace(
             state=self.state,

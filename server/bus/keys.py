@@ -12,6 +12,7 @@ key                             type       holds
 {Pp<b>}:online                  hash       user id → live connection count
 {Pp<b>}:grace                   zset       user id → grace deadline (ms)
 {Pp<b>}:seen                    hash       user id → last_seen (ISO 8601)
+{Prl:<ip>}:<window>             string     refused connection attempts (TTL 2 windows)
 seq:<room>                      string     the room's last allocated seq (no TTL)
 ==============================  =========  ===========================================
 
@@ -51,6 +52,10 @@ class Keys:
 
     def presence_of(self, user_id: str) -> tuple[str, str, str]:
         return self.presence(self.bucket(user_id))
+
+    def refused(self, limit_key: str, window: int) -> str:
+        """Refused connection attempts of one address in one window (``server/bus/refusals.py``)."""
+        return f"{{{self.prefix}rl:{limit_key}}}:{window}"
 
     def seq(self, room_id: str) -> str:
         return f"{self.prefix}seq:{room_id}"

@@ -31,6 +31,17 @@ STORE_BATCH = Histogram(
 STORE_ROOM_CACHE = Gauge(
     "chat_store_room_cache_rooms", "Rooms the SQLite store keeps in memory (SQLITE_ROOM_CACHE)"
 )
+CONNECTIONS_REFUSED = Counter(
+    "chat_connections_refused_total",
+    "Refused connection attempts, by err.data.code (rate_limited, ip_connection_limit, "
+    "user_connection_limit, missing_token, invalid_token, token_expired, draining)",
+    ["reason"],
+)
+LIMITER_KEYS = Gauge("chat_refusal_limiter_keys", "Addresses the refused-attempt limiter holds")
+LIMITER_EVICTIONS = Counter(
+    "chat_refusal_limiter_evictions_total",
+    "Addresses the refused-attempt limiter forgot to stay within its key cap (LRU)",
+)
 REDIS_MEMORY = Gauge("chat_redis_used_memory_bytes", "Redis used_memory from INFO (sampled)")
 
 

@@ -1,9 +1,8 @@
-"""In-process rate limits: a token bucket per connection, a sliding count per client IP."""
+"""In-process rate limits: a token bucket per connection (refused attempts: ``refusals.py``)."""
 
 from __future__ import annotations
 
 import time
-from collections import deque
 
 
 class TokenBucket:
@@ -25,32 +24,3 @@ class TokenBucket:
             self.tokens -= 1
             return True
         return False
-
-
-class WindowCounter:
-    """At most ``limit`` hits per key in any ``window`` seconds (keys expire on their own)."""
-
-    def __init__(self, limit: int, window: float = 60.0, max_keys: int = 100_000) -> None:
-        self.limit = limit
-        self.window = window
-        self.max_keys = max_keys
-        self._hits: dict[str, deque[float]] = {}
-
-    def hit(self, key: str) -> bool:
-        now = time.monotonic()
-        hits = self._hits.get(key)
-        if hits is None:
-            if len(self._hits) >= self.max_keys:
-                self._prune(now)
-            hits = self._hits[key] = deque()
-        while hits and hits[0] <= now - self.window:
-            hits.popleft()
-        if len(hits) >= self.limit:
-            return False
-        hits.append(now)
-        return True
-
-    def _prune(self, now: float) -> None:
-        stale = [k for k, h in self._hits.items() if not h or h[-1] <= now - self.window]
-        for key in stale:
-            del self._hits[key]

@@ -61,5 +61,9 @@ class Presence(ABC):
         """Current state of each user (offline users keep the last_seen known here)."""
 
     @abstractmethod
+    async def connection_count(self, user_id: str) -> int:
+        """The user's live connections (on every instance the backend sees)."""
+
+    @abstractmethod
     async def online_users(self) -> int:
         """How many users are online (grace periods included)."""

@@ -69,5 +69,8 @@ class MemoryPresence(Presence):
             for uid in user_ids
         }
 
+    async def connection_count(self, user_id: str) -> int:
+        return len(self._connections.get(user_id, ()))
+
     async def online_users(self) -> int:
         return len(self._online)

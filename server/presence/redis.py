@@ -248,6 +248,12 @@ class RedisPresence(Presence):
             )
         return result
 
+    async def connection_count(self, user_id: str) -> int:
+        """The cluster-wide count the CONNECT and DISCONNECT scripts keep."""
+        online, _, _ = self.keys.presence_of(user_id)
+        with metrics.timed(metrics.REDIS_LATENCY, "presence_count"):
+            return int(await self.redis.hget(online, user_id) or 0)
+
     async def online_users(self) -> int:
         async with self.redis.pipeline(transaction=False) as pipe:
             for bucket in range(PRESENCE_BUCKETS):

@@ -49,6 +49,9 @@ class PresenceService:
     async def disconnect(self, user_id: str, conn_id: str) -> None:
         await self.backend.disconnect(user_id, conn_id)
 
+    async def connection_count(self, user_id: str) -> int:
+        return await self.backend.connection_count(user_id)
+
     async def online_users(self) -> int:
         return await self.backend.online_users()
 

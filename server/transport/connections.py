@@ -2,6 +2,12 @@
 
 Invariants:
 - a socket is in ``ConnectionRegistry`` exactly while its ``/chat`` connection is admitted;
+- admission does the cheap refusals first: draining, then the refused-attempt limiter and
+  the per-address cap (before the token is verified, so a flood of bad tokens costs one
+  lookup each), then the token, then the per-user cap;
+- concurrent connections are capped per client address (this instance; handshakes in
+  progress count) and per user (cluster-wide through the presence backend's counts,
+  exact on this instance); each refusal carries its own ``err.data.code``;
 - admission never half-connects: any failure refuses the connection cleanly
   (python-socketio only logs other exceptions and keeps the sid in its rooms);
 - presence of a connection is registered before its ``session`` event is sent, and
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +28,10 @@ import structlog
 
 from server.auth import AuthError, TokenVerifier, token_from_connect
 from server.core import metrics
+from server.core.clientip import ClientAddress, limit_key
 from server.core.models import Identity, iso, utcnow
-from server.core.ratelimit import TokenBucket, WindowCounter
+from server.core.ratelimit import TokenBucket
+from server.core.refusals import Refusals
 from server.core.state import InstanceState
 from server.services.presence import PresenceService
 from server.transport.channels import NAMESPACE, user_channel
@@ -38,16 +47,19 @@ class Connection:
     identity: Identity
     ip: str
     bucket: TokenBucket
+    ip_key: str = ""
     joined: set[str] = field(default_factory=set)
     presence: set[str] = field(default_factory=set)
     expiry: asyncio.Task | None = None
 
 
 class ConnectionRegistry:
-    """The admitted sockets of this instance, by sid."""
+    """The admitted sockets of this instance, by sid, with counts per user and per address."""
 
     def __init__(self) -> None:
         self.by_sid: dict[str, Connection] = {}
+        self.per_user: Counter[str] = Counter()
+        self.per_ip: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self.by_sid)
@@ -57,12 +69,17 @@ class ConnectionRegistry:
 
     def add(self, conn: Connection) -> None:
         self.by_sid[conn.sid] = conn
+        self.per_user[conn.identity.user_id] += 1
+        self.per_ip[conn.ip_key] += 1
         metrics.CONNECTIONS.set(len(self.by_sid))
 
     def remove(self, sid: str) -> Connection | None:
         conn = self.by_sid.pop(sid, None)
-        if conn is not None and conn.expiry is not None:
-            conn.expiry.cancel()
+        if conn is not None:
+            if conn.expiry is not None:
+                conn.expiry.cancel()
+            _decrement(self.per_user, conn.identity.user_id)
+            _decrement(self.per_ip, conn.ip_key)
         metrics.CONNECTIONS.set(len(self.by_sid))
         return conn
 
@@ -70,13 +87,24 @@ class ConnectionRegistry:
         return list(self.by_sid)
 
 
-def client_ip(environ: dict, trust_proxy: bool) -> str:
-    if trust_proxy:
-        forwarded = environ.get("HTTP_X_FORWARDED_FOR", "")
-        if forwarded:
-            return forwarded.split(",")[0].strip()
+def _decrement(counts: Counter[str], key: str) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
+
+
+def peer_address(environ: dict) -> str:
+    """The direct peer of the handshake (a proxy, when there is one)."""
     client = (environ.get("asgi.scope") or {}).get("client")
     return client[0] if client else environ.get("REMOTE_ADDR", "unknown")
+
+
+class Refused(socketio.exceptions.ConnectionRefusedError):
+    """A refusal: ``err.message`` is ``message``, ``err.data.code`` is ``code``."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message, {"code": code})
+        self.code = code
 
 
 async def quietly(what: str, work: Awaitable[Any]) -> None:
@@ -103,10 +131,12 @@ class Admission:
         presence: PresenceService,
         remember_user: Callable[[str, str], Awaitable[Any]],
         *,
-        connect_limiter: WindowCounter,
+        refusals: Refusals,
+        client_address: ClientAddress,
+        max_connections_per_user: int,
+        max_connections_per_ip: int,
         events_per_second: float,
         events_burst: int,
-        trust_proxy_headers: bool,
     ) -> None:
         self.sio = sio
         self.registry = registry
@@ -114,15 +144,21 @@ class Admission:
         self.verifier = verifier
         self.presence = presence
         self.remember_user = remember_user
-        self.connect_limiter = connect_limiter
+        self.refusals = refusals
+        self.client_address = client_address
+        self.max_per_user = max_connections_per_user
+        self.max_per_ip = max_connections_per_ip
         self.events_per_second = events_per_second
         self.events_burst = events_burst
-        self.trust_proxy_headers = trust_proxy_headers
+        self._handshakes: Counter[str] = Counter()  # per address, being verified now
 
     async def connect(self, sid: str, environ: dict, auth: Any = None) -> None:
         """Authenticate and register; anything unexpected refuses cleanly (never half-connects)."""
         try:
             await self._admit(sid, environ, auth)
+        except Refused as refusal:
+            metrics.CONNECTIONS_REFUSED.labels(refusal.code).inc()
+            raise
         except socketio.exceptions.ConnectionRefusedError:
             raise
         except Exception:
@@ -133,26 +169,54 @@ class Admission:
             ) from None
 
     async def _admit(self, sid: str, environ: dict, auth: Any) -> None:
-        ip = client_ip(environ, self.trust_proxy_headers)
+        ip = self.client_address.of(peer_address(environ), environ.get("HTTP_X_FORWARDED_FOR", ""))
+        key = limit_key(ip)
         if self.state.draining:
-            raise socketio.exceptions.ConnectionRefusedError("unavailable", {"code": "draining"})
+            raise Refused("unavailable", "draining")
+        if await self.refusals.blocked(key):
+            raise Refused("rate_limited", "rate_limited")
+        if self.registry.per_ip[key] + self._handshakes[key] >= self.max_per_ip:
+            log.info("connect.ip_limit", ip=ip, limit=self.max_per_ip)
+            raise Refused("too_many_connections", "ip_connection_limit")
+        self._handshakes[key] += 1
         try:
-            identity = await self.verifier.verify(token_from_connect(auth, environ))
-        except AuthError as exc:
-            metrics.AUTH_FAILURES.labels(exc.code).inc()
-            if not self.connect_limiter.hit(ip):
-                raise socketio.exceptions.ConnectionRefusedError(
-                    "rate_limited", {"code": "rate_limited"}
-                ) from None
-            log.info("auth.refused", code=exc.code, reason=exc.reason, ip=ip)
-            raise socketio.exceptions.ConnectionRefusedError(
-                "unauthorized", {"code": exc.code}
-            ) from None
-        conn = Connection(sid, identity, ip, TokenBucket(self.events_per_second, self.events_burst))
+            identity = await self._identity(auth, environ, ip, key)
+            await self._check_user_cap(identity.user_id)
+        finally:
+            _decrement(self._handshakes, key)
+        conn = Connection(
+            sid, identity, ip, TokenBucket(self.events_per_second, self.events_burst), key
+        )
         self.registry.add(conn)
         await self.sio.enter_room(sid, user_channel(identity.user_id), namespace=NAMESPACE)
         self.schedule_expiry(conn)
         self.sio.start_background_task(self._after_connect, conn)
+
+    async def _identity(self, auth: Any, environ: dict, ip: str, key: str) -> Identity:
+        try:
+            return await self.verifier.verify(token_from_connect(auth, environ))
+        except AuthError as exc:
+            metrics.AUTH_FAILURES.labels(exc.code).inc()
+            await self.refusals.record(key)
+            log.info("auth.refused", code=exc.code, reason=exc.reason, ip=ip)
+            raise Refused("unauthorized", exc.code) from None
+
+    async def _check_user_cap(self, user_id: str) -> None:
+        """Refuse a user at ``max_per_user`` connections, counted on every instance.
+
+        Cap refusals are not refused *attempts*: a user with one tab too many must not get
+        their address blocked for everyone behind it."""
+        local = self.registry.per_user[user_id]
+        cluster = local
+        if local < self.max_per_user:
+            try:
+                cluster = await self.presence.connection_count(user_id)
+            except Exception as exc:  # the backend is down: this instance's count decides
+                log.warning("connect.user_count_unavailable", error=str(exc))
+        # Re-read after the await: admissions of this instance never overshoot.
+        if max(cluster, self.registry.per_user[user_id]) >= self.max_per_user:
+            log.info("connect.user_limit", user=user_id, limit=self.max_per_user)
+            raise Refused("too_many_connections", "user_connection_limit")
 
     async def _after_connect(self, conn: Connection) -> None:
         """Work that must not delay or fail the handshake: presence, session event, user record."""
