@@ -23,6 +23,10 @@ limits that a load from one loopback address trips may be lifted in ``bench/comp
 (``KEY=VALUE`` lines, our instances only; settings that change what the server does are
 ignored there). The machine is shared by both sides and the load generator: compare the
 ratios of one run, never absolute figures across runs.
+
+``--instances``, ``--targets``, ``--clients``, ``--rooms`` and ``--ours-env`` change the
+layout for the cost measurements of docs/benchmarks.md (room size, an instance with no
+member of the busy rooms).
 """
 
 from __future__ import annotations
@@ -136,6 +140,8 @@ class Cluster:
         self.ours: list[ServerProcess] = []
         self.node: list[NodeReference] = []
         self.extra = extra_env()
+        #: --ours-env: settings of our instances for a measurement (none by default)
+        self.ours_env: dict[str, str] = {}
         self._stats_client = None
         self._info_calls = 0
 
@@ -145,6 +151,7 @@ class Cluster:
     def start_ours(self, name: str) -> ServerProcess:
         env = {
             **self.extra,
+            **self.ours_env,
             "CHAT_ENV": "development",
             "INSTANCE_ID": name,
             "JWT_SECRET": SECRET,
@@ -217,7 +224,7 @@ def run_load(run: Cluster, name: str, servers: list, args: argparse.Namespace, r
         "node",
         str(NODE_DIR / "loadgen.js"),
         "--urls",
-        ",".join(s.url for s in servers),
+        ",".join(s.url for s in servers[: args.targets or None]),
         "--secret",
         SECRET,
         "--tag",
@@ -365,6 +372,20 @@ def main() -> None:
     )
     parser.add_argument("--sides", default="node,ours", help="which sides to run, in order")
     parser.add_argument("--detail", action="store_true", help="CPU and Redis calls per phase")
+    parser.add_argument("--instances", type=int, default=2, help="instances per side")
+    parser.add_argument(
+        "--targets",
+        type=int,
+        default=0,
+        help="clients connect to the first N instances only (0: all); the others stay idle",
+    )
+    parser.add_argument(
+        "--ours-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of our instances for this run (repeatable)",
+    )
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.replace(",", " ").split()]
     sides = [s for s in args.sides.split(",") if s]
@@ -372,8 +393,10 @@ def main() -> None:
     rows: dict[str, dict] = {}
     with cluster() as run:
         log(f"redis-server on {run.redis.port}; work folder {run.workdir}")
-        ours = [run.start_ours(f"py-{c}") for c in "ab"] if "ours" in sides else []
-        node = [run.start_node(f"node-{c}") for c in "ab"] if "node" in sides else []
+        run.ours_env = dict(item.split("=", 1) for item in args.ours_env)
+        names = [chr(ord("a") + i) for i in range(args.instances)]
+        ours = [run.start_ours(f"py-{c}") for c in names] if "ours" in sides else []
+        node = [run.start_node(f"node-{c}") for c in names] if "node" in sides else []
         wait_all(ours + node)
         for rate in rates:
             for side in sides:
