@@ -94,14 +94,19 @@ Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
 class _Call:
     """One store call waiting for, or running on, a lane."""
 
-    __slots__ = ("work", "future", "deadline", "abandoned")
+    __slots__ = ("work", "future", "deadline", "savepoint", "abandoned")
 
     def __init__(
-        self, work: Callable[[sqlite3.Connection], Any], future: asyncio.Future, deadline: float
+        self,
+        work: Callable[[sqlite3.Connection], Any],
+        future: asyncio.Future,
+        deadline: float,
+        savepoint: bool = True,
     ) -> None:
         self.work = work
         self.future = future
         self.deadline = deadline  # loop time
+        self.savepoint = savepoint  # writes: run inside a savepoint of its own
         #: Set on the loop when the caller gave up (timeout, cancellation); read by the
         #: lane's thread, which then leaves the call's writes out of the commit.
         self.abandoned = False
@@ -152,11 +157,11 @@ class _Lane:
             self._timer.cancel()
             self._timer = None
 
-    def submit(self, work: Callable[[sqlite3.Connection], Any]) -> _Call:
+    def submit(self, work: Callable[[sqlite3.Connection], Any], savepoint: bool = True) -> _Call:
         loop = self._loop
         if self.conn is None or loop is None:
             raise StoreUnavailable("sqlite store is closed")
-        call = _Call(work, loop.create_future(), loop.time() + self.timeout)
+        call = _Call(work, loop.create_future(), loop.time() + self.timeout, savepoint)
         self._queued.append(call)
         self._unanswered.append(call)
         if self._timer is None:
@@ -238,6 +243,8 @@ def _read_batch(conn: sqlite3.Connection, calls: list[_Call]) -> list[Outcome]:
 def _write_batch(conn: sqlite3.Connection, calls: list[_Call]) -> list[Outcome]:
     """Every call in one transaction, each in a savepoint of its own (group commit).
 
+    (A call whose only writing statement is its last runs without one: SQLite undoes a
+    failed statement whole.)
     A call that raises is rolled back to its savepoint and answers with its exception; the
     others commit together and answer after the ``COMMIT``. A call abandoned before it ran
     is skipped; one abandoned while the batch ran makes the batch roll back and run again
@@ -261,13 +268,16 @@ def _write_batch(conn: sqlite3.Connection, calls: list[_Call]) -> list[Outcome]:
                 if call.abandoned:  # e.g. its caller gave up while BEGIN waited for a lock
                     results[index] = (False, gone)
                     continue
-                conn.execute("SAVEPOINT call")
+                if call.savepoint:
+                    conn.execute("SAVEPOINT call")
                 try:
                     results[index] = (True, call.work(conn))
                 except Exception as exc:
-                    conn.execute("ROLLBACK TO call")
+                    if call.savepoint:
+                        conn.execute("ROLLBACK TO call")
                     results[index] = (False, _translated(exc))
-                conn.execute("RELEASE call")
+                if call.savepoint:
+                    conn.execute("RELEASE call")
             late = [i for i in live if results[i][0] and calls[i].abandoned]
             if late:
                 conn.execute("ROLLBACK")
@@ -330,13 +340,17 @@ class SQLiteStore(Store):
         await self._reader.close()
         await self._writer.close()
 
-    async def _call(self, lane: _Lane, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def _call(
+        self, lane: _Lane, work: Callable[[sqlite3.Connection], T], savepoint: bool = True
+    ) -> T:
         """``work(conn)`` on the lane's thread, bounded by the timeout.
 
         A caller that stops waiting (timeout, cancellation) marks its call abandoned: if it
-        has not run yet it never will, and a write of it is not committed.
+        has not run yet it never will, and a write of it is not committed. ``savepoint=False``
+        only for a write whose one statement that writes is also its last one (a failure
+        then leaves nothing of it behind without a savepoint).
         """
-        call = lane.submit(work)
+        call = lane.submit(work, savepoint)
         try:
             return await call.future
         except asyncio.CancelledError:
@@ -436,16 +450,16 @@ class SQLiteStore(Store):
         mid = draft.message_id
         now = utcnow()
 
-        def work(conn: sqlite3.Connection) -> tuple[Message, bool]:
-            row = conn.execute(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (mid,)
-            ).fetchone()
-            if row is not None:
-                return _message(row), False
-            last = conn.execute(
+        def last_seq(conn: sqlite3.Connection) -> int:
+            return conn.execute(
                 "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE room = ?", (draft.room,)
             ).fetchone()[0]
-            chosen = last + 1 if seq is None else seq
+
+        def work(conn: sqlite3.Connection) -> tuple[Message, bool]:
+            # Two statements in the common case: each one hands the GIL back and forth with
+            # the event loop, which waits its turn when the loop is busy. A repeat is found
+            # by the primary key refusing the insert (rolled back whole: one statement).
+            chosen = last_seq(conn) + 1 if seq is None else seq
             try:
                 conn.execute(
                     f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -461,10 +475,15 @@ class SQLiteStore(Store):
                     ),
                 )
             except sqlite3.IntegrityError as exc:
-                raise SeqTaken(draft.room, last) from exc
+                row = conn.execute(
+                    f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (mid,)
+                ).fetchone()
+                if row is not None:  # the same client_id again: the stored message
+                    return _message(row), False
+                raise SeqTaken(draft.room, last_seq(conn)) from exc
             return draft.stored(chosen, now), True
 
-        message, created = await self._in_writer(work)
+        message, created = await self._call(self._writer, work, savepoint=False)
         return AddResult(message, created)
 
     async def find_message(self, room_id: str, sender_id: str, client_id: str) -> Message | None:
