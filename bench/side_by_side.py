@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -353,6 +354,8 @@ def emit(row: dict, rows: dict[str, dict]) -> None:
 
 
 def main() -> None:
+    # stopped with SIGTERM, still stop every process started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--rates",
