@@ -56,6 +56,9 @@ class Settings(BaseModel):
 
     WS_GRACE_PERIOD: float = Field(60, ge=0)
     WS_HEARTBEAT_INTERVAL: float = Field(25, gt=0)
+    WS_CONNECT_TIMEOUT: float = Field(10, ge=0)
+    WS_MAX_BACKLOG_PACKETS: int = Field(1000, ge=1)
+    WS_MAX_BACKLOG_BYTES: int = Field(1_048_576, ge=65_536)
 
     JWT_SECRET: str = ""
     JWT_ALGORITHMS: list[str] = ["HS256"]

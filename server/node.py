@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import gc
 
-import socketio
 import structlog
 
 from server import __version__
@@ -38,7 +37,9 @@ from server.services.health import Health
 from server.services.messages import MessageService
 from server.services.presence import PresenceService
 from server.services.rooms import RoomService
+from server.transport.channels import NAMESPACE
 from server.transport.connections import Admission, ConnectionRegistry
+from server.transport.engine import ChatSocketServer
 from server.transport.fanout import Fanout
 from server.transport.http import HttpContext
 from server.transport.lifecycle import Drainer
@@ -73,7 +74,11 @@ class Node:
             else None
         )
         manager = self.bus.manager() if self.bus else LocalManager()
-        self.sio = socketio.AsyncServer(
+        self.sio = ChatSocketServer(
+            namespace=NAMESPACE,
+            connect_timeout=settings.WS_CONNECT_TIMEOUT,
+            max_backlog_packets=settings.WS_MAX_BACKLOG_PACKETS,
+            max_backlog_bytes=settings.WS_MAX_BACKLOG_BYTES,
             async_mode="asgi",
             client_manager=manager,
             # Empty: same origin only (clients without an Origin header, like apps, always pass).

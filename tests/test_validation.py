@@ -304,15 +304,6 @@ async def test_non_string_event_name_gets_bad_request(server):
         assert await raw.works()
 
 
-async def test_binary_placeholder_takes_the_next_frame_as_attachment(server):
-    async with RawSocket(server.url) as raw:
-        await raw.ws.send_str('451-/chat,6["room:join",{"room":{"_placeholder":true,"num":0}}]')
-        await raw.ws.send_bytes(b"\x00\xffnot a room id")
-        answer = await raw.ack(6)
-        assert answer is not None and error_code(answer[0]) == "bad_request"
-        assert await raw.works()
-
-
 @pytest.mark.parametrize("frame", ["9", "zzz", "4", ""])
 async def test_engineio_garbage_closes_only_that_connection(server, clients, uid, frame):
     bob = await clients(uid("bob"))

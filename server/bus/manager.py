@@ -36,11 +36,14 @@ class ControlEvents(socketio.AsyncManager):
                 except Exception:
                     log.exception("cluster.control_event_failed", control_event=event)
             return None
-        if event == "message:new":
-            metrics.MESSAGES_DELIVERED.inc(self._local_count(namespace, to or room, skip_sid))
-        return await super().emit(
+        delivered = await super().emit(
             event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, to=to, **kwargs
         )
+        if event == "message:new":
+            if delivered is None:  # the emit path tells how many sockets it reached, or not
+                delivered = self._local_count(namespace, to or room, skip_sid)
+            metrics.MESSAGES_DELIVERED.inc(delivered)
+        return delivered
 
     def _local_count(self, namespace: str, room: str | None, skip_sid) -> int:
         skip = set(skip_sid) if isinstance(skip_sid, list | tuple | set) else {skip_sid}

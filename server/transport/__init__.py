@@ -1,1 +1,1 @@
-"""How clients and operators reach the services: Socket.IO namespace ``/chat`` and HTTP."""
+"""Socket.IO transport of the chat server."""

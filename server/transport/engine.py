@@ -1,0 +1,663 @@
+"""Engine.IO / Socket.IO transport: every change this server makes to the two libraries.
+
+Pinned: python-socketio 5.18.1, python-engineio 4.15.1, uvicorn 0.54.0 (pyproject.toml).
+Each class below subclasses a library class or fills a documented hook; no installed file is
+edited. What changes, and why:
+
+Fan-out cost (one process must push as many deliveries as Node's Socket.IO)
+  * :class:`BroadcastManager` (``AsyncManager.emit``): an emit without callback is encoded
+    once, to one Engine.IO packet whose websocket frame is built once; every recipient gets
+    that same object, synchronously. Upstream creates one asyncio Task per recipient and
+    waits for all of them.
+  * :class:`ChatSocket` (``AsyncSocket``): a websocket socket writes each packet straight
+    to the transport when nothing is waiting before it, instead of queueing it for a
+    per-socket writer task. Only when the client reads slower than we write (the transport
+    paused writing) are packets queued, and one short-lived flush task drains them in
+    order, then ends. So an idle socket has no task at all, and a broadcast costs one
+    ``transport.write`` of shared bytes per websocket recipient, as in Node's engine.io.
+    Packet order per socket is kept: a packet is written directly only when the queue is
+    empty and no flush is running.
+  * ``AsyncSocket.poll``: ``asyncio.timeout`` instead of ``asyncio.wait_for``; on Python
+    3.11 ``wait_for`` creates a Task for every packet (upstream:
+    https://github.com/miguelgrinberg/python-engineio/issues/372 discusses the cost of
+    ``wait_for``; fixed in CPython 3.12 by gh-96764).
+  * The websocket reader: one ``asyncio.timeout`` per read instead of
+    ``ensure_future`` + ``wait_for`` (two Tasks per received packet).
+  * Pings: a timer (``loop.call_later``) per socket instead of a Task sleeping through
+    every ping interval.
+  * ``AsyncServer._service_task``: one pass over the sockets per second without a
+    ``wait_for`` Task per socket.
+  * :class:`ChatWebSocket` (the ``websocket`` entry of the ASGI driver table, engineio's
+    hook for its transport): under uvicorn's default websocket implementation
+    (``websockets-sansio``) it writes finished frames to the connection's transport. Server
+    frames are unmasked, so the bytes are the same for every recipient; an uncompressed
+    frame is valid whether or not permessage-deflate was negotiated. Any other ASGI
+    server gets the plain ASGI ``websocket.send`` path (correct, slower).
+
+Hardening (issue 8)
+  * Only the configured namespace exists (``namespaces=[...]`` and no handler on ``/``):
+    a CONNECT to any other namespace gets CONNECT_ERROR.
+  * Binary attachments are refused before anything is buffered: a packet announcing one
+    (BINARY_EVENT / BINARY_ACK), or any binary Engine.IO message, closes that connection.
+    Upstream keeps every attachment frame until the announced count (up to 10 digits) is
+    reached.
+  * An Engine.IO session that has not connected the namespace within ``connect_timeout``
+    seconds is closed (one timer per session, cancelled when the namespace connects).
+  * Each socket's unsent backlog is bounded in packets and bytes (what waits in its queue
+    plus the transport's own write buffer). Past either bound the socket is disconnected
+    with the reason ``backlog exceeded``, its queue dropped and its transport aborted, so
+    its memory is freed at once. Upstream's per-socket ``asyncio.Queue()`` is unbounded.
+
+Every forced close is counted in ``chat_transport_closed_total{reason}`` and logged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import engineio
+import socketio
+import structlog
+from engineio import async_socket
+from engineio import exceptions as eio_exceptions
+from engineio import packet as eio_packet
+from engineio.async_drivers import asgi as eio_asgi
+from prometheus_client import Counter
+from socketio import packet as sio_packet
+
+try:  # uvicorn's default websocket protocol: frames can go straight to its transport
+    from uvicorn.protocols.websockets.websockets_sansio_impl import (
+        WebSocketsSansIOProtocol as _RawProtocol,
+    )
+except ImportError:  # pragma: no cover - another ASGI server: plain ASGI sends
+    _RawProtocol = None
+
+log = structlog.get_logger(__name__)
+
+TRANSPORT_CLOSED = Counter(
+    "chat_transport_closed_total",
+    "Engine.IO sessions closed by the server's transport limits, by reason",
+    ["reason"],
+)
+
+BACKLOG_EXCEEDED = "backlog exceeded"
+BINARY_REFUSED = "binary attachments are not accepted"
+CONNECT_TIMEOUT = "namespace not connected in time"
+_METRIC_REASON = {
+    BACKLOG_EXCEEDED: "backlog_exceeded",
+    BINARY_REFUSED: "binary_refused",
+    CONNECT_TIMEOUT: "connect_timeout",
+}
+
+_SERVICE_PERIOD = 1.0  # seconds between two passes of the session monitor
+
+
+def ws_frame(data: str | bytes) -> bytes:
+    """One unfragmented, unmasked websocket frame (RFC 6455 §5.2) carrying ``data``."""
+    if isinstance(data, str):
+        payload, first = data.encode(), 0x81
+    else:
+        payload, first = bytes(data), 0x82
+    n = len(payload)
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", first, 126, n) + payload
+    return struct.pack("!BBQ", first, 127, n) + payload
+
+
+def frame_of(pkt: eio_packet.Packet) -> bytes:
+    """The websocket frame of an Engine.IO packet, built once per packet object."""
+    frame = pkt.__dict__.get("ws_frame")
+    if frame is None:
+        frame = pkt.ws_frame = ws_frame(pkt.encode())
+    return frame
+
+
+class Outbox(asyncio.Queue):
+    """A socket's outgoing packets: an ``asyncio.Queue`` that knows its size in bytes and
+    calls ``on_put`` whenever something is queued (so a websocket can start its flush)."""
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self.nbytes = 0
+        self.on_put: Any = None
+
+    def _put(self, item: Any) -> None:
+        super()._put(item)
+        if item is not None:
+            self.nbytes += len(frame_of(item))
+        if self.on_put is not None:
+            self.on_put()
+
+    def _get(self) -> Any:
+        item = super()._get()
+        if item is not None:
+            self.nbytes -= len(frame_of(item))
+        return item
+
+    def discard_all(self) -> None:
+        """Drop every queued packet (the socket is going away)."""
+        while not self.empty():
+            self.get_nowait()
+            self.task_done()
+
+
+class ChatWebSocket(eio_asgi.WebSocket):
+    """Engine.IO's ASGI websocket wrapper, able to write finished frames to uvicorn's
+    transport (see the module docstring). ``raw`` is False on any other server."""
+
+    def __init__(self, handler: Any, server: Any) -> None:
+        super().__init__(handler, server)
+        self.proto: Any = None
+        self.transport: Any = None
+        self.closed = False
+
+    async def __call__(self, environ: dict) -> str:
+        self.asgi_receive = environ["asgi.receive"]
+        self.asgi_send = environ["asgi.send"]
+        await self.asgi_send({"type": "websocket.accept"})
+        proto = getattr(self.asgi_send, "__self__", None)
+        if _RawProtocol is not None and type(proto) is _RawProtocol:
+            self.proto = proto
+            self.transport = proto.transport
+        await self.handler(self)
+        return ""
+
+    @property
+    def raw(self) -> bool:
+        return self.proto is not None
+
+    def writable(self) -> bool:
+        """True when a frame written now goes out at once (raw mode, open, not paused)."""
+        proto = self.proto
+        return (
+            proto is not None
+            and not self.closed
+            and not proto.close_sent
+            and not proto.disconnected
+            and proto.writable.is_set()
+        )
+
+    def write_frame(self, frame: bytes) -> None:
+        self.transport.write(frame)
+
+    def buffered(self) -> int:
+        """Bytes written but not yet taken by the kernel."""
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    async def send_packet(self, pkt: eio_packet.Packet) -> None:
+        if self.closed:
+            raise OSError("websocket closed")
+        proto = self.proto
+        if proto is None:
+            await self.send(pkt.encode())
+            return
+        if not proto.writable.is_set():
+            await proto.writable.wait()
+        if self.closed or proto.close_sent or proto.disconnected:
+            raise OSError("websocket closed")
+        self.transport.write(frame_of(pkt))
+
+    async def close(self) -> None:
+        self.closed = True
+        await super().close()
+
+    def abort(self) -> None:
+        """Drop the connection and whatever it still buffers."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class ChatSocket(async_socket.AsyncSocket):
+    """An Engine.IO session without a task per packet, with a bounded backlog."""
+
+    def __init__(self, server: ChatEngineServer, sid: str) -> None:
+        super().__init__(server, sid)
+        self.queue.on_put = self._kick
+        self.wire: ChatWebSocket | None = None
+        self._flusher: asyncio.Task | None = None
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self.overflowed = False
+
+    # --- sending ----------------------------------------------------------------------
+    async def send(self, pkt: eio_packet.Packet) -> None:
+        self.send_nowait(pkt)
+
+    def send_nowait(self, pkt: eio_packet.Packet) -> None:
+        """Write ``pkt`` now if nothing waits before it, otherwise queue it (bounded)."""
+        if self.closed or self.overflowed:
+            return
+        wire = self.wire
+        queue = self.queue
+        if wire is not None and self._flusher is None and not queue._queue and wire.writable():
+            wire.write_frame(frame_of(pkt))
+            return
+        queue.put_nowait(pkt)
+        server = self.server
+        if (
+            queue.qsize() > server.max_backlog_packets
+            or queue.nbytes + (wire.buffered() if wire is not None else 0)
+            > server.max_backlog_bytes
+        ):
+            self._overflow()
+
+    def _kick(self) -> None:
+        """Something was queued: a websocket starts (or keeps) its flush task."""
+        if self.wire is not None and self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """Drain the queue to the websocket in order; ends when it is empty. ``None`` in the
+        queue closes the websocket after what came before it."""
+        wire = self.wire
+        queue = self.queue
+        try:
+            while not queue.empty():
+                pkt = queue.get_nowait()
+                queue.task_done()
+                if pkt is None:
+                    queue.discard_all()
+                    await wire.close()
+                    return
+                await wire.send_packet(pkt)
+        except Exception:
+            queue.discard_all()
+            wire.closed = True
+        finally:
+            self._flusher = None
+
+    def _overflow(self) -> None:
+        """Past the backlog bound: free the backlog now and disconnect the socket."""
+        self.overflowed = True
+        wire = self.wire
+        packets = self.queue.qsize()
+        nbytes = self.queue.nbytes + (wire.buffered() if wire is not None else 0)
+        self.queue.discard_all()
+        if wire is not None:
+            wire.abort()
+        else:  # a long-polling client learns it on its next GET
+            self.queue.put_nowait(eio_packet.Packet(eio_packet.CLOSE))
+        self.server.count_close(
+            BACKLOG_EXCEEDED,
+            self.sid,
+            packets=packets,
+            bytes=nbytes,
+            transport="websocket" if wire is not None else "polling",
+        )
+        self.server.start_background_task(
+            self.close, wait=False, abort=True, reason=BACKLOG_EXCEEDED
+        )
+
+    async def terminate(self, reason: str) -> None:
+        """Close the session and its transport now, dropping whatever was still unsent."""
+        self.queue.discard_all()
+        if self.wire is not None:
+            self.wire.abort()
+        else:  # a pending long-polling GET answers CLOSE at once
+            self.queue.put_nowait(eio_packet.Packet(eio_packet.CLOSE))
+        await self.close(wait=False, abort=True, reason=reason)
+
+    async def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
+        await super().close(wait=wait, abort=abort, reason=reason)
+
+    # --- polling ----------------------------------------------------------------------
+    async def poll(self) -> list[eio_packet.Packet]:
+        """Wait for packets to send (long-polling GET); no Task per wait."""
+        queue = self.queue
+        try:
+            if queue.empty():
+                async with asyncio.timeout(self.server.ping_interval + self.server.ping_timeout):
+                    first = await queue.get()
+            else:
+                first = queue.get_nowait()
+            queue.task_done()
+        except (TimeoutError, asyncio.CancelledError):
+            raise eio_exceptions.QueueEmpty() from None
+        if first is None:
+            return []
+        packets = [first]
+        while not queue.empty():
+            pkt = queue.get_nowait()
+            queue.task_done()
+            if pkt is None:
+                queue.put_nowait(None)
+                break
+            packets.append(pkt)
+        return packets
+
+    # --- pings ------------------------------------------------------------------------
+    def schedule_ping(self) -> None:
+        if self.last_ping:
+            self.last_ping = None
+            self._ping_timer = asyncio.get_running_loop().call_later(
+                self.server.ping_interval, self._ping_due
+            )
+
+    def _ping_due(self) -> None:
+        self._ping_timer = None
+        if not self.closing and not self.closed:
+            self.last_ping = time.time()
+            self.send_nowait(eio_packet.Packet(eio_packet.PING))
+
+    # --- websocket --------------------------------------------------------------------
+    async def _websocket_handler(self, ws: ChatWebSocket) -> None:
+        """Upstream's handler, without a writer task and without Tasks per read."""
+        server = self.server
+        max_size = server.max_http_buffer_size
+        read_timeout = server.ping_interval + server.ping_timeout
+
+        async def websocket_wait(timeout: float | None = None) -> Any:
+            async with asyncio.timeout(timeout):
+                data = await ws.wait()
+            if data and len(data) > max_size:
+                raise ValueError("packet is too large")
+            return data
+
+        if self.connected:  # an upgrade from polling
+            self.upgrading = True
+            try:
+                pkt = await websocket_wait()
+            except OSError:  # pragma: no cover
+                self.upgrading = False
+                return
+            decoded = eio_packet.Packet(encoded_packet=pkt)
+            if decoded.packet_type != eio_packet.PING or decoded.data != "probe":
+                self.upgrading = False
+                return
+            await ws.send(eio_packet.Packet(eio_packet.PONG, data="probe").encode())
+            self.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))  # ends the pending poll
+            try:
+                pkt = await websocket_wait()
+            except OSError:  # pragma: no cover
+                self.upgrading = False
+                return
+            decoded = eio_packet.Packet(encoded_packet=pkt)
+            if decoded.packet_type != eio_packet.UPGRADE:
+                self.upgraded = False
+                self.upgrading = False
+                return
+            self.upgraded = True
+            self.upgrading = False
+        else:
+            self.connected = True
+            self.upgraded = True
+
+        self.wire = ws
+        if not self.queue.empty():
+            self._kick()
+
+        while True:
+            try:
+                data = await websocket_wait(read_timeout)
+            except (Exception, asyncio.CancelledError):  # timeout, disconnect, oversized frame
+                break
+            if data is None:
+                break
+            try:
+                await self.receive(eio_packet.Packet(encoded_packet=data))
+            except eio_exceptions.UnknownPacketError:  # pragma: no cover
+                pass
+            except eio_exceptions.SocketIsClosedError:  # pragma: no cover
+                break
+            except Exception:  # pragma: no cover
+                server.logger.exception("Unknown receive error")
+
+        if self._flusher is not None:
+            self.queue.put_nowait(None)
+            flusher = self._flusher
+            if flusher is not None:
+                await asyncio.wait([flusher])
+        if not ws.closed:
+            await ws.close()
+        await self.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
+
+
+class ChatEngineServer(engineio.AsyncServer):
+    """Engine.IO server that makes :class:`ChatSocket` sessions (see the module docstring)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # The driver table is shared by every server of the process: copy it, then fill
+        # its documented ``websocket`` entry.
+        self._async = {**self._async, "websocket": ChatWebSocket}
+        self.max_backlog_packets = 1000
+        self.max_backlog_bytes = 1 << 20
+
+    def create_queue(self, *args: Any, **kwargs: Any) -> Outbox:
+        return Outbox(*args, **kwargs)
+
+    def count_close(self, reason: str, sid: str, **details: Any) -> None:
+        TRANSPORT_CLOSED.labels(_METRIC_REASON.get(reason, "other")).inc()
+        log.warning("transport.closed", reason=reason, eio_sid=sid, **details)
+
+    def broadcast(self, pkt: eio_packet.Packet, eio_sids: Iterable[str]) -> int:
+        """Send one shared packet to many sessions; returns how many exist here."""
+        sockets = self.sockets
+        count = 0
+        for eio_sid in eio_sids:
+            socket = sockets.get(eio_sid)
+            if socket is not None:
+                socket.send_nowait(pkt)
+                count += 1
+        return count
+
+    async def send_packet(self, sid: str, pkt: eio_packet.Packet) -> None:
+        socket = self.sockets.get(sid)
+        if socket is not None:
+            socket.send_nowait(pkt)
+
+    async def _handle_connect(self, environ: dict, transport: str, jsonp_index: Any = None):
+        """Upstream's ``_handle_connect`` (4.15.1), making a :class:`ChatSocket`."""
+        if self.start_service_task:
+            self.start_service_task = False
+            self.service_task_handle = self.start_background_task(self._service_task)
+
+        sid = self.generate_id()
+        s = ChatSocket(self, sid)
+        self.sockets[sid] = s
+
+        pkt = eio_packet.Packet(
+            eio_packet.OPEN,
+            {
+                "sid": sid,
+                "upgrades": self._upgrades(sid, transport),
+                "pingTimeout": int(self.ping_timeout * 1000),
+                "pingInterval": int(self.ping_interval + self.ping_interval_grace_period) * 1000,
+                "maxPayload": self.max_http_buffer_size,
+            },
+        )
+        await s.send(pkt)
+
+        ret = await self._trigger_event("connect", sid, environ, run_async=False)
+        if ret is not None and ret is not True:
+            del self.sockets[sid]
+            return self._unauthorized(ret or None)
+
+        s.schedule_ping()
+
+        if transport == "websocket":
+            ret = await s.handle_get_request(environ)
+            if s.closed and sid in self.sockets:
+                del self.sockets[sid]
+            return ret
+        s.connected = True
+        headers = None
+        if self.cookie:
+            cookie = (
+                self.cookie
+                if isinstance(self.cookie, dict)
+                else {"name": self.cookie, "path": "/", "SameSite": "Lax"}
+            )
+            headers = [("Set-Cookie", self._generate_sid_cookie(sid, cookie))]
+        try:
+            return self._ok(await s.poll(), headers=headers, jsonp_index=jsonp_index)
+        except eio_exceptions.QueueEmpty:
+            return self._bad_request()
+
+    async def _service_task(self) -> None:  # pragma: no cover - runs for the process lifetime
+        """Once a second: forget closed sessions, close those whose client stopped ponging."""
+        self.service_task_event = self.create_event()
+        while not self.service_task_event.is_set():
+            try:
+                async with asyncio.timeout(_SERVICE_PERIOD):
+                    await self.service_task_event.wait()
+                break
+            except TimeoutError:
+                pass
+            now = time.time()
+            for sid, s in list(self.sockets.items()):
+                try:
+                    if s.closed:
+                        self.sockets.pop(sid, None)
+                    elif not s.closing and s.last_ping and now - s.last_ping > self.ping_timeout:
+                        await s.check_ping_timeout()
+                        if s.wire is not None:
+                            s.queue.put_nowait(None)  # ends the websocket after the CLOSE packet
+                except Exception:
+                    self.logger.exception("service task exception")
+
+
+class BroadcastManager(socketio.AsyncManager):
+    """``emit`` without callback: encoded once, the same packet object to every recipient,
+    no Task per recipient. Returns how many local sockets it was handed to."""
+
+    async def emit(
+        self, event, data, namespace, room=None, skip_sid=None, callback=None, to=None, **kwargs
+    ):
+        eio = self.server.eio if self.server is not None else None
+        if callback is not None or not isinstance(eio, ChatEngineServer):
+            await super().emit(
+                event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, to=to
+            )
+            return None
+        room = to or room
+        if namespace not in self.rooms:
+            return 0
+        if isinstance(data, tuple):
+            data = list(data)
+        elif data is not None:
+            data = [data]
+        else:
+            data = []
+        encoded = self.server.packet_class(
+            sio_packet.EVENT, namespace=namespace, data=[event, *data]
+        ).encode()
+        if isinstance(encoded, list):  # binary attachments: upstream's path
+            await super().emit(event, data, namespace, room=room, skip_sid=skip_sid)
+            return None
+        skip = (
+            set(skip_sid)
+            if isinstance(skip_sid, list | tuple | set)
+            else {skip_sid}
+            if skip_sid is not None
+            else ()
+        )
+        pkt = eio_packet.Packet(eio_packet.MESSAGE, encoded)
+        return eio.broadcast(
+            pkt,
+            (eio_sid for sid, eio_sid in self.get_participants(namespace, room) if sid not in skip),
+        )
+
+
+_FAST_MANAGERS: dict[type, type] = {}
+
+
+def with_broadcast_fast_path(manager: socketio.AsyncManager) -> socketio.AsyncManager:
+    """Give ``manager`` :class:`BroadcastManager`'s ``emit`` just above ``AsyncManager``'s.
+
+    The managers (in-process, Redis, Redis Cluster) live in the bus layer, which knows
+    nothing of this module; the server makes its manager's class a subclass that mixes the
+    fast path in (C3 order: ``... ControlEvents, BroadcastManager, AsyncManager``), so every
+    local delivery, whether emitted here or received from another instance, takes it.
+    """
+    cls = type(manager)
+    if not issubclass(cls, BroadcastManager):
+        fast = _FAST_MANAGERS.get(cls)
+        if fast is None:
+            fast = _FAST_MANAGERS[cls] = type(
+                cls.__name__, (cls, BroadcastManager), {"__module__": cls.__module__}
+            )
+        manager.__class__ = fast
+    return manager
+
+
+class ChatSocketServer(socketio.AsyncServer):
+    """Socket.IO server with only ``namespace``, no binary packets, a connect deadline and
+    bounded per-socket backlogs (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        connect_timeout: float,
+        max_backlog_packets: int,
+        max_backlog_bytes: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(namespaces=[namespace], **kwargs)
+        with_broadcast_fast_path(self.manager)
+        self.namespace = namespace
+        self.connect_timeout = connect_timeout
+        self.eio.max_backlog_packets = max_backlog_packets
+        self.eio.max_backlog_bytes = max_backlog_bytes
+        self._deadlines: dict[str, asyncio.TimerHandle] = {}
+
+    def _engineio_server_class(self) -> type[ChatEngineServer]:
+        return ChatEngineServer
+
+    async def _handle_eio_connect(self, eio_sid: str, environ: dict) -> None:
+        await super()._handle_eio_connect(eio_sid, environ)
+        if self.connect_timeout > 0:
+            self._arm_deadline(eio_sid)
+
+    def _arm_deadline(self, eio_sid: str) -> None:
+        self._deadlines[eio_sid] = asyncio.get_running_loop().call_later(
+            self.connect_timeout, self._deadline_due, eio_sid
+        )
+
+    def _deadline_due(self, eio_sid: str) -> None:
+        self._deadlines.pop(eio_sid, None)
+        socket = self.eio.sockets.get(eio_sid)
+        if socket is None or socket.closing or socket.closed:
+            return
+        sid = self.manager.sid_from_eio_sid(eio_sid, self.namespace)
+        if sid is not None and self.manager.is_connected(sid, self.namespace):
+            return
+        if sid is not None:  # the connect handler is still running: give it one more period
+            self._arm_deadline(eio_sid)
+            return
+        self.eio.count_close(CONNECT_TIMEOUT, eio_sid, seconds=self.connect_timeout)
+        self.eio.start_background_task(socket.terminate, CONNECT_TIMEOUT)
+
+    def _cancel_deadline(self, eio_sid: str) -> None:
+        handle = self._deadlines.pop(eio_sid, None)
+        if handle is not None:
+            handle.cancel()
+
+    async def _handle_connect(self, eio_sid: str, namespace: str, data: Any) -> None:
+        await super()._handle_connect(eio_sid, namespace, data)
+        sid = self.manager.sid_from_eio_sid(eio_sid, self.namespace)
+        if sid is not None and self.manager.is_connected(sid, self.namespace):
+            self._cancel_deadline(eio_sid)
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        if not isinstance(data, str) or data[:1] in ("5", "6"):
+            socket = self.eio.sockets.get(eio_sid)
+            if socket is not None and not (socket.closing or socket.closed):
+                self.eio.count_close(BINARY_REFUSED, eio_sid)
+                await socket.terminate(BINARY_REFUSED)
+            return
+        await super()._handle_eio_message(eio_sid, data)
+
+    async def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
+        self._cancel_deadline(eio_sid)
+        await super()._handle_eio_disconnect(eio_sid, reason)
