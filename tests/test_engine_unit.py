@@ -1,0 +1,84 @@
+"""In-process checks of server/transport/engine.py's building blocks (no server needed).
+
+The behaviour end to end (websocket and polling clients, order, limits) is tested against real
+server processes in test_transport_limits.py, test_messages.py and test_js_client.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import socketio
+from engineio import packet as eio_packet
+from websockets.frames import Frame, Opcode
+
+from server.bus.manager import ControlEvents, LocalManager, RedisManager
+from server.transport.engine import (
+    BroadcastManager,
+    ChatSocketServer,
+    Outbox,
+    frame_of,
+    with_broadcast_fast_path,
+    ws_frame,
+)
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+@pytest.mark.parametrize("kind", ["text", "bytes"])
+def test_ws_frame_matches_the_websockets_serializer(size, kind):
+    data: str | bytes = "é" * (size // 2) + "x" * (size % 2) if kind == "text" else b"\x01" * size
+    opcode = Opcode.TEXT if kind == "text" else Opcode.BINARY
+    payload = data.encode() if isinstance(data, str) else data
+    expected = Frame(opcode, payload).serialize(mask=False, extensions=[])
+    assert ws_frame(data) == expected
+
+
+def test_a_packet_is_framed_once():
+    pkt = eio_packet.Packet(eio_packet.MESSAGE, '2/chat,["message:new",{"text":"hi"}]')
+    first = frame_of(pkt)
+    assert frame_of(pkt) is first
+    assert first == ws_frame('42/chat,["message:new",{"text":"hi"}]')
+
+
+async def test_outbox_counts_bytes_and_reports_puts():
+    box = Outbox()
+    puts = []
+    box.on_put = lambda: puts.append(box.qsize())
+    a = eio_packet.Packet(eio_packet.MESSAGE, "x" * 200)
+    box.put_nowait(a)
+    box.put_nowait(None)
+    assert box.nbytes == len(frame_of(a)) and puts == [1, 2]
+    assert box.get_nowait() is a and box.nbytes == 0
+    box.discard_all()
+    assert box.empty()
+
+
+@pytest.mark.parametrize("manager_class", [LocalManager, RedisManager])
+def test_fast_path_sits_just_above_async_manager(manager_class):
+    manager = manager_class() if manager_class is LocalManager else manager_class("redis://x")
+    with_broadcast_fast_path(manager)
+    mro = type(manager).__mro__
+    assert isinstance(manager, manager_class)
+    assert mro.index(ControlEvents) < mro.index(BroadcastManager)
+    assert mro.index(BroadcastManager) + 1 == mro.index(socketio.AsyncManager)
+    with_broadcast_fast_path(manager)  # idempotent
+    assert type(manager).__mro__ == mro
+
+
+async def test_server_accepts_only_its_namespace_and_builds_the_fast_manager():
+    server = ChatSocketServer(
+        namespace="/chat",
+        connect_timeout=1,
+        max_backlog_packets=10,
+        max_backlog_bytes=65536,
+        async_mode="asgi",
+        client_manager=LocalManager(),
+    )
+    assert server.namespaces == ["/chat"]
+    assert isinstance(server.manager, BroadcastManager)
+    assert server.eio.max_backlog_packets == 10
+    # the driver table of other Engine.IO servers in the process is left alone
+    other = socketio.AsyncServer(async_mode="asgi")
+    assert other.eio._async["websocket"] is not server.eio._async["websocket"]
+    await asyncio.sleep(0)
