@@ -50,8 +50,22 @@ async def test_outbox_counts_bytes_and_reports_puts():
     box.put_nowait(None)
     assert box.nbytes == len(frame_of(a)) and puts == [1, 2]
     assert box.get_nowait() is a and box.nbytes == 0
+    box.task_done()
     box.discard_all()
-    assert box.empty()
+    assert box.empty() and not box
+    # a waiting get is woken by a put; join waits for task_done of everything put
+    getter = asyncio.ensure_future(box.get())
+    await asyncio.sleep(0)
+    assert not getter.done()
+    box.put_nowait(a)
+    assert await asyncio.wait_for(getter, 1) is a
+    joined = asyncio.ensure_future(box.join())
+    await asyncio.sleep(0)
+    assert not joined.done()
+    box.task_done()
+    await asyncio.wait_for(joined, 1)
+    with pytest.raises(asyncio.QueueEmpty):
+        box.get_nowait()
 
 
 @pytest.mark.parametrize("manager_class", [LocalManager, RedisManager])

@@ -50,7 +50,7 @@ class Connection:
     ip_key: str = ""
     joined: set[str] = field(default_factory=set)
     presence: set[str] = field(default_factory=set)
-    expiry: asyncio.Task | None = None
+    expiry: asyncio.TimerHandle | None = None  # a timer, not a sleeping task, per socket
 
 
 class ConnectionRegistry:
@@ -258,12 +258,16 @@ class Admission:
         """Disconnect ``conn`` when its token expires (a refresh reschedules)."""
         if conn.expiry is not None:
             conn.expiry.cancel()
-        conn.expiry = asyncio.get_running_loop().create_task(
-            self._expire(conn, conn.identity.expires_at)
+        expires_at = conn.identity.expires_at
+        conn.expiry = asyncio.get_running_loop().call_later(
+            max(0.0, expires_at - time.time()), self._expiry_due, conn, expires_at
         )
 
+    def _expiry_due(self, conn: Connection, expires_at: float) -> None:
+        conn.expiry = None
+        self.sio.start_background_task(self._expire, conn, expires_at)
+
     async def _expire(self, conn: Connection, expires_at: float) -> None:
-        await asyncio.sleep(max(0.0, expires_at - time.time()))
         if self.registry.get(conn.sid) is conn and conn.identity.expires_at <= expires_at:
             log.info("auth.token_expired_disconnect", user=conn.identity.user_id, sid=conn.sid)
             await self.sio.emit(

@@ -21,6 +21,8 @@ Fan-out cost (one process must push as many deliveries as Node's Socket.IO)
     per delivery, so a busy instance makes fewer syscalls per message the busier it is.
     Packet order per socket is kept: a packet is written directly only when the queue is
     empty and no flush is running.
+  * ``AsyncServer.create_queue``: an :class:`Outbox` of about 100 bytes instead of a
+    3.3 KB ``asyncio.Queue`` per session.
   * ``AsyncSocket.poll``: ``asyncio.timeout`` instead of ``asyncio.wait_for``; on Python
     3.11 ``wait_for`` creates a Task for every packet (upstream:
     https://github.com/miguelgrinberg/python-engineio/issues/372 discusses the cost of
@@ -60,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -122,31 +125,86 @@ def frame_of(pkt: eio_packet.Packet) -> bytes:
     return frame
 
 
-class Outbox(asyncio.Queue):
-    """A socket's outgoing packets: an ``asyncio.Queue`` that knows its size in bytes and
-    calls ``on_put`` whenever something is queued (so a websocket can start its flush)."""
+class Outbox:
+    """A socket's outgoing packets: what Engine.IO uses of ``asyncio.Queue`` (``put``,
+    ``get``, ``task_done``, ``join``...), plus its size in bytes and an ``on_put`` callback
+    (so a websocket can start its flush). About 100 bytes while empty, against 3.3 KB for an
+    ``asyncio.Queue`` (four deques and an Event), since every connection has one."""
 
-    def _init(self, maxsize: int) -> None:
-        super()._init(maxsize)
+    __slots__ = ("_items", "nbytes", "on_put", "_waiters", "_unfinished", "_idle")
+
+    def __init__(self) -> None:
+        self._items: deque | None = None
         self.nbytes = 0
         self.on_put: Any = None
+        self._waiters: list[asyncio.Future] | None = None
+        self._unfinished = 0
+        self._idle: asyncio.Future | None = None
 
-    def _put(self, item: Any) -> None:
-        super()._put(item)
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def put_nowait(self, item: Any) -> None:
+        if self._items is None:
+            self._items = deque()
+        self._items.append(item)
+        self._unfinished += 1
         if item is not None:
             self.nbytes += len(frame_of(item))
+        waiters = self._waiters
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         if self.on_put is not None:
             self.on_put()
 
-    def _get(self) -> Any:
-        item = super()._get()
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self) -> Any:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        item = self._items.popleft()
         if item is not None:
             self.nbytes -= len(frame_of(item))
         return item
 
+    async def get(self) -> Any:
+        while not self._items:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+        return self.get_nowait()
+
+    def task_done(self) -> None:
+        if self._unfinished > 0:
+            self._unfinished -= 1
+        if self._unfinished == 0 and self._idle is not None:
+            if not self._idle.done():
+                self._idle.set_result(None)
+            self._idle = None
+
+    async def join(self) -> None:
+        if self._unfinished > 0:
+            if self._idle is None:
+                self._idle = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._idle)
+
     def discard_all(self) -> None:
         """Drop every queued packet (the socket is going away)."""
-        while not self.empty():
+        while self._items:
             self.get_nowait()
             self.task_done()
 
@@ -264,7 +322,7 @@ class ChatSocket(async_socket.AsyncSocket):
         if (
             wire is not None
             and self._flusher is None
-            and not queue._queue
+            and not queue
             and (wire.cork is not None or wire.writable())
         ):
             wire.write_frame(frame_of(pkt))
@@ -480,7 +538,7 @@ class ChatEngineServer(engineio.AsyncServer):
                 wire.abort()
 
     def create_queue(self, *args: Any, **kwargs: Any) -> Outbox:
-        return Outbox(*args, **kwargs)
+        return Outbox()
 
     def count_close(self, reason: str, sid: str, **details: Any) -> None:
         TRANSPORT_CLOSED.labels(_METRIC_REASON.get(reason, "other")).inc()
