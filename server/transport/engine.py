@@ -451,31 +451,22 @@ class ChatSocket(async_socket.AsyncSocket):
                 raise ValueError("packet is too large")
             return data
 
-        if self.connected:  # an upgrade from polling
+        if self.connected:  # an upgrade from polling: probe, then UPGRADE
             self.upgrading = True
             try:
-                pkt = await websocket_wait()
-            except OSError:  # pragma: no cover
-                self.upgrading = False
+                probe = eio_packet.Packet(encoded_packet=await websocket_wait(read_timeout))
+                if probe.packet_type != eio_packet.PING or probe.data != "probe":
+                    return
+                await ws.send(eio_packet.Packet(eio_packet.PONG, data="probe").encode())
+                self.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))  # ends the pending poll
+                upgrade = eio_packet.Packet(encoded_packet=await websocket_wait(read_timeout))
+                if upgrade.packet_type != eio_packet.UPGRADE:
+                    return
+            except (Exception, asyncio.CancelledError):  # the websocket went away meanwhile
                 return
-            decoded = eio_packet.Packet(encoded_packet=pkt)
-            if decoded.packet_type != eio_packet.PING or decoded.data != "probe":
+            finally:
                 self.upgrading = False
-                return
-            await ws.send(eio_packet.Packet(eio_packet.PONG, data="probe").encode())
-            self.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))  # ends the pending poll
-            try:
-                pkt = await websocket_wait()
-            except OSError:  # pragma: no cover
-                self.upgrading = False
-                return
-            decoded = eio_packet.Packet(encoded_packet=pkt)
-            if decoded.packet_type != eio_packet.UPGRADE:
-                self.upgraded = False
-                self.upgrading = False
-                return
             self.upgraded = True
-            self.upgrading = False
         else:
             self.connected = True
             self.upgraded = True
