@@ -304,8 +304,22 @@ async def test_nbf_in_the_past_accepted(server, uid):
         {"sub": ""},
         {"sub": 12345},
         {"sub": None},
+        {"sub": "."},
+        {"sub": ".."},
+        {"sub": "__x__"},
     ],
-    ids=["too-long", "space", "slash", "non-ascii", "empty", "number", "null"],
+    ids=[
+        "too-long",
+        "space",
+        "slash",
+        "non-ascii",
+        "empty",
+        "number",
+        "null",
+        "dot",
+        "dot-dot",
+        "dunder",
+    ],
 )
 async def test_bad_sub_refused(server, claims):
     token = raw_token(

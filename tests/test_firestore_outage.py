@@ -13,10 +13,9 @@ import time
 import pytest
 from google.api_core import exceptions as gexc
 
-from server.core.errors import SeqTaken, StoreUnavailable
+from server.core.errors import ChatError, SeqTaken, StoreUnavailable
 from server.core.models import MessageDraft
 from server.store.firestore import FirestoreStore
-from server.store.firestore import overrides as firestore_overrides
 from tests.support.firestore_emulator import FirestoreEmulator
 
 pytestmark = pytest.mark.skipif(
@@ -92,19 +91,21 @@ async def test_stalled_backend_hits_the_deadline(fs, emulator, uid):
 
 
 async def test_lost_commit_answer_is_retried_idempotently(fs, uid, monkeypatch):
-    """A commit that applied but whose answer was lost: the retry reports the stored message."""
-    original = firestore_overrides.Transaction._commit
+    """A group commit that applied but whose answer was lost: the retry reports the message."""
+    from google.cloud.firestore_v1.async_batch import AsyncWriteBatch
+
+    original = AsyncWriteBatch.commit
     lost = 0
 
-    async def commit_then_lose_answer(self):
+    async def commit_then_lose_answer(self, *args, **kwargs):
         nonlocal lost
-        result = await original(self)
+        result = await original(self, *args, **kwargs)
         if lost == 0:
             lost += 1
             raise gexc.DeadlineExceeded("answer lost")
         return result
 
-    monkeypatch.setattr(firestore_overrides.Transaction, "_commit", commit_then_lose_answer)
+    monkeypatch.setattr(AsyncWriteBatch, "commit", commit_then_lose_answer)
     room = uid("r")
     first = await fs.add_message(draft(room, "c1"))
     assert lost == 1
@@ -183,3 +184,43 @@ async def test_two_clients_racing_get_unique_seqs(emulator, uid):
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_invalid_argument_is_bad_request_and_never_retried(fs, uid, monkeypatch):
+    """A request Firestore can never accept is the client's error, answered at once."""
+    from google.cloud.firestore_v1.async_batch import AsyncWriteBatch
+
+    calls = 0
+
+    async def refuse(self, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        raise gexc.InvalidArgument("document id is not valid")
+
+    monkeypatch.setattr(AsyncWriteBatch, "commit", refuse)
+    with pytest.raises(ChatError) as info:
+        await fs.add_message(draft(uid("r"), "c1"), seq=1)
+    assert info.value.code == "bad_request" and calls == 1
+
+
+@pytest.mark.parametrize(
+    "error", [gexc.InternalServerError, gexc.ResourceExhausted, gexc.ServiceUnavailable]
+)
+async def test_transient_codes_are_retried(fs, uid, monkeypatch, error):
+    from google.cloud.firestore_v1.async_batch import AsyncWriteBatch
+
+    original = AsyncWriteBatch.commit
+    failures = 0
+
+    async def fail_twice(self, *args, **kwargs):
+        nonlocal failures
+        if failures < 2:
+            failures += 1
+            raise error("transient")
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncWriteBatch, "commit", fail_twice)
+    room = uid("r")
+    added = await fs.add_message(draft(room, "c1"))
+    assert failures == 2 and added.created and added.message.seq == 1
+    assert await fs.last_seq(room) == 1

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from typing import Annotated, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 from server.core.errors import ChatError
+from server.core.ids import ROOM_ID_PATTERN, USER_ID_PATTERN, not_reserved
 
-# Direct rooms (dm:<a>:<b>) may also hold "@", since user ids may (e-mail-like ids).
-RoomId = Annotated[
-    StrictStr, Field(pattern=r"^(?:[A-Za-z0-9_.:-]{1,128}|dm:[A-Za-z0-9_.:@-]{3,125})$")
-]
-UserId = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")]
+# The one definition lives in server/core/ids.py (direct rooms dm:<a>:<b> may hold "@").
+RoomId = Annotated[StrictStr, Field(pattern=f"^{ROOM_ID_PATTERN}$"), AfterValidator(not_reserved)]
+UserId = Annotated[StrictStr, Field(pattern=f"^{USER_ID_PATTERN}$"), AfterValidator(not_reserved)]
 Seq = Annotated[StrictInt, Field(ge=0, le=2**53)]
 
 

@@ -66,6 +66,11 @@ class PresenceService:
                 )
         await self.announcer.announce(transition)
 
+    async def statuses(self, user_ids: list[str]) -> dict[str, str]:
+        """``{id: "online"|"offline"}`` from the presence backend alone (no store read)."""
+        states = await self.backend.states(user_ids)
+        return {uid: state.status for uid, state in states.items()}
+
     async def states(self, user_ids: list[str]) -> dict[str, dict]:
         """``{id: {status, last_seen}}``; offline users without a live last_seen use the store's."""
         states = await self.backend.states(user_ids)

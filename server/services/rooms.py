@@ -54,11 +54,16 @@ class RoomService:
                 )
             if who.user_id not in pair:
                 raise ChatError("forbidden", "only the two users of a direct room may join it")
-            room, _ = await self.store.create_room(Room(room_id, "direct", room_id), list(pair))
+            room, created = await self.store.create_room(
+                Room(room_id, "direct", room_id), list(pair)
+            )
         else:
-            room, _ = await self.store.create_room(Room(room_id, "public", room_id), [who.user_id])
+            room, created = await self.store.create_room(
+                Room(room_id, "public", room_id), [who.user_id]
+            )
         if room.kind == "public":
-            await self.store.add_members(room_id, [who.user_id])
+            if not created:  # someone else created it first; the creator is already a member
+                await self.store.add_members(room_id, [who.user_id])
         else:
             await self._require_member(who, room)
         return room

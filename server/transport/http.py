@@ -15,10 +15,10 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from server.auth import AuthError, DevTokens, TokenVerifier, bearer_token
-from server.core.ids import USER_ID_PATTERN
+from server.core.ids import USER_ID_PATTERN, not_reserved
 from server.services.figures import Figures
 from server.services.health import Health
 
@@ -50,7 +50,7 @@ async def health(request: Request) -> JSONResponse:
 
 
 class DevTokenRequest(BaseModel):
-    user: Annotated[str, Field(pattern=f"^{USER_ID_PATTERN}$")]
+    user: Annotated[str, Field(pattern=f"^{USER_ID_PATTERN}$"), AfterValidator(not_reserved)]
     name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
 
 

@@ -172,8 +172,8 @@ class ChatNamespace(socketio.AsyncNamespace):
 
     async def room_members(self, conn: Connection, request: RoomRef) -> dict:
         members = await self.rooms.members_for(conn.identity, request.room)
-        states = await self.presence.states(members)
-        return {"members": [{"id": uid, "status": states[uid]["status"]} for uid in members]}
+        statuses = await self.presence.statuses(members)  # no last_seen: no store read
+        return {"members": [{"id": uid, "status": statuses[uid]} for uid in members]}
 
     async def room_members_add(self, conn: Connection, request: ChangeMembers) -> dict:
         added = await self.rooms.change_members(conn.identity, request, add=True)

@@ -6,9 +6,12 @@ Invariants:
 - every attempt is bounded by ``timeout`` (``asyncio.timeout`` plus the same value as the
   RPC deadline), and the whole call, including waiting for this process's turn on a key,
   by ``budget`` (a deadline on the loop clock);
-- only the codes in :data:`RETRYABLE` (and an attempt timeout) are retried, at most
-  :data:`MAX_ATTEMPTS` attempts, with AsyncRetry's jittered exponential backoff;
-- whatever still fails raises :class:`StoreUnavailable` naming the operation, the attempts,
+- only the codes in :data:`RETRYABLE` (and an attempt timeout) are retried, with
+  AsyncRetry's jittered exponential backoff, until the budget is spent (like the library's
+  own policy, bounded by time rather than by a count of attempts);
+- INVALID_ARGUMENT (a request Firestore can never accept) raises ``ChatError("bad_request")``
+  and is never retried nor reported as ``unavailable``;
+- whatever else fails raises :class:`StoreUnavailable` naming the operation, the attempts,
   the time spent and the last error; nothing else escapes but the operation's own
   exceptions (``SeqTaken`` and the like) and cancellation.
 """
@@ -22,27 +25,30 @@ from typing import TypeVar
 from google.api_core import exceptions as gexc
 from google.api_core.retry import AsyncRetry
 
-from server.core.errors import StoreUnavailable
+from server.core.errors import ChatError, StoreUnavailable
 from server.core.locks import KeyedLock
 
 T = TypeVar("T")
 
+#: The library's own retryable codes for Firestore's RPCs (UNAVAILABLE, DEADLINE_EXCEEDED,
+#: INTERNAL, RESOURCE_EXHAUSTED; see ``transports/base.py`` of google-cloud-firestore),
+#: ABORTED (transaction contention, retried by the library's transaction helper), and an
+#: attempt that reached its deadline. Writes are safe to retry: creates are guarded by
+#: ``create()`` and stamped with a ``write_id``, the rest are idempotent sets.
 RETRYABLE: tuple[type[BaseException], ...] = (
     gexc.ServiceUnavailable,
     gexc.DeadlineExceeded,
+    gexc.InternalServerError,
+    gexc.ResourceExhausted,
     gexc.Aborted,
     TimeoutError,
 )
-MAX_ATTEMPTS = 5
+#: the library's backoff (0.1 s growing by 1.3, full jitter), capped by our own budget
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 1.0
-BACKOFF_MULTIPLIER = 2.0
+BACKOFF_MULTIPLIER = 1.3
 #: an attempt with less time than this left is not started
 MIN_ATTEMPT = 0.01
-
-
-class _GiveUp(Exception):
-    """Raised from AsyncRetry's ``on_error`` to stop after MAX_ATTEMPTS attempts."""
 
 
 class _OutOfTime(Exception):
@@ -91,8 +97,6 @@ class Caller:
 
         def on_error(exc: Exception) -> None:
             errors.append(exc)
-            if len(errors) >= MAX_ATTEMPTS:
-                raise _GiveUp()
 
         retry = AsyncRetry(
             predicate=is_retryable,
@@ -105,13 +109,15 @@ class Caller:
 
         try:
             return await retry(attempt)()
-        except (_GiveUp, _OutOfTime, gexc.RetryError) as exc:
+        except (_OutOfTime, gexc.RetryError) as exc:
             last = errors[-1] if errors else None
             raise StoreUnavailable(
                 f"firestore {what} failed after {len(errors)} attempt(s) in "
                 f"{loop.time() - started:.2f}s: {describe(last, attempt_timeout)}"
             ) from (last or exc)
-        except gexc.GoogleAPICallError as exc:  # permission, missing index, bad request...
+        except gexc.InvalidArgument as exc:
+            raise ChatError("bad_request", f"firestore refused {what}: {exc.message}") from exc
+        except gexc.GoogleAPICallError as exc:  # permission, missing index...
             raise StoreUnavailable(
                 f"firestore {what} failed: {describe(exc, attempt_timeout)}"
             ) from exc

@@ -13,9 +13,12 @@ Each override is a subclass; no installed file is edited. What is overridden and
    client has no parameter for a transport class or channel options (same upstream issue).
 3. ``AsyncClient._emulator_channel`` (private, in :class:`Client`): the library's emulator
    channel (insecure, ``Bearer owner``) plus :data:`CHANNEL_OPTIONS`.
-4. ``Client.aclose`` (added): ``AsyncClient`` has no way to close its gRPC channel; a store
+4. ``Client(interceptors=...)`` (added): gRPC client interceptors on the channel, the
+   hook through which ``tests/test_firestore_costs.py`` counts reads, writes and round
+   trips; empty in production.
+5. ``Client.aclose`` (added): ``AsyncClient`` has no way to close its gRPC channel; a store
    that is closed and rebuilt (tests, restarts inside one process) would leak it.
-5. ``AsyncTransaction._begin``, ``_commit`` and ``_rollback`` (private, in
+6. ``AsyncTransaction._begin``, ``_commit`` and ``_rollback`` (private, in
    :class:`Transaction`): the library issues these RPCs with its default retry policy (up to
    60 s) and no timeout, and offers no parameter for either
    (https://github.com/googleapis/python-firestore/issues/221). Ours pass ``retry=None`` and
@@ -53,22 +56,39 @@ CHANNEL_OPTIONS = [
 class Transport(FirestoreGrpcAsyncIOTransport):
     """The library's asyncio transport with :data:`CHANNEL_OPTIONS` on its channel."""
 
+    interceptors: tuple[grpc.aio.ClientInterceptor, ...] = ()
+
     @classmethod
     def create_channel(cls, *args: Any, **kwargs: Any) -> grpc.aio.Channel:
         kwargs["options"] = CHANNEL_OPTIONS
+        if cls.interceptors:
+            kwargs["interceptors"] = list(cls.interceptors)
         return super().create_channel(*args, **kwargs)
 
 
 class Client(AsyncClient):
-    """AsyncClient whose channel reconnects quickly and can be closed."""
+    """AsyncClient whose channel reconnects quickly, may carry interceptors, and closes."""
+
+    def __init__(
+        self, *args: Any, interceptors: tuple[grpc.aio.ClientInterceptor, ...] = (), **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._interceptors = interceptors
+        self._transport_class = (
+            type("Transport", (Transport,), {"interceptors": interceptors})
+            if interceptors
+            else Transport
+        )
 
     @property
     def _firestore_api(self) -> FirestoreAsyncClient:
-        return self._firestore_api_helper(Transport, FirestoreAsyncClient, gapic_module)
+        return self._firestore_api_helper(self._transport_class, FirestoreAsyncClient, gapic_module)
 
     def _emulator_channel(self, transport: Any) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(
-            self._emulator_host, options=[("Authorization", "Bearer owner"), *CHANNEL_OPTIONS]
+            self._emulator_host,
+            options=[("Authorization", "Bearer owner"), *CHANNEL_OPTIONS],
+            interceptors=list(self._interceptors) or None,
         )
 
     async def aclose(self) -> None:

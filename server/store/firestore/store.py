@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from datetime import datetime
 from typing import Any, TypeVar
 
+import grpc
 from google.api_core import exceptions as gexc
 from google.cloud.firestore_v1 import AsyncClient, AsyncTransaction, AsyncWriteBatch
 from google.cloud.firestore_v1.base_query import FieldFilter
@@ -49,20 +50,15 @@ from server.core.models import (
 from server.store.base import Store
 from server.store.firestore import codec
 from server.store.firestore.calls import Caller, describe
+from server.store.firestore.groups import Pending, SendQueue
+from server.store.firestore.memo import Memo
 from server.store.firestore.overrides import Client, Transaction
 
 T = TypeVar("T")
 
 BATCH_LIMIT = 500  # writes per commit
 GUARD_CONFLICTS_PER_ATTEMPT = 4
-
-
-class _SeqConflict(Exception):
-    """The seq guard document already exists."""
-
-    def __init__(self, seq: int) -> None:
-        super().__init__(seq)
-        self.seq = seq
+MEMO_LIMIT = 10_000  # rooms and users remembered per process
 
 
 class FirestoreStore(Store):
@@ -76,6 +72,7 @@ class FirestoreStore(Store):
         timeout: float = 5.0,
         *,
         credentials_file: str = "",
+        interceptors: tuple[grpc.aio.ClientInterceptor, ...] = (),
     ) -> None:
         self.emulator_host = emulator_host
         self.project = project or ("demo-chat" if emulator_host else "")
@@ -84,9 +81,17 @@ class FirestoreStore(Store):
         #: upper bound of one call including retries and waiting for this process's turn
         self.budget = 2 * timeout
         self.credentials_file = credentials_file
+        self.interceptors = interceptors
         self.calls = Caller(timeout, self.budget)
         self._client: Client | None = None
         self._background: set[asyncio.Task] = set()
+        #: room -> highest seq this process knows is used (the group commit continues it)
+        self._last_seq: Memo[str, int] = Memo(MEMO_LIMIT)
+        #: rooms never change kind, name or owner and are never deleted: a found room is kept
+        self._rooms: Memo[str, Room] = Memo(MEMO_LIMIT)
+        #: user -> the name this process last wrote, so a reconnect writes nothing
+        self._names: Memo[str, str] = Memo(MEMO_LIMIT)
+        self._sends = SendQueue(self._write_group, self._spawn, max_group=BATCH_LIMIT // 2)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -95,7 +100,9 @@ class FirestoreStore(Store):
             # The client reads this variable when it is built: it then talks plain gRPC to
             # the emulator with anonymous credentials and the "owner" token.
             os.environ["FIRESTORE_EMULATOR_HOST"] = self.emulator_host
-            return Client(project=self.project, database=self.database)
+            return Client(
+                project=self.project, database=self.database, interceptors=self.interceptors
+            )
         saved = os.environ.pop("FIRESTORE_EMULATOR_HOST", None)  # never let a stray one win
         try:
             credentials = None
@@ -108,7 +115,10 @@ class FirestoreStore(Store):
             # Without a file: Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS
             # in the environment, or the metadata server on Google Cloud).
             return Client(
-                project=self.project or None, credentials=credentials, database=self.database
+                project=self.project or None,
+                credentials=credentials,
+                database=self.database,
+                interceptors=self.interceptors,
             )
         except Exception as exc:  # google.auth.exceptions.DefaultCredentialsError and friends
             raise StoreUnavailable(f"firestore credentials could not be loaded: {exc}") from exc
@@ -242,28 +252,46 @@ class FirestoreStore(Store):
     # ------------------------------------------------------------------ rooms and members
 
     async def get_room(self, room_id: str) -> Room | None:
-        return await self._read(f"get_room({room_id!r})", self._room(room_id), codec.room_from)
+        cached = self._rooms.get(room_id)
+        if cached is not None:
+            return cached
+        room = await self._read(f"get_room({room_id!r})", self._room(room_id), codec.room_from)
+        if room is not None:
+            self._rooms.put(room_id, room)
+        return room
 
     async def create_room(self, room: Room, members: list[str]) -> tuple[Room, bool]:
+        """One commit, no transaction: ``create()`` of the room document first, so an
+        existing room fails the commit before any member is written."""
         ref = self._room(room.id)
         member_ids = sorted(set(members))[: BATCH_LIMIT - 1]
         now = utcnow()
+        what = f"create_room({room.id!r})"
 
-        async def body(transaction: AsyncTransaction, timeout: float) -> tuple[Room, bool]:
-            existing = codec.room_from(
-                await ref.get(transaction=transaction, retry=None, timeout=timeout)
-            )
-            if existing is not None:
-                return existing, False
-            # merge: keeps last_seq when messages reached the room before its record
-            transaction.set(ref, codec.room_record(room), merge=True)
+        def writes(batch: AsyncWriteBatch, create: bool) -> None:
+            if create:
+                batch.create(ref, codec.room_record(room))
+            else:  # a document without a room record (written by an older version)
+                batch.set(ref, codec.room_record(room), merge=True)
             for uid in member_ids:
-                transaction.set(
-                    ref.collection("members").document(uid), codec.member_record(uid, now)
-                )
-            return room, True
+                batch.set(ref.collection("members").document(uid), codec.member_record(uid, now))
 
-        stored, created = await self._transact(f"create_room({room.id!r})", ("room", room.id), body)
+        async def op(timeout: float) -> Room | None:
+            batch = self.client.batch()
+            writes(batch, create=True)
+            try:
+                await batch.commit(retry=None, timeout=timeout)
+            except gexc.AlreadyExists:
+                return codec.room_from(await ref.get(retry=None, timeout=timeout))
+            return room
+
+        stored = await self.calls(what, op)
+        if stored is None:
+            await self._commit(what, lambda batch: writes(batch, create=False))
+            stored = room
+        # Our own commit whose answer was lost reads back with our created_at.
+        created = stored.created_at == room.created_at and stored.owner == room.owner
+        self._rooms.put(room.id, stored)
         if created and len(members) > len(member_ids):
             await self.add_members(room.id, sorted(set(members))[len(member_ids) :])
         return stored, created
@@ -313,8 +341,17 @@ class FirestoreStore(Store):
         write_id = uuid.uuid4().hex
         now = utcnow()
         if seq is None:
-            return await self._add_allocating(draft, mid, write_id, now)
+            deadline = asyncio.get_running_loop().time() + self.budget
+            return await self._sends.submit(
+                draft.room, Pending(draft, mid, write_id, now, deadline)
+            )
         return await self._add_with_seq(draft, mid, write_id, now, seq)
+
+    def _message_ref(self, room_id: str, mid: str) -> Any:
+        return self._in_room(room_id, "messages", mid)
+
+    def _guard_ref(self, room_id: str, seq: int) -> Any:
+        return self._in_room(room_id, "seqs", str(seq))
 
     @staticmethod
     def _found(snapshot: Any, write_id: str) -> AddResult | None:
@@ -325,86 +362,141 @@ class FirestoreStore(Store):
             codec.message_from(snapshot), created=codec.write_id_of(snapshot) == write_id
         )
 
-    async def _existing(self, ref: Any, write_id: str, timeout: float) -> AddResult | None:
-        return self._found(await ref.get(retry=None, timeout=timeout), write_id)
+    async def _snapshots(self, refs: list[Any], timeout: float) -> dict[str, Any]:
+        """One BatchGetDocuments round trip: path -> snapshot (missing documents included)."""
+        found: dict[str, Any] = {}
+        async for snapshot in self.client.get_all(refs, retry=None, timeout=timeout):
+            found[snapshot.reference.path] = snapshot
+        return found
 
-    async def _add_allocating(
-        self, draft: MessageDraft, mid: str, write_id: str, now: datetime
-    ) -> AddResult:
-        """Allocate last_seq + 1 in a transaction on the room document."""
-        room_ref = self._room(draft.room)
-        message_ref = self._in_room(draft.room, "messages", mid)
-        # Raised past a seq whose guard turned out to be taken (a concurrent explicit-seq
-        # write): the next attempt allocates above it.
-        floor = 0
-        chosen = 0
+    def _known_last(self, room_id: str, seq: int) -> None:
+        """Raise this process's idea of the room's highest used seq to ``seq``."""
+        known = self._last_seq.get(room_id)
+        if known is not None and seq > known:
+            self._last_seq.put(room_id, seq)
 
-        async def body(transaction: AsyncTransaction, timeout: float) -> AddResult:
-            nonlocal chosen
+    async def _write_group(self, room_id: str, group: list[Pending], deadline: float) -> None:
+        """Store ``group`` (one room's queued sends) in one commit, with seqs from here on.
+
+        No transaction and no room document: the seqs continue this process's cached
+        highest seq (read once per room with a query), and each ``seqs/{seq}`` guard is a
+        ``create()`` in the same all-or-nothing commit as its message.
+        """
+
+        async def op(timeout: float) -> dict[str, AddResult]:
+            return await self._group_attempt(room_id, group, timeout)
+
+        try:
+            results = await self.calls(
+                f"add_message(room={room_id!r}, {len(group)} sends)", op, deadline=deadline
+            )
+        except BaseException:
+            self._last_seq.forget(room_id)  # after any failure, read the room's top again
+            raise
+        answered: set[str] = set()
+        for pending in group:
+            result = results[pending.mid]
+            if pending.mid in answered:  # a repeat of a message id inside the group
+                result = AddResult(result.message, created=False)
+            answered.add(pending.mid)
+            pending.resolve(result)
+
+    async def _group_attempt(
+        self, room_id: str, group: list[Pending], timeout: float
+    ) -> dict[str, AddResult]:
+        """One attempt for ``group``; returns message id -> result for the first send of
+        each message id (a repeat inside the group is answered ``created=False``)."""
+        first: dict[str, Pending] = {}
+        for pending in group:
+            first.setdefault(pending.mid, pending)
+        results: dict[str, AddResult] = {}
+        # Duplicates of stored messages, and this call's own writes whose answer was lost.
+        snapshots = await self._snapshots(
+            [self._message_ref(room_id, mid) for mid in first], timeout
+        )
+        for pending in first.values():
             found = self._found(
-                await message_ref.get(transaction=transaction, retry=None, timeout=timeout),
-                write_id,
+                snapshots[self._message_ref(room_id, pending.mid).path], pending.write_id
             )
             if found is not None:
-                return found
-            room = await room_ref.get(transaction=transaction, retry=None, timeout=timeout)
-            last = int(codec.fields(room).get("last_seq", 0))
-            # Seqs stored with an explicit seq do not move last_seq: also read the top
-            # message so this path never allocates below them.
-            top = await self._max_seq(draft.room, timeout, transaction)
-            chosen = max(last, top, floor) + 1
-            # Guard first. A Firestore commit is all-or-nothing; the emulator applies
-            # writes in order until one fails, so a taken guard must fail first there too.
-            transaction.create(
-                self._in_room(draft.room, "seqs", str(chosen)), codec.guard_record(mid)
-            )
-            transaction.create(message_ref, codec.message_record(draft, chosen, now, write_id))
-            transaction.set(room_ref, {"last_seq": chosen}, merge=True)
-            return AddResult(draft.stored(chosen, now), created=True)
-
-        first_id: list[bytes | None] = []
-
-        async def once(timeout: float) -> AddResult:
+                results[pending.mid] = found
+        for _ in range(GUARD_CONFLICTS_PER_ATTEMPT):
+            todo = [p for p in first.values() if p.mid not in results]
+            if not todo:
+                return results
+            last = self._last_seq.get(room_id)
+            if last is None:
+                last = await self._max_seq(room_id, timeout)
+            # Unknown until the commit answers: a lost answer may still have applied it.
+            self._last_seq.forget(room_id)
+            batch = self.client.batch()
+            for offset, pending in enumerate(todo, start=1):
+                # Guard first: the emulator applies a commit's writes in order until one
+                # fails (production commits are all or nothing).
+                batch.create(
+                    self._guard_ref(room_id, last + offset), codec.guard_record(pending.mid)
+                )
+                batch.create(
+                    self._message_ref(room_id, pending.mid),
+                    codec.message_record(
+                        pending.draft, last + offset, pending.now, pending.write_id
+                    ),
+                )
             try:
-                return await self._transaction(body, timeout, first_id)
+                await batch.commit(retry=None, timeout=timeout)
             except gexc.AlreadyExists:
-                existing = await self._existing(message_ref, write_id, timeout)
-                if existing is not None:
-                    return existing
-                raise _SeqConflict(chosen) from None
+                await self._after_conflict(room_id, todo, last, results, timeout)
+                continue
+            self._last_seq.put(room_id, last + len(todo))
+            for offset, pending in enumerate(todo, start=1):
+                results[pending.mid] = AddResult(
+                    pending.draft.stored(last + offset, pending.now), created=True
+                )
+            return results
+        raise gexc.Aborted(f"seq guards of room {room_id!r} kept moving")
 
-        async def op(timeout: float) -> AddResult:
-            nonlocal floor
-            for _ in range(GUARD_CONFLICTS_PER_ATTEMPT):
-                try:
-                    return await once(timeout)
-                except _SeqConflict as conflict:
-                    floor = max(conflict.seq, await self._max_seq(draft.room, timeout))
-            raise gexc.Aborted(f"seq guards of room {draft.room!r} kept moving")
-
-        return await self.calls.locked(
-            f"add_message(room={draft.room!r})", ("room", draft.room), op
-        )
+    async def _after_conflict(
+        self,
+        room_id: str,
+        todo: list[Pending],
+        last: int,
+        results: dict[str, AddResult],
+        timeout: float,
+    ) -> None:
+        """A create in the group found its document: a concurrent duplicate stored one of
+        the messages, or another writer holds one of the seqs. Find out which, in one read
+        round trip, and move this process's highest seq past every taken guard."""
+        messages = [self._message_ref(room_id, p.mid) for p in todo]
+        guards = [self._guard_ref(room_id, last + i) for i in range(1, len(todo) + 1)]
+        snapshots = await self._snapshots(messages + guards, timeout)
+        for pending, ref in zip(todo, messages, strict=True):
+            found = self._found(snapshots[ref.path], pending.write_id)
+            if found is not None:
+                results[pending.mid] = found
+        taken = [last + i for i, ref in enumerate(guards, start=1) if snapshots[ref.path].exists]
+        top = await self._max_seq(room_id, timeout)
+        self._last_seq.put(room_id, max([top, *taken]))
 
     async def _add_with_seq(
         self, draft: MessageDraft, mid: str, write_id: str, now: datetime, seq: int
     ) -> AddResult:
-        """Store with a seq from an external allocator; the seq guard makes it unique."""
-        message_ref = self._in_room(draft.room, "messages", mid)
-        guard_ref = self._in_room(draft.room, "seqs", str(seq))
+        """Store with a seq from an external allocator; the seq guard makes it unique.
+
+        The caller has already looked for the message (``find_message``, before asking the
+        allocator), so the happy path is one commit and no read.
+        """
+        message_ref = self._message_ref(draft.room, mid)
+        guard_ref = self._guard_ref(draft.room, seq)
 
         async def op(timeout: float) -> AddResult | int:
-            existing = await self._existing(message_ref, write_id, timeout)
-            if existing is not None:
-                return existing
             batch = self.client.batch()
-            # Guard first (see _add_allocating): a taken seq leaves nothing behind.
+            # Guard first (see _group_attempt): a taken seq leaves nothing behind.
             batch.create(guard_ref, codec.guard_record(mid))
             batch.create(message_ref, codec.message_record(draft, seq, now, write_id))
             try:
                 await batch.commit(retry=None, timeout=timeout)
             except gexc.AlreadyExists:
-                existing = await self._existing(message_ref, write_id, timeout)
+                existing = self._found(await message_ref.get(retry=None, timeout=timeout), write_id)
                 if existing is not None:
                     return existing
                 return max(seq, await self._max_seq(draft.room, timeout))  # seq taken
@@ -412,7 +504,9 @@ class FirestoreStore(Store):
 
         outcome = await self.calls(f"add_message(room={draft.room!r}, seq={seq})", op)
         if isinstance(outcome, int):
+            self._known_last(draft.room, outcome)
             raise SeqTaken(draft.room, outcome)
+        self._known_last(draft.room, outcome.message.seq)
         return outcome
 
     async def find_message(self, room_id: str, sender_id: str, client_id: str) -> Message | None:
@@ -484,10 +578,14 @@ class FirestoreStore(Store):
     # ------------------------------------------------------------------ users
 
     async def upsert_user(self, user_id: str, name: str) -> None:
+        """Writes only when this process has not written this name for this user already."""
+        if self._names.get(user_id) == name:
+            return
         ref = self._user(user_id)
         await self._commit(
             f"upsert_user({user_id!r})", lambda batch: batch.set(ref, {"name": name}, merge=True)
         )
+        self._names.put(user_id, name)
 
     async def set_last_seen(self, user_id: str, when: datetime) -> None:
         ref = self._user(user_id)
