@@ -9,7 +9,11 @@ token signed with an RSA public key can never verify), ``exp`` and ``sub`` requi
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import secrets
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qs
 
@@ -178,7 +182,14 @@ class TokenVerifier:
         name = claims.get("name")
         name = name[:128] if isinstance(name, str) and name.strip() else sub
         role = claims.get("role") if isinstance(claims.get("role"), str) else None
-        return Identity(user_id=sub, name=name, expires_at=float(claims["exp"]), role=role)
+        iat = claims.get("iat")
+        return Identity(
+            user_id=sub,
+            name=name,
+            expires_at=float(claims["exp"]),
+            role=role,
+            issued_at=float(iat) if isinstance(iat, int | float) else 0.0,
+        )
 
 
 class DevTokens:
@@ -202,3 +213,53 @@ class DevTokens:
         if self.issuer:
             claims["iss"] = self.issuer
         return jwt.encode(claims, self.secret, algorithm=self.algorithm)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A server API key as configured: its name, whether it may write, and its SHA-256."""
+
+    name: str
+    writable: bool
+    digest: str
+
+
+class ApiKeys:
+    """Checks server API keys against configured SHA-256 digests; the keys themselves are
+    never stored. Several keys may be valid at once, so a key rotates without downtime.
+
+    Each configured entry is ``name:rw:<sha256 hex>`` or ``name:ro:<sha256 hex>``. Keys are
+    random 32-byte secrets (``chat-server api-key`` makes one), so one SHA-256 round is
+    enough: there is no password to guess.
+    """
+
+    def __init__(self, entries: list[str]) -> None:
+        self.keys: list[ApiKey] = [parse_api_key_entry(entry) for entry in entries]
+
+    def find(self, presented: str | None) -> ApiKey | None:
+        if not presented:
+            return None
+        digest = hashlib.sha256(presented.encode()).hexdigest()
+        found = None
+        for key in self.keys:  # compare with every key, in constant time each
+            if hmac.compare_digest(key.digest, digest):
+                found = key
+        return found
+
+
+def parse_api_key_entry(entry: str) -> ApiKey:
+    """``name:rw|ro:<64 hex>`` → ApiKey; ValueError says what is wrong (never echoes a key)."""
+    parts = entry.strip().split(":")
+    if len(parts) != 3 or parts[1] not in ("rw", "ro"):
+        raise ValueError("a server API key entry is name:rw:<sha256 hex> or name:ro:<sha256 hex>")
+    name, scope, digest = parts
+    if not name or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"server API key {name!r}: the digest must be 64 lowercase hex digits")
+    return ApiKey(name, scope == "rw", digest)
+
+
+def new_api_key(name: str, writable: bool = True) -> tuple[str, str]:
+    """A fresh random key and its configuration entry."""
+    key = "sk_" + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    return key, f"{name}:{'rw' if writable else 'ro'}:{digest}"

@@ -78,6 +78,20 @@ def verify(urls: list[str], token_secret: str | None, token: str | None, timeout
     return 0 if ok else 1
 
 
+def api_key(name: str, writable: bool) -> int:
+    from server.auth import new_api_key, parse_api_key_entry
+
+    secret, entry = new_api_key(name, writable)
+    try:
+        parse_api_key_entry(entry)
+    except ValueError as exc:
+        print(f"bad key name: {exc}", file=sys.stderr)
+        return 2
+    print(f"key (give it to the backend; it is shown once): {secret}")
+    print(f"entry (add it to SERVER_API_KEYS, comma-separated): {entry}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chat-server", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,7 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--token-secret", help="HS256 secret to mint test users' tokens")
     check.add_argument("--token", help="a ready token (one test user for every connection)")
     check.add_argument("--timeout", type=float, default=10.0, help="seconds per step (default 10)")
+    key = commands.add_parser(
+        "api-key", help="make a server API key and the SERVER_API_KEYS entry that admits it"
+    )
+    key.add_argument("name", help="a name for the key (labels metrics and logs)")
+    key.add_argument("--read-only", action="store_true", help="GET routes and presence only")
     args = parser.parse_args(argv)
+    if args.command == "api-key":
+        return api_key(args.name, not args.read_only)
     if args.command == "check-config":
         return check_config()
     if args.command == "verify":

@@ -89,6 +89,10 @@ class Settings(BaseModel):
     TRUST_PROXY_HEADERS: bool = False
     TRUSTED_PROXIES: list[str] = []
 
+    SERVER_API_KEYS: list[str] = []
+    SERVER_API_RATE_PER_SECOND: float = Field(50, gt=0)
+    SERVER_API_BURST: int = Field(100, ge=1)
+
     DEV_TOKENS: bool = False
     API_DOCS: bool = True
     METRICS_TOKEN: str = ""
@@ -124,7 +128,19 @@ class Settings(BaseModel):
                 raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
         return value
 
-    @field_validator("JWT_ALGORITHMS", "CORS_ORIGINS", "TRUSTED_PROXIES", mode="before")
+    @field_validator("SERVER_API_KEYS")
+    @classmethod
+    def _api_keys(cls, value: list[str]) -> list[str]:
+        from server.auth import parse_api_key_entry
+
+        names = [parse_api_key_entry(entry).name for entry in value]
+        if len(set(names)) != len(names):
+            raise ValueError("two server API keys share a name; names label metrics and logs")
+        return value
+
+    @field_validator(
+        "JWT_ALGORITHMS", "CORS_ORIGINS", "TRUSTED_PROXIES", "SERVER_API_KEYS", mode="before"
+    )
     @classmethod
     def _as_list(cls, value: Any) -> list[str]:
         if isinstance(value, str):

@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from server.config import Settings, load_settings
 from server.core.logs import configure_logging
 from server.node import Node
+from server.transport import server_api
 from server.transport.http import router
 from server.transport.lifecycle import RefuseWhileDraining
 
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Any:
             allow_headers=["*"],
         )
     api.include_router(router)
+    server_api.install(api, node.server_api)
     api.mount("/static", StaticFiles(directory=node.http.demo_dir), name="static")
     asgi = socketio.ASGIApp(node.sio, other_asgi_app=api, socketio_path="socket.io")
     return RefuseWhileDraining(asgi, node.state)

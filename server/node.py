@@ -18,6 +18,7 @@ import gc
 import structlog
 
 from server import __version__
+from server.auth import ApiKeys
 from server.bus.backend import RedisBackend
 from server.bus.manager import LocalManager
 from server.bus.refusals import RedisRefusals
@@ -32,9 +33,11 @@ from server.presence.base import Presence, TransitionHandler
 from server.presence.memory import MemoryPresence
 from server.presence.redis import RedisPresence
 from server.resources import DEMO_DIR
+from server.services.admin import Admin
 from server.services.figures import Figures
 from server.services.health import Health
 from server.services.messages import MessageService
+from server.services.moderation import SANCTION, Moderation
 from server.services.presence import PresenceService
 from server.services.rooms import RoomService
 from server.transport.channels import NAMESPACE
@@ -44,6 +47,7 @@ from server.transport.fanout import Fanout
 from server.transport.http import HttpContext
 from server.transport.lifecycle import Drainer
 from server.transport.namespace import ChatNamespace
+from server.transport.server_api import ServerApiContext
 
 log = structlog.get_logger(__name__)
 
@@ -94,7 +98,9 @@ class Node:
         self.fanout = Fanout(self.sio, self.registry)
         manager.control_handler = self.fanout.on_control
         self.presence = PresenceService(self._presence_backend, self.store, self.fanout)
-        self.rooms = RoomService(self.store)
+        self.moderation = Moderation(self.store, self.fanout)
+        self.fanout.on_control_event(SANCTION, self.moderation.forget)
+        self.rooms = RoomService(self.store, self.moderation)
         self.messages = MessageService(
             self.store,
             self.rooms,
@@ -110,6 +116,7 @@ class Node:
             self.verifier,
             self.presence,
             self.store.upsert_user,
+            self.moderation,
             refusals=self._refusals(),
             client_address=ClientAddress(settings.TRUST_PROXY_HEADERS, settings.TRUSTED_PROXIES),
             max_connections_per_user=settings.MAX_CONNECTIONS_PER_USER,
@@ -143,6 +150,12 @@ class Node:
             self.figures,
             {"store": self.store.ping, "redis": self.bus.ping if self.bus else None},
             settings.HEALTH_CHECK_TIMEOUT,
+        )
+        self.server_api = ServerApiContext(
+            admin=Admin(self.rooms, self.messages, self.presence, self.moderation, self.fanout),
+            keys=ApiKeys(settings.SERVER_API_KEYS),
+            rate_per_second=settings.SERVER_API_RATE_PER_SECOND,
+            burst=settings.SERVER_API_BURST,
         )
         minter, off = dev_tokens(settings)
         self.http = HttpContext(

@@ -13,6 +13,7 @@ from server.core.refusals import LocalRefusals, RefusalCounter
 from server.core.state import InstanceState
 from server.presence.memory import MemoryPresence
 from server.services.messages import MessageService
+from server.services.moderation import Moderation
 from server.services.presence import PresenceService
 from server.services.rooms import RoomService
 from server.store.memory import MemoryStore
@@ -36,7 +37,8 @@ class Wired:
         self.presence = PresenceService(
             lambda on_t: MemoryPresence(60, on_t), self.store, self.fanout
         )
-        rooms = RoomService(self.store)
+        moderation = Moderation(self.store, self.fanout)
+        rooms = RoomService(self.store, moderation)
         self.messages = MessageService(self.store, rooms, self.fanout, max_length=100)
         verifier = TokenVerifier(algorithms=["HS256"], secret=TEST_SECRET)
         self.admission = Admission(
@@ -46,6 +48,7 @@ class Wired:
             verifier,
             self.presence,
             self.store.upsert_user,
+            moderation,
             refusals=LocalRefusals(RefusalCounter(100, 60.0)),
             client_address=ClientAddress(trust_peer=False, trusted=[]),
             max_connections_per_user=100,

@@ -131,3 +131,25 @@ async def test_user_records_and_last_seen(store, uid):
     stranger = uid("s")
     await store.set_last_seen(stranger, when)
     assert (await store.get_users([stranger]))[stranger].last_seen == when
+
+
+async def test_sanctions_are_put_replaced_read_and_deleted(store, uid):
+    from server.core.models import SanctionKey
+
+    room, user, other = uid("r"), uid("u"), uid("o")
+    ban = SanctionKey("ban", room, user)
+    mute = SanctionKey("mute", room, user)
+    block = SanctionKey("block", other, user)
+    revoke = SanctionKey("revoke", "", user)
+    assert await store.get_sanctions([ban, mute, block, revoke]) == {}
+    await store.put_sanction(ban, None)
+    await store.put_sanction(mute, 1_000.5)
+    await store.put_sanction(mute, 2_000.25)  # replaced, not added
+    await store.put_sanction(revoke, 1_700_000_000.0)
+    found = await store.get_sanctions([ban, mute, block, revoke, ban])
+    assert found == {ban: None, mute: 2_000.25, revoke: 1_700_000_000.0}
+    await store.delete_sanction(mute)
+    await store.delete_sanction(block)  # deleting what is not there is fine
+    assert await store.get_sanctions([mute, ban]) == {ban: None}
+    # Another room's or user's sanction is another key.
+    assert await store.get_sanctions([SanctionKey("ban", uid("r"), user)]) == {}

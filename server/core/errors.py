@@ -5,7 +5,17 @@ from __future__ import annotations
 from typing import Literal
 
 ErrorCode = Literal[
-    "bad_request", "forbidden", "not_found", "rate_limited", "too_large", "unavailable", "internal"
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "banned",
+    "muted",
+    "blocked",
+    "rate_limited",
+    "too_large",
+    "unavailable",
+    "internal",
 ]
 
 

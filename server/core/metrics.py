@@ -20,6 +20,12 @@ MESSAGES_DELIVERED = Counter(
 )
 ACKS = Counter("chat_acks_total", "Acks sent, by result code", ["code"])
 AUTH_FAILURES = Counter("chat_auth_failures_total", "Refused connection attempts", ["code"])
+SANCTIONS_ENFORCED = Counter(
+    "chat_sanctions_enforced_total", "Requests refused by a ban, mute or block", ["kind"]
+)
+SERVER_API_REQUESTS = Counter(
+    "chat_server_api_requests_total", "Server API requests by key name and result", ["key", "code"]
+)
 REDIS_LATENCY = Histogram("chat_redis_seconds", "Redis command latency", ["op"])
 STORE_LATENCY = Histogram("chat_store_seconds", "Store call latency", ["op"])
 STORE_BATCH = Histogram(

@@ -34,14 +34,25 @@ def iso_from_epoch(seconds: float) -> str | None:
         return None
 
 
+#: The sender of messages the application's backend posts "as the system". No token can
+#: carry it: user ids never contain ``$``.
+SYSTEM_USER_ID = "$system"
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who a verified token speaks for."""
+    """Who a verified token speaks for (or the system, for the server API)."""
 
     user_id: str
     name: str
     expires_at: float
     role: str | None = None
+    #: the token's ``iat``; 0 when it has none (then any revocation covers it)
+    issued_at: float = 0.0
+
+    @property
+    def is_system(self) -> bool:
+        return self.user_id == SYSTEM_USER_ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,3 +143,27 @@ def message_id(room: str, sender_id: str, client_id: str) -> str:
 
     key = f"{room}\x00{sender_id}\x00{client_id}".encode()
     return hashlib.blake2b(key, digest_size=12).hexdigest()
+
+
+SanctionKind = Literal["ban", "mute", "block", "revoke"]
+
+
+@dataclass(frozen=True, slots=True)
+class SanctionKey:
+    """What a sanction applies to.
+
+    - ``ban`` / ``mute``: ``user_id`` in room ``scope``;
+    - ``block``: ``user_id`` blocks user ``scope`` (direct rooms between them are refused);
+    - ``revoke``: tokens of ``user_id`` issued before the stored time (``scope`` is empty).
+    """
+
+    kind: SanctionKind
+    scope: str
+    user_id: str
+
+    def document_id(self) -> str:
+        """A stable id made only of characters every store accepts."""
+        import hashlib
+
+        raw = f"{self.kind}\x00{self.scope}\x00{self.user_id}".encode()
+        return hashlib.blake2b(raw, digest_size=16).hexdigest()

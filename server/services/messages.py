@@ -73,8 +73,15 @@ class MessageService:
             )
         return text
 
-    async def send(self, who: Identity, sid: str, request: SendMessage) -> Message:
+    async def send(self, who: Identity, sid: str | None, request: SendMessage) -> Message:
         """Store the message, then broadcast it to the room except the sending socket."""
+        message, _ = await self.send_reporting(who, sid, request)
+        return message
+
+    async def send_reporting(
+        self, who: Identity, sid: str | None, request: SendMessage
+    ) -> tuple[Message, bool]:
+        """``send``, also saying whether this call stored the message (False for a repeat)."""
         text = self._text(request.text)
         await self.rooms.may_send(who, request.room)
         draft = MessageDraft(request.room, who.user_id, who.name, text, request.client_id)
@@ -91,7 +98,7 @@ class MessageService:
             await self.fanout.to_room(
                 request.room, "message:new", result.message.to_wire(), skip_sid=sid
             )
-        return result.message
+        return result.message, result.created
 
     async def _store(self, draft: MessageDraft) -> AddResult:
         allocator = self.allocator

@@ -22,6 +22,7 @@ from server.core.ids import ROOM_ID_PATTERN, USER_ID_PATTERN, not_reserved
 RoomId = Annotated[StrictStr, Field(pattern=f"^{ROOM_ID_PATTERN}$"), AfterValidator(not_reserved)]
 UserId = Annotated[StrictStr, Field(pattern=f"^{USER_ID_PATTERN}$"), AfterValidator(not_reserved)]
 Seq = Annotated[StrictInt, Field(ge=0, le=2**53)]
+ClientId = Annotated[StrictStr, Field(min_length=1, max_length=64)]
 
 
 class Payload(BaseModel):
@@ -48,7 +49,7 @@ class ChangeMembers(RoomRef):
 
 class SendMessage(RoomRef):
     text: StrictStr
-    client_id: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    client_id: ClientId
 
 
 class History(RoomRef):

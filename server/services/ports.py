@@ -33,3 +33,19 @@ class SeqAllocator(Protocol):
 
     async def advance(self, room_id: str, at_least: int) -> None:
         """Make sure the next value handed out is above ``at_least``."""
+
+
+class ControlPublisher(Protocol):
+    """Sends a control event to every instance (this one included), never to a client."""
+
+    async def control(self, name: str, data: dict) -> None: ...
+
+
+class Sessions(Protocol):
+    """Acts on users' live sockets on every instance."""
+
+    async def evict(self, room_id: str, user_ids: list[str]) -> None: ...
+
+    async def disconnect_user(
+        self, user_id: str, reason: str, issued_before: float | None = None
+    ) -> None: ...

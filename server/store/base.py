@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from datetime import datetime
 
-from server.core.models import AddResult, Message, MessageDraft, Room, UserRecord
+from server.core.models import AddResult, Message, MessageDraft, Room, SanctionKey, UserRecord
 
 
 class Store(ABC):
@@ -98,3 +98,15 @@ class Store(ABC):
 
     @abstractmethod
     async def get_users(self, user_ids: list[str]) -> dict[str, UserRecord]: ...
+
+    # sanctions: bans and mutes per room, blocks between users, token revocations
+    @abstractmethod
+    async def put_sanction(self, key: SanctionKey, until: float | None) -> None:
+        """Record ``key`` in force until ``until`` (Unix time; None: until lifted)."""
+
+    @abstractmethod
+    async def delete_sanction(self, key: SanctionKey) -> None: ...
+
+    @abstractmethod
+    async def get_sanctions(self, keys: list[SanctionKey]) -> dict[SanctionKey, float | None]:
+        """The recorded ones among ``keys``, expired or not (the caller judges ``until``)."""

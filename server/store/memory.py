@@ -12,6 +12,7 @@ from server.core.models import (
     Message,
     MessageDraft,
     Room,
+    SanctionKey,
     UserRecord,
     message_id,
     utcnow,
@@ -29,6 +30,7 @@ class MemoryStore(Store):
         self._by_id: dict[str, Message] = {}
         self._markers: dict[tuple[str, str], int] = {}
         self._users: dict[str, UserRecord] = {}
+        self._sanctions: dict[SanctionKey, float | None] = {}
 
     async def ping(self) -> None:
         return None
@@ -117,3 +119,12 @@ class MemoryStore(Store):
 
     async def get_users(self, user_ids: list[str]) -> dict[str, UserRecord]:
         return {uid: self._users[uid] for uid in user_ids if uid in self._users}
+
+    async def put_sanction(self, key: SanctionKey, until: float | None) -> None:
+        self._sanctions[key] = until
+
+    async def delete_sanction(self, key: SanctionKey) -> None:
+        self._sanctions.pop(key, None)
+
+    async def get_sanctions(self, keys: list[SanctionKey]) -> dict[SanctionKey, float | None]:
+        return {key: self._sanctions[key] for key in keys if key in self._sanctions}

@@ -33,6 +33,7 @@ from server.core.models import (
     Message,
     MessageDraft,
     Room,
+    SanctionKey,
     UserRecord,
     message_id,
     utcnow,
@@ -42,6 +43,10 @@ from server.store.base import Store
 T = TypeVar("T")
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS sanctions (
+    kind TEXT NOT NULL, scope TEXT NOT NULL, user TEXT NOT NULL, until REAL,
+    PRIMARY KEY (kind, scope, user)
+);
 CREATE TABLE IF NOT EXISTS rooms (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL, owner TEXT,
     created_at TEXT NOT NULL
@@ -564,3 +569,35 @@ class SQLiteStore(Store):
             r[0]: UserRecord(r[0], r[1], datetime.fromisoformat(r[2]) if r[2] else None)
             for r in rows
         }
+
+    async def put_sanction(self, key: SanctionKey, until: float | None) -> None:
+        await self._write(
+            [
+                (
+                    "INSERT INTO sanctions (kind, scope, user, until) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (kind, scope, user) DO UPDATE SET until = excluded.until",
+                    (key.kind, key.scope, key.user_id, until),
+                )
+            ]
+        )
+
+    async def delete_sanction(self, key: SanctionKey) -> None:
+        await self._write(
+            [
+                (
+                    "DELETE FROM sanctions WHERE kind = ? AND scope = ? AND user = ?",
+                    (key.kind, key.scope, key.user_id),
+                )
+            ]
+        )
+
+    async def get_sanctions(self, keys: list[SanctionKey]) -> dict[SanctionKey, float | None]:
+        found: dict[SanctionKey, float | None] = {}
+        for key in dict.fromkeys(keys):
+            row = await self._fetchone(
+                "SELECT until FROM sanctions WHERE kind = ? AND scope = ? AND user = ?",
+                (key.kind, key.scope, key.user_id),
+            )
+            if row is not None:
+                found[key] = row[0]
+        return found

@@ -33,6 +33,7 @@ from server.core.models import Identity, iso, utcnow
 from server.core.ratelimit import TokenBucket
 from server.core.refusals import Refusals
 from server.core.state import InstanceState
+from server.services.moderation import Moderation
 from server.services.presence import PresenceService
 from server.transport.channels import NAMESPACE, user_channel
 
@@ -130,6 +131,7 @@ class Admission:
         verifier: TokenVerifier,
         presence: PresenceService,
         remember_user: Callable[[str, str], Awaitable[Any]],
+        moderation: Moderation,
         *,
         refusals: Refusals,
         client_address: ClientAddress,
@@ -144,6 +146,7 @@ class Admission:
         self.verifier = verifier
         self.presence = presence
         self.remember_user = remember_user
+        self.moderation = moderation
         self.refusals = refusals
         self.client_address = client_address
         self.max_per_user = max_connections_per_user
@@ -194,12 +197,17 @@ class Admission:
 
     async def _identity(self, auth: Any, environ: dict, ip: str, key: str) -> Identity:
         try:
-            return await self.verifier.verify(token_from_connect(auth, environ))
+            identity = await self.verifier.verify(token_from_connect(auth, environ))
         except AuthError as exc:
             metrics.AUTH_FAILURES.labels(exc.code).inc()
             await self.refusals.record(key)
             log.info("auth.refused", code=exc.code, reason=exc.reason, ip=ip)
             raise Refused("unauthorized", exc.code) from None
+        if await self.moderation.revoked(identity):
+            metrics.AUTH_FAILURES.labels("token_revoked").inc()
+            log.info("auth.refused", code="token_revoked", user=identity.user_id, ip=ip)
+            raise Refused("unauthorized", "token_revoked")
+        return identity
 
     async def _check_user_cap(self, user_id: str) -> None:
         """Refuse a user at ``max_per_user`` connections, counted on every instance.

@@ -5,6 +5,11 @@ pub/sub) or keeps them in this process (single instance). Control events are emi
 ``$chat:…``; the manager hands them to :meth:`Fanout.on_control` on every instance instead
 of to clients (see ``server/bus/manager.py``).
 
+``$chat:disconnect {user, reason, issued_before}`` closes a user's sockets everywhere
+(those holding tokens issued before ``issued_before`` when it is set), after telling each
+socket why with ``session:closed {reason}``. Other parts subscribe to control events
+with :meth:`Fanout.on_control_event` (moderation drops cached sanctions that way).
+
 ``$chat:evict {room, users}`` removes the listed users' sockets from a room wherever they
 are connected. One event per request, whatever the number of users; each instance finds
 the affected sockets through the per-user Socket.IO room (an index), never by scanning
@@ -12,6 +17,8 @@ every connection.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import socketio
 
@@ -21,6 +28,8 @@ from server.transport.channels import NAMESPACE, presence_channel, room_channel,
 from server.transport.connections import ConnectionRegistry
 
 EVICT = "evict"
+DISCONNECT = "disconnect"
+ControlListener = Callable[[dict], object]
 
 
 class Fanout:
@@ -29,6 +38,7 @@ class Fanout:
     def __init__(self, sio: socketio.AsyncServer, registry: ConnectionRegistry) -> None:
         self.sio = sio
         self.registry = registry
+        self._listeners: dict[str, list[ControlListener]] = {}
 
     async def to_room(
         self, room_id: str, event: str, data: dict, skip_sid: str | None = None
@@ -56,9 +66,15 @@ class Fanout:
     async def evict(self, room_id: str, user_ids: list[str]) -> None:
         """Remove ``user_ids``' sockets from ``room_id`` on every instance (one control event)."""
         if user_ids:
-            await self.sio.emit(
-                f"$chat:{EVICT}", {"room": room_id, "users": user_ids}, namespace=NAMESPACE
-            )
+            await self.control(EVICT, {"room": room_id, "users": user_ids})
+
+    async def control(self, name: str, data: dict) -> None:
+        """Publish control event ``name`` to every instance, this one included."""
+        await self.sio.emit(f"$chat:{name}", data, namespace=NAMESPACE)
+
+    def on_control_event(self, name: str, listener: ControlListener) -> None:
+        """Call ``listener(data)`` (sync) for every control event ``name`` from any instance."""
+        self._listeners.setdefault(name, []).append(listener)
 
     async def on_control(self, name: str, data: dict) -> None:
         """A control event from any instance (this one included)."""
@@ -67,6 +83,35 @@ class Fanout:
             if not isinstance(users, list):  # the single-user form of earlier releases
                 users = [data.get("user")]
             await self.evict_local(str(data.get("room")), [str(u) for u in users])
+        elif name == DISCONNECT:
+            before = data.get("issued_before")
+            await self.disconnect_local(
+                str(data.get("user")),
+                str(data.get("reason") or "disconnected by the server"),
+                float(before) if isinstance(before, int | float) else None,
+            )
+        for listener in self._listeners.get(name, ()):
+            listener(data)
+
+    async def disconnect_user(
+        self, user_id: str, reason: str, issued_before: float | None = None
+    ) -> None:
+        """Close ``user_id``'s sockets on every instance (only older tokens with ``issued_before``)."""
+        await self.control(
+            DISCONNECT, {"user": user_id, "reason": reason, "issued_before": issued_before}
+        )
+
+    async def disconnect_local(
+        self, user_id: str, reason: str, issued_before: float | None = None
+    ) -> None:
+        for sid, _ in list(self.sio.manager.get_participants(NAMESPACE, user_channel(user_id))):
+            conn = self.registry.get(sid)
+            if conn is None:
+                continue
+            if issued_before is not None and conn.identity.issued_at >= issued_before:
+                continue
+            await self.to_local_sid(sid, "session:closed", {"reason": reason})
+            await self.sio.disconnect(sid, namespace=NAMESPACE)
 
     async def evict_local(self, room_id: str, user_ids: list[str]) -> None:
         """Make this instance's sockets of ``user_ids`` leave ``room_id``; O(their sockets)."""

@@ -142,6 +142,10 @@ class ChatNamespace(socketio.AsyncNamespace):
             raise ChatError("forbidden", f"token refused ({exc.code}): {exc.reason}") from None
         if identity.user_id != conn.identity.user_id:
             raise ChatError("forbidden", "the new token is for another user")
+        if await self.admission.moderation.revoked(identity):
+            raise ChatError(
+                "forbidden", "token refused (token_revoked): issued before a revocation"
+            )
         if identity.expires_at < conn.identity.expires_at:
             raise ChatError("bad_request", "the new token expires before the current one")
         conn.identity = identity

@@ -125,7 +125,7 @@ class ServerProcess:
         self.stop(signal.SIGKILL)
 
 
-def start_all(servers: list[ServerProcess], timeout: float = 30.0) -> list[ServerProcess]:
+def start_all(servers: list[ServerProcess], timeout: float = 90.0) -> list[ServerProcess]:
     """Start every process at once, then wait for each to be healthy (faster than one by one)."""
     for server in servers:
         server.start(wait=False)

@@ -43,6 +43,7 @@ from server.core.models import (
     Message,
     MessageDraft,
     Room,
+    SanctionKey,
     UserRecord,
     message_id,
     utcnow,
@@ -609,3 +610,34 @@ class FirestoreStore(Store):
             return {uid: found[uid] for uid in unique if uid in found}
 
         return await self.calls(f"get_users({len(unique)} ids)", op)
+
+    # ------------------------------------------------------------------ sanctions
+    # One document per sanction in ``sanctions``, named by SanctionKey.document_id().
+
+    def _sanction(self, key: SanctionKey) -> Any:
+        return self.client.collection("sanctions").document(key.document_id())
+
+    async def put_sanction(self, key: SanctionKey, until: float | None) -> None:
+        ref = self._sanction(key)
+        data = {"kind": key.kind, "scope": key.scope, "user": key.user_id, "until": until}
+        await self._commit(f"put_sanction({key.kind})", lambda batch: batch.set(ref, data))
+
+    async def delete_sanction(self, key: SanctionKey) -> None:
+        ref = self._sanction(key)
+        await self._commit(f"delete_sanction({key.kind})", lambda batch: batch.delete(ref))
+
+    async def get_sanctions(self, keys: list[SanctionKey]) -> dict[SanctionKey, float | None]:
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return {}
+        by_id = {key.document_id(): key for key in unique}
+        refs = [self._sanction(key) for key in unique]
+
+        async def op(timeout: float) -> dict[SanctionKey, float | None]:
+            found: dict[SanctionKey, float | None] = {}
+            async for snapshot in self.client.get_all(refs, retry=None, timeout=timeout):
+                if snapshot.exists:
+                    found[by_id[snapshot.id]] = (snapshot.to_dict() or {}).get("until")
+            return found
+
+        return await self.calls(f"get_sanctions({len(unique)})", op)
