@@ -1,18 +1,23 @@
-"""Sustained sends per second to ONE room on the Firestore store's two seq paths.
+"""Sustained sends per second to ONE room on the Firestore store's two seq paths, and the
+writes each document path takes per second.
 
     .venv/bin/python -m bench.firestore_seq [--duration 5] [--senders 1,8,32] [--instances 2]
 
-(a) ``txn``: ``add_message(draft)``; the store allocates seq in a transaction on the room
-    document (the single-instance path).
+(a) ``group``: ``add_message(draft)``; the store allocates seqs itself and writes a room's
+    queued sends in one commit (the path without Redis, where there is one process: this
+    case always uses one store object).
 (b) ``explicit``: ``add_message(draft, seq=n)`` with ``n`` from a shared counter, the way a
-    Redis INCR allocator hands them out; the room document is not written.
+    Redis INCR allocator hands them out, over ``--instances`` store objects (one gRPC
+    channel each, like separate server instances).
 
-Senders are spread over ``--instances`` FirestoreStore objects (one gRPC channel each, like
-separate server instances). Each sender sends one message at a time for ``--duration``
-seconds. Runs against a Firestore emulator started here unless ``--emulator-host`` is
-given. The emulator is a single Node process with no real transaction isolation or
-per-document write limits: the figures compare the two paths on this machine, they are not
-production Firestore throughput. Prints figures only.
+Each sender sends one message at a time for ``--duration`` seconds. Every commit is seen
+by a counting gRPC interceptor (tests/support/firestore_counter.py): ``hot/s`` is the most
+writes any single document path took within one second, ``room doc`` the writes to
+``rooms/{room}`` itself. Runs against a Firestore emulator started here unless
+``--emulator-host`` is given. The emulator has no per-document write limit, no
+transaction isolation and is one Node process on this machine: sends/s compare the paths
+here, they are not production throughput; the write counts per document are what
+production would see. Prints figures only.
 """
 
 from __future__ import annotations
@@ -27,14 +32,22 @@ import uuid
 
 from server.core.models import MessageDraft
 from server.store.firestore import FirestoreStore
+from tests.support.firestore_counter import FirestoreCounter
 from tests.support.firestore_emulator import FirestoreEmulator
 
 
 async def run_case(
     host: str, path: str, senders: int, instances: int, duration: float
 ) -> dict[str, float | int | str]:
+    counter = FirestoreCounter()
+    instances = 1 if path == "group" else instances
     stores = [
-        FirestoreStore(project="chat-bench", emulator_host=host, timeout=10.0)
+        FirestoreStore(
+            project="chat-bench",
+            emulator_host=host,
+            timeout=10.0,
+            interceptors=counter.interceptors,
+        )
         for _ in range(instances)
     ]
     for store in stores:
@@ -60,7 +73,7 @@ async def run_case(
             )
             started = time.perf_counter()
             try:
-                if path == "txn":
+                if path == "group":
                     await store.add_message(draft)
                 else:
                     await store.add_message(draft, seq=next(allocator))
@@ -78,6 +91,8 @@ async def run_case(
         await store.close()
     latencies.sort()
     ms = [x * 1000 for x in latencies]
+    room_doc = sum(n for p, n in counter.writes_by_path.items() if p.endswith(f"/rooms/{room}"))
+    hot = max(counter.writes_by_path_second.values(), default=0)
     return {
         "path": path,
         "senders": senders,
@@ -89,6 +104,9 @@ async def run_case(
         "errors": len(errors),
         "last_seq": last,
         "stored": stored,
+        "commits": counter.calls["Commit"],
+        "hot": hot,
+        "room_doc": room_doc,
         "first_error": errors[0] if errors else "",
     }
 
@@ -98,7 +116,7 @@ async def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per case")
     parser.add_argument("--senders", default="1,8,32", help="comma-separated sender counts")
     parser.add_argument("--instances", type=int, default=2, help="store objects (channels)")
-    parser.add_argument("--paths", default="txn,explicit", help="txn, explicit or both")
+    parser.add_argument("--paths", default="group,explicit", help="group, explicit or both")
     parser.add_argument("--emulator-host", default="", help="use a running emulator")
     args = parser.parse_args()
     sender_counts = [int(x) for x in args.senders.split(",") if x]
@@ -114,7 +132,8 @@ async def main() -> None:
     )
     header = (
         f"{'path':<9} {'senders':>7} {'inst':>4} {'sends':>7} {'sends/s':>9} "
-        f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'last_seq':>8} {'stored':>7}"
+        f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'last_seq':>8} {'stored':>7} "
+        f"{'commits':>7} {'hot/s':>5} {'room doc':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -125,7 +144,8 @@ async def main() -> None:
                 print(
                     f"{r['path']:<9} {r['senders']:>7} {r['instances']:>4} {r['sends']:>7} "
                     f"{r['per_s']:>9.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-                    f"{r['errors']:>6} {r['last_seq']:>8} {r['stored']:>7}",
+                    f"{r['errors']:>6} {r['last_seq']:>8} {r['stored']:>7} "
+                    f"{r['commits']:>7} {r['hot']:>5} {r['room_doc']:>8}",
                     flush=True,
                 )
                 if r["first_error"]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from asyncio.subprocess import PIPE
+from pathlib import Path
 
 import pytest
 from google.api_core import exceptions as gexc
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 TIMEOUT = 1.0
+ROOT = str(Path(__file__).resolve().parents[1])
 
 
 def draft(room: str, client_id: str, sender: str = "alice") -> MessageDraft:
@@ -224,3 +227,53 @@ async def test_transient_codes_are_retried(fs, uid, monkeypatch, error):
     added = await fs.add_message(draft(room, "c1"))
     assert failures == 2 and added.created and added.message.seq == 1
     assert await fs.last_seq(room) == 1
+
+
+SENDER = """
+import asyncio, sys
+from server.core.models import MessageDraft
+from server.store.firestore import FirestoreStore
+
+async def main(host, room):
+    store = FirestoreStore(project="chat-outage", emulator_host=host, timeout=5.0)
+    await store.start()
+    n = 0
+    while True:
+        batch = [
+            store.add_message(MessageDraft(room, "killed", "K", "x", f"k{n}-{i}"))
+            for i in range(5)
+        ]
+        await asyncio.gather(*batch)
+        n += 1
+        print(n, flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_killed_process_leaves_the_room_writable(fs, emulator, uid):
+    """SIGKILL a process in the middle of its sends; another sends to the room at once.
+
+    The emulator takes no transaction locks, so this cannot show a lock expiring; what it
+    shows is that the room stays writable and its seqs dense. That nothing could be locked
+    is asserted by tests/test_firestore_costs.py (no send begins a transaction).
+    """
+    import sys
+
+    room = uid("r")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SENDER, emulator.host, room, stdout=PIPE, cwd=ROOT
+    )
+    try:
+        for _ in range(3):  # a few groups acked: the process is mid-stream
+            line = await asyncio.wait_for(proc.stdout.readline(), 60)
+            assert line, "the sending process exited"
+    finally:
+        proc.kill()  # SIGKILL: no cleanup runs in it
+        await proc.wait()
+    started = time.monotonic()
+    after = await fs.add_message(draft(room, "after-kill"))
+    assert after.created and time.monotonic() - started < 3 * TIMEOUT
+    stored = await fs.messages_after(room, 0, 10_000)
+    assert [m.seq for m in stored] == list(range(1, len(stored) + 1))
+    assert stored[-1].client_id == "after-kill"

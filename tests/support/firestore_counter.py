@@ -12,6 +12,7 @@ every RPC the library sends and counts the way Firestore bills:
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ class FirestoreCounter:
         self.calls: Counter[str] = Counter()
         #: writes per document path (Commit requests), for hot-document checks
         self.writes_by_path: Counter[str] = Counter()
+        #: writes per (document path, whole second of the monotonic clock)
+        self.writes_by_path_second: Counter[tuple[str, int]] = Counter()
         self.interceptors = (_Unary(self), _Stream(self))
 
     def snapshot(self) -> Cost:
@@ -87,6 +90,7 @@ class FirestoreCounter:
             for write in request.writes:
                 path = write.update.name or write.delete
                 self.writes_by_path[path] += 1
+                self.writes_by_path_second[path, int(time.monotonic())] += 1
         return await continuation(client_call_details, request)
 
     async def stream(self, continuation, client_call_details, request):

@@ -3,7 +3,7 @@
 Data model (all ids are strings)::
 
     system/health                       {kind, created_at}          read by ping()
-    rooms/{room}                        {kind, name, owner, created_at, last_seq}
+    rooms/{room}                        {kind, name, owner, created_at}  written once
     rooms/{room}/members/{user}         {user, joined_at}
     rooms/{room}/messages/{message_id}  {room, seq, sender_id, sender_name, text,
                                          client_id, created_at, write_id}
@@ -16,6 +16,12 @@ document, and ``create()`` refuses a second one, which makes sends idempotent; t
 random-looking, so writes spread over the key space. The order of a room is the integer
 ``seq`` field, never the document id. A seq is used at most once: its ``seqs/{seq}`` guard
 is created (``create()``) in the same commit as the message.
+
+No document is written on every send (Firestore sustains about one write per second per
+document): a send creates its message and its guard and writes nothing else. Without an
+explicit seq (no Redis: one process) the room's queued sends are written together by one
+writer per room (:mod:`.groups`), with seqs continuing this process's cached highest seq.
+No send runs a transaction, so a killed process leaves no lock behind.
 
 Every method is one of a few shapes run by :class:`~.calls.Caller` (deadline, retries,
 errors): a single-document read (:meth:`_read`), a query (:meth:`_query`), a batch
