@@ -6,8 +6,8 @@ receives the plain values it needs.
 
 The parts, from the wire inwards (docs/architecture.md draws them):
 transport (``ChatNamespace``, ``Admission``, ``Fanout``, ``Drainer``, HTTP) → services
-(rooms, messages, presence, figures, health) → backends (store, presence backend, the
-Redis bus) → core.
+(rooms, messages, presence, figures, health) → backends (store, presence backend) → the
+Redis bus (``RedisBus``: state client, instance registry, Socket.IO manager) → core.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import structlog
 
 from server import __version__
 from server.auth import ApiKeys
-from server.bus.backend import RedisBackend
 from server.bus.manager import LocalManager
+from server.bus.redis_bus import RedisBus
 from server.bus.refusals import RedisRefusals
 from server.bus.seq import RedisSeqAllocator
 from server.config import Settings
@@ -71,9 +71,7 @@ class Node:
         self.state = InstanceState(settings.instance_id, __version__)
         self.store = build_store(settings)
         self.bus = (
-            RedisBackend(
-                redis_config(settings), self.state.instance_id, settings.WS_HEARTBEAT_INTERVAL
-            )
+            RedisBus(redis_config(settings), self.state.instance_id, settings.WS_HEARTBEAT_INTERVAL)
             if settings.redis_configured
             else None
         )
@@ -234,7 +232,7 @@ class Node:
             try:
                 await self.bus.registry.deregister()
             except Exception as exc:
-                log.warning("cluster.deregister_failed", error=str(exc))
+                log.warning("registry.deregister_failed", error=str(exc))
         await self._close_backends()
 
     async def _close_backends(self) -> None:

@@ -1,5 +1,5 @@
-"""Socket.IO managers across instances over real Redis: Cluster (sharded pub/sub), a master
-failover, and Sentinel. Publishing goes through one manager and is received by another's
+"""Socket.IO managers across instances over real Redis: Redis Cluster (sharded pub/sub), a
+master failover, and Sentinel. Publishing goes through one manager and is received by another's
 listener, the same path as between two server processes.
 """
 
@@ -15,8 +15,9 @@ import uuid
 import pytest
 import socketio
 
-from server.bus.manager import RedisManager
-from server.bus.sharded import ClusterManager, FastRetryRedisManager
+from server.bus.cluster_manager import RedisClusterManager
+from server.bus.delivery import Delivery
+from server.bus.redis_manager import RedisManager
 
 logger = logging.getLogger("tests.cluster_manager")
 
@@ -73,8 +74,8 @@ async def drain(inbox: asyncio.Queue) -> None:
 
 @contextlib.asynccontextmanager
 async def cluster_managers(url: str, channel: str, **options):
-    publisher = ClusterManager(url, channel=channel, write_only=True, **options)
-    listener = ClusterManager(url, channel=channel, **options)
+    publisher = RedisClusterManager(url, channel=channel, write_only=True, **options)
+    listener = RedisClusterManager(url, channel=channel, **options)
     try:
         yield publisher, listener
     finally:
@@ -97,7 +98,7 @@ async def test_cluster_publish_reaches_other_manager(redis_cluster):
         cluster_managers(redis_cluster.url, channel) as (publisher, listener),
         listening(listener) as inbox,
     ):
-        await asyncio.wait_for(listener.subscribed.wait(), 10)
+        await asyncio.wait_for(listener.delivery.subscribed.wait(), 10)
         await assert_in_order(publisher._publish, inbox, 20)
         assert publisher.sharded is True and listener.sharded is True  # Redis 7: SPUBLISH
         # The subscription lives on the shard owning the channel's slot, nowhere else.
@@ -105,7 +106,7 @@ async def test_cluster_publish_reaches_other_manager(redis_cluster):
         assert shard_subscribers(redis_cluster, owner, channel) == 1
         others = [p for p in redis_cluster.masters() if p != owner]
         assert all(shard_subscribers(redis_cluster, p, channel) == 0 for p in others)
-        assert publisher.publish_failures == 0
+        assert publisher.delivery.publish_failures == 0
 
 
 async def test_cluster_plain_pubsub_fallback(redis_cluster):
@@ -115,20 +116,20 @@ async def test_cluster_plain_pubsub_fallback(redis_cluster):
         cluster_managers(redis_cluster.url, channel, sharded=False) as (publisher, listener),
         listening(listener) as inbox,
     ):
-        await asyncio.wait_for(listener.subscribed.wait(), 10)
+        await asyncio.wait_for(listener.delivery.subscribed.wait(), 10)
         await assert_in_order(publisher._publish, inbox, 10)
         owner = redis_cluster.master_for_key(channel)
         assert shard_subscribers(redis_cluster, owner, channel) == 0
 
 
 async def test_cluster_control_event_between_servers(redis_cluster):
-    """Unit-level: two AsyncServers on ClusterManagers; a control event emitted on one is
+    """Unit-level: two AsyncServers on RedisClusterManagers; a control event emitted on one is
     handled by the other's ControlEvents and never reaches a client."""
     channel = unique()
     handled: dict[str, asyncio.Queue] = {"a": asyncio.Queue(), "b": asyncio.Queue()}
     servers = []
     for name in ("a", "b"):
-        manager = ClusterManager(redis_cluster.url, channel=channel)
+        manager = RedisClusterManager(redis_cluster.url, channel=channel)
 
         async def handler(event, data, inbox=handled[name]):
             await inbox.put((event, data))
@@ -139,7 +140,7 @@ async def test_cluster_control_event_between_servers(redis_cluster):
         manager.initialize()  # what the first client connection would do
         servers.append(server)
     try:
-        await asyncio.wait_for(servers[1].manager.subscribed.wait(), 10)
+        await asyncio.wait_for(servers[1].manager.delivery.subscribed.wait(), 10)
         await servers[0].emit("$chat:evict", {"user": "u1", "room": "r1"})
         assert await asyncio.wait_for(handled["b"].get(), 5) == (
             "evict",
@@ -164,7 +165,7 @@ async def test_cluster_listener_survives_master_failover(redis_cluster):
         cluster_managers(redis_cluster.url, channel) as (publisher, listener),
         listening(listener) as inbox,
     ):
-        await asyncio.wait_for(listener.subscribed.wait(), 10)
+        await asyncio.wait_for(listener.delivery.subscribed.wait(), 10)
         await assert_in_order(publisher._publish, inbox, 3)
 
         owner = redis_cluster.master_for_key(channel)
@@ -181,7 +182,7 @@ async def test_cluster_listener_survives_master_failover(redis_cluster):
             _, waited = await publish_until_received(publisher._publish, inbox, timeout=12)
             await drain(inbox)
             await assert_in_order(publisher._publish, inbox, 10)
-            assert listener.listener_reconnects >= 1
+            assert listener.delivery.listener_reconnects >= 1
             assert shard_subscribers(redis_cluster, new_owner, channel) == 1
             logger.info("failover %.1fs, listener back %.1fs later", failover_took, waited)
         finally:
@@ -202,7 +203,7 @@ async def test_cluster_listener_notices_a_hung_master(redis_cluster, socket_time
         ) as (publisher, listener),
         listening(listener) as inbox,
     ):
-        await asyncio.wait_for(listener.subscribed.wait(), 10)
+        await asyncio.wait_for(listener.delivery.subscribed.wait(), 10)
         # Both sides are running servers that have already talked to the cluster, so they
         # know its nodes. (A process that has only ever known the URL's node cannot find the
         # others while that node hangs; about 1 run in 3 that node is the owner paused here.)
@@ -217,7 +218,7 @@ async def test_cluster_listener_notices_a_hung_master(redis_cluster, socket_time
             await publish_until_received(publisher._publish, inbox, timeout=12)
             await drain(inbox)
             await assert_in_order(publisher._publish, inbox, 5)
-            assert listener.listener_reconnects >= 1
+            assert listener.delivery.listener_reconnects >= 1
         finally:
             await asyncio.to_thread(redis_cluster.heal)
 
@@ -230,7 +231,7 @@ async def test_cluster_listener_follows_manual_failover(redis_cluster):
         cluster_managers(redis_cluster.url, channel) as (publisher, listener),
         listening(listener) as inbox,
     ):
-        await asyncio.wait_for(listener.subscribed.wait(), 10)
+        await asyncio.wait_for(listener.delivery.subscribed.wait(), 10)
         owner = redis_cluster.master_for_key(channel)
         replica = redis_cluster.replica_of(owner)
         with redis_cluster.client(replica) as client:
@@ -241,7 +242,7 @@ async def test_cluster_listener_follows_manual_failover(redis_cluster):
         _, waited = await publish_until_received(publisher._publish, inbox, timeout=5)
         await drain(inbox)
         await assert_in_order(publisher._publish, inbox, 5)
-        assert listener.listener_reconnects >= 1
+        assert listener.delivery.listener_reconnects >= 1
         assert waited < 3
         await asyncio.to_thread(redis_cluster.wait_healthy)
 
@@ -265,9 +266,12 @@ async def _close_redis_manager(manager) -> None:
 
 
 async def test_sentinel_url_with_stock_manager(redis_sentinel):
+    """python-socketio's own manager reads the same redis+sentinel:// URL as ours."""
     channel = unique()
-    publisher = RedisManager(redis_sentinel.url, channel=channel, write_only=True, logger=logger)
-    listener = RedisManager(redis_sentinel.url, channel=channel, logger=logger)
+    publisher = socketio.AsyncRedisManager(
+        redis_sentinel.url, channel=channel, write_only=True, logger=logger
+    )
+    listener = socketio.AsyncRedisManager(redis_sentinel.url, channel=channel, logger=logger)
     try:
         async with listening(listener) as inbox:
             await publish_until_received(publisher._publish, inbox, timeout=5)
@@ -278,15 +282,13 @@ async def test_sentinel_url_with_stock_manager(redis_sentinel):
         await _close_redis_manager(listener)
 
 
-async def test_fast_retry_manager_follows_sentinel_failover(redis_sentinel):
+async def test_redis_manager_follows_sentinel_failover(redis_sentinel):
     channel = unique()
-    publisher = FastRetryRedisManager(
-        redis_sentinel.url, channel=channel, write_only=True, logger=logger
-    )
-    listener = FastRetryRedisManager(redis_sentinel.url, channel=channel, logger=logger)
+    publisher = RedisManager(redis_sentinel.url, channel=channel, write_only=True, logger=logger)
+    listener = RedisManager(redis_sentinel.url, channel=channel, logger=logger)
     try:
         async with listening(listener) as inbox:
-            await asyncio.wait_for(listener.subscribed.wait(), 5)
+            await asyncio.wait_for(listener.delivery.subscribed.wait(), 5)
             await publish_until_received(publisher._publish, inbox, timeout=5)
             await drain(inbox)
             await asyncio.to_thread(redis_sentinel.failover)
@@ -300,35 +302,38 @@ async def test_fast_retry_manager_follows_sentinel_failover(redis_sentinel):
         await _close_redis_manager(listener)
 
 
-async def test_fast_retry_manager_resubscribes_after_restart(private_redis):
+async def test_redis_manager_resubscribes_after_restart(private_redis):
     channel = unique()
-    publisher = FastRetryRedisManager(
-        private_redis.url, channel=channel, write_only=True, logger=logger
-    )
-    listener = FastRetryRedisManager(private_redis.url, channel=channel, logger=logger)
+    publisher = RedisManager(private_redis.url, channel=channel, write_only=True, logger=logger)
+    listener = RedisManager(private_redis.url, channel=channel, logger=logger)
     try:
         async with listening(listener) as inbox:
-            await asyncio.wait_for(listener.subscribed.wait(), 5)
+            await asyncio.wait_for(listener.delivery.subscribed.wait(), 5)
             await assert_in_order(publisher._publish, inbox, 3)
             await asyncio.to_thread(private_redis.restart)
             _, waited = await publish_until_received(publisher._publish, inbox, timeout=5)
             assert waited < 2  # python-socketio's own listener waits 1 s, then 2 s, ...
-            assert listener.listener_reconnects >= 1
+            assert listener.delivery.listener_reconnects >= 1
     finally:
         await _close_redis_manager(publisher)
         await _close_redis_manager(listener)
 
 
 async def test_publish_gives_up_quietly_and_counts(private_redis):
-    manager = FastRetryRedisManager(
-        private_redis.url, channel=unique(), write_only=True, logger=logger, publish_timeout=1.0
+    channel = unique()
+    manager = RedisManager(
+        private_redis.url,
+        channel=channel,
+        write_only=True,
+        logger=logger,
+        delivery=Delivery(channel, publish_timeout=1.0),
     )
     try:
         await asyncio.to_thread(private_redis.kill)
         started = time.monotonic()
         assert await manager._publish({"method": "test", "n": 1}) is False  # no exception
         assert time.monotonic() - started < 2
-        assert manager.publish_failures == 1
+        assert manager.delivery.publish_failures == 1
     finally:
         await _close_redis_manager(manager)
 

@@ -1,4 +1,10 @@
-"""Redis clients: standalone (TLS, ACL user, DB), Sentinel, or Redis Cluster."""
+"""Redis clients: standalone (TLS, ACL user, DB), Sentinel, or Redis Cluster.
+
+Two kinds of client talk to Redis. The *state* client (:func:`create_redis`: presence,
+instance registry, seq) decodes replies, so every reply is ``str``. The Socket.IO
+managers build their own pub/sub clients from :func:`client_options`, which do not decode:
+python-socketio compares channel names and parses payloads as bytes.
+"""
 
 from __future__ import annotations
 
@@ -41,10 +47,10 @@ def client_options(config: RedisConfig) -> dict[str, Any]:
     }
 
 
-def create_redis(config: RedisConfig, url: str | None = None) -> RedisClient:
-    """A client of ``url`` (default: the state Redis) with the shared options."""
-    url = url or config.url
-    options = client_options(config)
+def create_redis(config: RedisConfig) -> RedisClient:
+    """The state client of ``config.url``, with the shared options; replies are ``str``."""
+    url = config.url
+    options: dict[str, Any] = {**client_options(config), "decode_responses": True}
     if config.cluster:
         options.pop("health_check_interval")
         return RedisCluster.from_url(url, **options)

@@ -1,14 +1,19 @@
-"""Socket.IO client managers: in-process, or across instances through Redis pub/sub.
+"""The base of every Socket.IO client manager of ours: control events, and one instance.
 
 Besides emits to clients, instances exchange *control events*: emits whose name starts
 with ``$chat:``. They travel through the same manager (so the same Redis channel or
-shards) and are consumed by :class:`ControlEvents` on every instance, never sent to a
+shard) and are consumed by :class:`ControlEvents` on every instance, never sent to a
 client. ``$chat:evict`` makes a user's sockets leave a room wherever they are connected.
+
+The managers: :class:`LocalManager` (one instance, here), ``redis_manager.RedisManager``
+(one Redis: standalone, TLS, Sentinel) and ``cluster_manager.RedisClusterManager``
+(Redis Cluster).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import socketio
 import structlog
@@ -22,19 +27,32 @@ ControlHandler = Callable[[str, dict], Awaitable[None]]
 
 
 class ControlEvents(socketio.AsyncManager):
-    """Intercepts control events on their way to local clients (every instance sees each once)."""
+    """Takes control events on their way to this instance's clients.
+
+    Each instance handles each control event once (a failing handler is logged, never
+    raised), and no client ever receives one. ``message:new`` deliveries to local
+    sockets are counted in ``chat_messages_delivered_total``.
+    """
 
     control_handler: ControlHandler | None = None
 
     async def emit(
-        self, event, data, namespace, room=None, skip_sid=None, callback=None, to=None, **kwargs
-    ):
+        self,
+        event: str,
+        data: Any,
+        namespace: str,
+        room: Any = None,
+        skip_sid: Any = None,
+        callback: Any = None,
+        to: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         if isinstance(event, str) and event.startswith(CONTROL_PREFIX):
             if self.control_handler is not None and isinstance(data, dict):
                 try:
                     await self.control_handler(event[len(CONTROL_PREFIX) :], data)
                 except Exception:
-                    log.exception("cluster.control_event_failed", control_event=event)
+                    log.exception("bus.control_event_failed", control_event=event)
             return None
         delivered = await super().emit(
             event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, to=to, **kwargs
@@ -45,7 +63,7 @@ class ControlEvents(socketio.AsyncManager):
             metrics.MESSAGES_DELIVERED.inc(delivered)
         return delivered
 
-    def _local_count(self, namespace: str, room: str | None, skip_sid) -> int:
+    def _local_count(self, namespace: str, room: str | None, skip_sid: Any) -> int:
         skip = set(skip_sid) if isinstance(skip_sid, list | tuple | set) else {skip_sid}
         try:
             return sum(1 for sid, _ in self.get_participants(namespace, room) if sid not in skip)
@@ -55,7 +73,3 @@ class ControlEvents(socketio.AsyncManager):
 
 class LocalManager(ControlEvents):
     """One instance: rooms and control events stay in this process."""
-
-
-class RedisManager(socketio.AsyncRedisManager, ControlEvents):
-    """Many instances on one Redis (plain pub/sub: standalone, TLS, Sentinel)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import cast
 
 from server.bus.connection import RedisClient
 from server.bus.keys import Keys
@@ -40,6 +41,11 @@ class InstanceInfo:
 
 
 class InstanceRegistry:
+    """This instance's heartbeats, the live instances, and claims on dead ones.
+
+    ``redis`` is the state client (it decodes replies to ``str``).
+    """
+
     def __init__(self, redis: RedisClient, keys: Keys, instance_id: str, interval: float) -> None:
         self.redis = redis
         self.keys = keys
@@ -97,10 +103,9 @@ class InstanceRegistry:
 
     async def live(self) -> list[InstanceInfo]:
         cutoff = int(time.time() * 1000) - self.dead_after_ms
-        ids = await self.redis.zrangebyscore(self.keys.instances, cutoff, "+inf")
+        ids = cast(list[str], await self.redis.zrangebyscore(self.keys.instances, cutoff, "+inf"))
         result = []
-        for raw_id in ids:
-            instance_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+        for instance_id in ids:
             raw = await self.redis.get(self.keys.instance_info(instance_id))
             if raw:
                 data = json.loads(raw)
@@ -117,12 +122,14 @@ class InstanceRegistry:
     async def claim_dead(self) -> list[str]:
         """Ids of instances that stopped heartbeating; each is returned to exactly one caller."""
         cutoff = int(time.time() * 1000) - self.dead_after_ms
-        stale = await self.redis.zrangebyscore(
-            self.keys.instances, "-inf", f"({cutoff}", start=0, num=20
+        stale = cast(
+            list[str],
+            await self.redis.zrangebyscore(
+                self.keys.instances, "-inf", f"({cutoff}", start=0, num=20
+            ),
         )
         claimed = []
-        for raw_id in stale:
-            instance_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+        for instance_id in stale:
             if instance_id != self.instance_id and await self.redis.zrem(
                 self.keys.instances, instance_id
             ):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, overload
 
 RoomKind = Literal["public", "private", "direct"]
 
@@ -13,6 +13,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@overload
+def iso(ts: datetime) -> str: ...
+@overload
+def iso(ts: datetime | None) -> str | None: ...
 def iso(ts: datetime | None) -> str | None:
     """ISO 8601 UTC with milliseconds, e.g. ``2026-11-27T05:17:12.123Z``."""
     if ts is None:

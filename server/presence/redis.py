@@ -20,6 +20,7 @@ import asyncio
 import time
 from collections import deque
 from datetime import datetime
+from typing import cast
 
 import structlog
 
@@ -60,10 +61,6 @@ return redis.call('HGET', KEYS[3], ARGV[1]) or ''
 """
 
 
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 class RedisPresence(Presence):
     def __init__(
         self,
@@ -84,6 +81,7 @@ class RedisPresence(Presence):
         self._disconnect = redis.register_script(DISCONNECT)
         self._expire = redis.register_script(EXPIRE_GRACE)
         self._tasks: list[asyncio.Task] = []
+        self._closing = asyncio.Event()
         self._locks = KeyedLock()  # a user's changes on this instance run in order
         self.redis_ok = True
 
@@ -95,9 +93,24 @@ class RedisPresence(Presence):
         self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._sweeps())]
 
     async def close(self) -> None:
+        """Stop the heartbeats and sweeps; returns once both loops have ended.
+
+        The loops also end on ``_closing``: redis-py can swallow a cancellation that lands
+        inside a command (https://github.com/redis/redis-py/issues/2028), and a loop that
+        ate its cancellation would otherwise keep the caller waiting forever.
+        """
+        self._closing.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _pause(self, seconds: float) -> bool:
+        """Wait ``seconds``; False (at once) when the presence is closing."""
+        try:
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        except TimeoutError:
+            return True
+        return False
 
     # --- connections ------------------------------------------------------------------------
     async def connect(self, user_id: str, conn_id: str) -> None:
@@ -155,8 +168,7 @@ class RedisPresence(Presence):
 
     # --- background work --------------------------------------------------------------------
     async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(self.registry.interval)
+        while await self._pause(self.registry.interval):
             try:
                 await self._flush_backlog()
                 if await self.registry.heartbeat(len(self.local)):
@@ -174,8 +186,7 @@ class RedisPresence(Presence):
 
     async def _sweeps(self) -> None:
         period = min(0.5, max(0.05, self.grace / 4))
-        while True:
-            await asyncio.sleep(period)
+        while await self._pause(period):
             try:
                 await self.expire_due()
             except asyncio.CancelledError:
@@ -188,27 +199,25 @@ class RedisPresence(Presence):
         now = int(time.time() * 1000)
         for bucket in range(PRESENCE_BUCKETS):
             online, grace, seen = self.keys.presence(bucket)
-            due = await self.redis.zrangebyscore(grace, "-inf", now, start=0, num=200)
-            for raw_user in due:
-                user_id = _text(raw_user)
+            due = cast(
+                list[str], await self.redis.zrangebyscore(grace, "-inf", now, start=0, num=200)
+            )
+            for user_id in due:
                 last_seen = await self._expire(keys=[online, grace, seen], args=[user_id, now])
                 if last_seen is None:
                     continue
                 try:
-                    await self.on_transition(
-                        Transition(user_id, "offline", parse_iso(_text(last_seen)))
-                    )
+                    await self.on_transition(Transition(user_id, "offline", parse_iso(last_seen)))
                 except Exception:
                     log.exception("presence.offline_announce_failed", user=user_id)
 
     async def _reap(self, instance_id: str) -> None:
         """Close the connections of an instance that stopped heartbeating."""
         conns_key = self.keys.instance_conns(instance_id)
-        conns = await self.redis.hgetall(conns_key)
+        conns = cast(dict[str, str], await self.redis.hgetall(conns_key))
         now = utcnow()
         deadline = int((now.timestamp() + self.grace) * 1000)
-        for raw_user in conns.values():
-            user_id = _text(raw_user)
+        for user_id in conns.values():
             online, grace, seen = self.keys.presence_of(user_id)
             await self._disconnect(keys=[online, grace, seen], args=[user_id, deadline, iso(now)])
         await self.redis.delete(conns_key, self.keys.instance_info(instance_id))
@@ -244,7 +253,7 @@ class RedisPresence(Presence):
             count, deadline, seen = replies[3 * index : 3 * index + 3]
             is_online = int(count or 0) > 0 or deadline is not None
             result[user_id] = PresenceState(
-                "online" if is_online else "offline", None if is_online else parse_iso(_text(seen))
+                "online" if is_online else "offline", None if is_online else parse_iso(seen)
             )
         return result
 

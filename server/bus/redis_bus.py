@@ -1,17 +1,24 @@
-"""The Redis side of an instance: one client, the key schema, the registry, the manager."""
+"""The Redis side of an instance: the state client, the key schema, the instance registry,
+and the Socket.IO manager that carries emits between instances."""
 
 from __future__ import annotations
 
 import socketio
 
+from server.bus.cluster_manager import RedisClusterManager
 from server.bus.connection import RedisConfig, client_options, create_redis
 from server.bus.keys import Keys
+from server.bus.redis_manager import RedisManager
 from server.bus.registry import InstanceRegistry
 from server.core import metrics
 
 
-class RedisBackend:
-    """What an instance needs from Redis besides presence: health, figures, the manager."""
+class RedisBus:
+    """What an instance needs from Redis besides presence: health, figures, the manager.
+
+    ``redis`` is the state client (replies are ``str``); the manager opens its own
+    pub/sub connections on ``config.pubsub_url``.
+    """
 
     def __init__(self, config: RedisConfig, instance_id: str, heartbeat_interval: float) -> None:
         self.config = config
@@ -21,21 +28,11 @@ class RedisBackend:
         self.channel = f"{config.key_prefix}socketio"
 
     def manager(self) -> socketio.AsyncManager:
-        """The Socket.IO manager that carries emits between instances."""
+        """The Socket.IO manager for this topology: Redis Cluster, or one Redis."""
         options = client_options(self.config)
-        options.pop("retry")
-        if self.config.cluster:
-            from server.bus.sharded import ClusterManager
-
-            return ClusterManager(
-                self.config.pubsub_url, channel=self.channel, redis_options=options
-            )
-        try:
-            from server.bus.sharded import FastRetryRedisManager as PlainManager
-        except ImportError:
-            from server.bus.manager import RedisManager as PlainManager
-
-        return PlainManager(self.config.pubsub_url, channel=self.channel, redis_options=options)
+        options.pop("retry")  # the manager's Delivery retries; redis-py's would stack on it
+        manager_class = RedisClusterManager if self.config.cluster else RedisManager
+        return manager_class(self.config.pubsub_url, channel=self.channel, redis_options=options)
 
     async def ping(self) -> None:
         with metrics.timed(metrics.REDIS_LATENCY, "ping"):
@@ -45,7 +42,7 @@ class RedisBackend:
         info = await self.redis.info("memory")
         if isinstance(info, dict) and "used_memory" in info:
             return int(info["used_memory"])
-        if isinstance(info, dict):  # cluster: {node: info}
+        if isinstance(info, dict):  # Redis Cluster: {node: info}
             return sum(
                 int(node.get("used_memory", 0)) for node in info.values() if isinstance(node, dict)
             )

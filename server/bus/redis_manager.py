@@ -1,0 +1,65 @@
+"""The Socket.IO manager for one Redis: standalone, TLS (``rediss://``) or Sentinel.
+
+python-socketio's ``AsyncRedisManager`` with the publishing and listening policy of
+:class:`~server.bus.delivery.Delivery` instead of its own (two quick publish attempts,
+then a silent drop; a listener that backs off up to 60 s). Connecting, the Sentinel
+lookup of the current master and the message format stay python-socketio's: the
+pub/sub client gets bytes (``decode_responses`` off), which its ``_listen`` expects.
+
+Override points used: ``_publish`` and ``_redis_listen_with_retries``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import socketio
+
+from server.bus.delivery import Delivery
+from server.bus.manager import ControlEvents
+
+
+class RedisManager(socketio.AsyncRedisManager, ControlEvents):
+    """Many instances on one Redis, through plain pub/sub on one channel.
+
+    :param delivery: the publishing and listening policy (default: ``Delivery(channel)``);
+        it holds the counters and the ``subscribed`` event.
+    :param options: python-socketio's (``write_only``, ``logger``, ``json``,
+        ``redis_options``).
+    """
+
+    connected: bool
+
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        channel: str = "socketio",
+        *,
+        delivery: Delivery | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(url=url, channel=channel, **options)
+        self.delivery = delivery or Delivery(channel)
+
+    async def _publish(self, data: Any) -> bool:
+        payload = self.json.dumps(data)
+
+        async def send() -> Any:
+            if not self.connected:
+                self._redis_connect()  # through Sentinel this finds the current master
+            try:
+                return await self.redis.publish(self.channel, payload)
+            except Exception:
+                self.connected = False
+                raise
+
+        return await self.delivery.publish(send)
+
+    async def _redis_listen_with_retries(self) -> Any:
+        async def subscribe() -> Any:
+            self._redis_connect()  # through Sentinel this finds the current master
+            await self.pubsub.subscribe(self.channel)
+            return self.pubsub
+
+        async for message in self.delivery.listen(subscribe, lambda pubsub: pubsub.listen()):
+            yield message
