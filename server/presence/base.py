@@ -25,7 +25,11 @@ class PresenceState:
 
 @dataclass(frozen=True, slots=True)
 class Transition:
-    """A user went online or offline; ``last_seen`` is when their last connection closed."""
+    """A user went online or offline.
+
+    ``last_seen`` is when the user's last connection closed, on ``offline``; it is None on
+    ``online`` (the protocol's ``last_seen`` is null while a user is online).
+    """
 
     user_id: str
     status: Status
@@ -46,7 +50,7 @@ class Presence(ABC):
         """Start background work (grace timers, sweeps)."""
 
     async def close(self) -> None:
-        """Stop background work; connections are left for the grace logic of the cluster."""
+        """Stop background work; connections are left to the grace logic of the other instances."""
 
     @abstractmethod
     async def connect(self, user_id: str, conn_id: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 import structlog
 
@@ -17,7 +18,7 @@ class MemoryPresence(Presence):
         super().__init__(grace, on_transition)
         self._connections: dict[str, set[str]] = {}
         self._online: set[str] = set()
-        self._last_seen: dict = {}
+        self._last_seen: dict[str, datetime] = {}
         self._grace_timers: dict[str, asyncio.Task] = {}
 
     async def close(self) -> None:
@@ -33,7 +34,7 @@ class MemoryPresence(Presence):
             return
         if user_id not in self._online:
             self._online.add(user_id)
-            await self.on_transition(Transition(user_id, "online", self._last_seen.get(user_id)))
+            await self.on_transition(Transition(user_id, "online", None))
 
     async def disconnect(self, user_id: str, conn_id: str) -> None:
         conns = self._connections.get(user_id)
