@@ -10,8 +10,10 @@ from contextlib import contextmanager
 from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Gauge("chat_connections", "Socket.IO connections on this instance")
-CLUSTER_CONNECTIONS = Gauge("chat_cluster_connections", "Connections on every live instance")
-ONLINE_USERS = Gauge("chat_online_users", "Users online cluster-wide (grace periods included)")
+# The set of live instances is the "deployment" in the code; the metric names are documented
+# interfaces and keep their historical "cluster" wording.
+DEPLOYMENT_CONNECTIONS = Gauge("chat_cluster_connections", "Connections on every live instance")
+ONLINE_USERS = Gauge("chat_online_users", "Users online on every instance (grace periods included)")
 MESSAGES_RECEIVED = Counter(
     "chat_messages_received_total", "Messages stored from senders on this instance"
 )

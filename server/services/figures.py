@@ -1,7 +1,12 @@
 """Figures of this instance and of every live instance: connections, online users, heartbeats.
 
 ``collect`` reads them now (``/api/stats``); ``sample_forever`` refreshes ``summary`` and the
-cluster-wide gauges every heartbeat, so ``/api/health`` serves them without extra calls.
+deployment-wide gauges every heartbeat, so ``/api/health`` serves them without extra calls.
+
+The figures of every live instance are published under the key ``cluster`` (in
+``/api/stats`` and ``/api/health``) and in the metrics ``chat_cluster_connections`` and
+``chat_online_users``: documented names that stay, although in the code "cluster" means
+Redis Cluster only and the set of live instances is the *deployment*.
 """
 
 from __future__ import annotations
@@ -92,15 +97,15 @@ class Figures:
 
     async def sample(self) -> None:
         figures = await self.collect()
-        cluster = figures["cluster"]
+        deployment = figures["cluster"]  # the documented key; see the module docstring
         self.summary = {
-            "instances": len(cluster["instances"]),
-            "connections": cluster["connections"],
-            "online_users": cluster["online_users"],
+            "instances": len(deployment["instances"]),
+            "connections": deployment["connections"],
+            "online_users": deployment["online_users"],
             "sampled_at": iso(utcnow()),
         }
-        metrics.CLUSTER_CONNECTIONS.set(cluster["connections"])
-        metrics.ONLINE_USERS.set(cluster["online_users"])
+        metrics.DEPLOYMENT_CONNECTIONS.set(deployment["connections"])
+        metrics.ONLINE_USERS.set(deployment["online_users"])
         if self.used_memory is not None:
             used = await self.used_memory()
             if used is not None:

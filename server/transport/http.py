@@ -67,7 +67,8 @@ async def dev_token(body: DevTokenRequest, request: Request) -> dict:
 
 @router.get("/api/stats")
 async def stats(request: Request) -> dict:
-    """Instance and cluster figures, for an admin token (claim ``role: "admin"``)."""
+    """Figures of this instance and of every live instance, for an admin token (claim
+    ``role: "admin"``)."""
     ctx = context(request)
     token = bearer_token(request.headers.get("authorization")) or request.query_params.get("token")
     try:
