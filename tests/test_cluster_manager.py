@@ -212,9 +212,13 @@ async def test_cluster_listener_notices_a_hung_master(redis_cluster, socket_time
         redis_cluster.pause_node(owner)
         try:
             await asyncio.to_thread(redis_cluster.wait_failover, owner, 15)
-            # Once the replica is promoted, the next publish gets through: its attempt on the
-            # hung master is cut short and the retry starts from the nodes that answer.
-            assert await publisher._publish({"method": "test", "n": 999}) is True
+            # Once the replica is promoted, publishing gets through again: an attempt on the
+            # hung master is cut short and the next one starts from the nodes that answer. (A
+            # publisher that kept its client would time out on the hung master every time.)
+            # A loaded machine may need more than one publish's 2 s budget to rebuild the
+            # client, so a few publishes are allowed.
+            results = [await publisher._publish({"method": "test", "n": 999 + i}) for i in range(3)]
+            assert True in results, results
             await publish_until_received(publisher._publish, inbox, timeout=12)
             await drain(inbox)
             await assert_in_order(publisher._publish, inbox, 5)
