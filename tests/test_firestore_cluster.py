@@ -42,7 +42,8 @@ def fs_pair(redis_url, emulator):
         [
             ServerProcess(firestore_env(redis_url, prefix, emulator, INSTANCE_ID=f"f{i}"))
             for i in range(2)
-        ]
+        ],
+        timeout=120,  # two servers importing at once on a loaded machine
     )
     yield servers
     for server in servers:

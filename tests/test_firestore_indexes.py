@@ -10,7 +10,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from server.core.models import MessageDraft, Room
+from server.core.models import MessageDraft, Room, SanctionKey
 from server.store.firestore import codec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +28,7 @@ def written_fields() -> set[tuple[str, str]]:
         "rooms": {**codec.room_record(Room("r", "public", "r")), "last_seq": 1},  # older data
         "users": {"name": "U", "last_seen": now},
         "system": {"kind": "health", "created_at": now},
+        "sanctions": codec.sanction_record(SanctionKey("ban", "r", "u"), None),
     }
     return {(group, field) for group, record in records.items() for field in record}
 

@@ -102,6 +102,12 @@ BAD_BODIES = [
     ("POST", "/rooms/r1/mutes", {"user": "a", "seconds": -1}),
     ("POST", "/users/a/blocks", {"user": "a"}),
     ("POST", "/rooms/r1/bans", {"user": "a", "extra": True}),
+    # ids Firestore refuses as document ids are refused for every store
+    ("POST", "/rooms", {"room": "__x__"}),
+    ("POST", "/rooms", {"room": "r", "members": [".."]}),
+    ("POST", "/rooms/__x__/messages", {"text": "x", "client_id": "c"}),
+    ("POST", "/rooms/r1/messages", {"text": "x", "client_id": "c", "sender": {"id": "."}}),
+    ("POST", "/users/__x__/revoke-tokens", {"issued_before": 1}),
 ]
 
 

@@ -18,12 +18,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from server.auth import ApiKey, ApiKeys, bearer_token
 from server.core import metrics
 from server.core.errors import ChatError
-from server.core.ids import ROOM_ID_PATTERN, USER_ID_PATTERN
+from server.core.ids import ROOM_ID_PATTERN, USER_ID_PATTERN, not_reserved
 from server.core.models import iso_from_epoch
 from server.core.ratelimit import TokenBucket
 from server.services.admin import Admin, acting_as
@@ -43,8 +43,10 @@ STATUS = {
     "unavailable": 503,
     "internal": 500,
 }
-UserId = Annotated[StrictStr, Field(pattern=f"^{USER_ID_PATTERN}$")]
-RoomPath = Annotated[str, Field(pattern=f"^{ROOM_ID_PATTERN}$")]
+# Ids as everywhere else (server/core/ids.py), Firestore's reserved ids included.
+UserId = Annotated[StrictStr, Field(pattern=f"^{USER_ID_PATTERN}$"), AfterValidator(not_reserved)]
+UserPath = Annotated[str, Field(pattern=f"^{USER_ID_PATTERN}$"), AfterValidator(not_reserved)]
+RoomPath = Annotated[str, Field(pattern=f"^{ROOM_ID_PATTERN}$"), AfterValidator(not_reserved)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +75,7 @@ class PostMessage(Body):
 
 
 class NewRoom(Body):
-    room: Annotated[StrictStr, Field(pattern=f"^{ROOM_ID_PATTERN}$")]
+    room: Annotated[StrictStr, Field(pattern=f"^{ROOM_ID_PATTERN}$"), AfterValidator(not_reserved)]
     name: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
     private: StrictBool = False
     owner: UserId | None = None
@@ -232,7 +234,7 @@ async def presence(body: Users, request: Request, key: Read) -> dict:
 
 @router.post("/users/{user}/disconnect", summary="Close every connection of a user")
 async def disconnect(
-    user: Annotated[str, Field(pattern=f"^{USER_ID_PATTERN}$")],
+    user: UserPath,
     body: Disconnect,
     request: Request,
     key: Write,
@@ -243,7 +245,7 @@ async def disconnect(
 
 @router.post("/users/{user}/revoke-tokens", summary="Refuse a user's tokens issued before a time")
 async def revoke_tokens(
-    user: Annotated[str, Field(pattern=f"^{USER_ID_PATTERN}$")],
+    user: UserPath,
     body: Revoke,
     request: Request,
     key: Write,
@@ -282,7 +284,7 @@ async def unmute(room: RoomPath, body: OneUser, request: Request, key: Write) ->
 
 @router.post("/users/{user}/blocks", summary="As this user, block another: DMs between them end")
 async def block(
-    user: Annotated[str, Field(pattern=f"^{USER_ID_PATTERN}$")],
+    user: UserPath,
     body: OneUser,
     request: Request,
     key: Write,
@@ -295,7 +297,7 @@ async def block(
 
 @router.post("/users/{user}/blocks/remove", summary="As this user, lift a block")
 async def unblock(
-    user: Annotated[str, Field(pattern=f"^{USER_ID_PATTERN}$")],
+    user: UserPath,
     body: OneUser,
     request: Request,
     key: Write,

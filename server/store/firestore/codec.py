@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from server.core.models import Message, MessageDraft, Room, UserRecord, utcnow
+from server.core.models import Message, MessageDraft, Room, SanctionKey, UserRecord, utcnow
 
 
 def utc(value: Any) -> datetime | None:
@@ -121,3 +121,14 @@ def user_from(snapshot: Any) -> UserRecord | None:
         return None
     data = fields(snapshot)
     return UserRecord(snapshot.id, data.get("name", snapshot.id), utc(data.get("last_seen")))
+
+
+# ---------------------------------------------------------------- sanctions/{key.document_id()}
+
+
+def sanction_record(key: SanctionKey, until: float | None) -> dict[str, Any]:
+    return {"kind": key.kind, "scope": key.scope, "user": key.user_id, "until": until}
+
+
+def sanction_until(snapshot: Any) -> float | None:
+    return fields(snapshot).get("until")

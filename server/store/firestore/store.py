@@ -625,7 +625,7 @@ class FirestoreStore(Store):
 
     async def put_sanction(self, key: SanctionKey, until: float | None) -> None:
         ref = self._sanction(key)
-        data = {"kind": key.kind, "scope": key.scope, "user": key.user_id, "until": until}
+        data = codec.sanction_record(key, until)
         await self._commit(f"put_sanction({key.kind})", lambda batch: batch.set(ref, data))
 
     async def delete_sanction(self, key: SanctionKey) -> None:
@@ -643,7 +643,7 @@ class FirestoreStore(Store):
             found: dict[SanctionKey, float | None] = {}
             async for snapshot in self.client.get_all(refs, retry=None, timeout=timeout):
                 if snapshot.exists:
-                    found[by_id[snapshot.id]] = (snapshot.to_dict() or {}).get("until")
+                    found[by_id[snapshot.id]] = codec.sanction_until(snapshot)
             return found
 
         return await self.calls(f"get_sanctions({len(unique)})", op)
