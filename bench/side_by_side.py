@@ -263,7 +263,7 @@ def run_load(run: Cluster, name: str, servers: list, args: argparse.Namespace, r
     follower.join(5)
     if proc.returncode != 0 or not out.strip():
         raise RuntimeError(f"loadgen {name} failed with {proc.returncode}")
-    time.sleep(1.0)  # the servers see the disconnections
+    time.sleep(args.settle)  # the servers see the disconnections
     sample("closed")
     row = {"scenario": name, **json.loads(out.strip().splitlines()[-1])}
     if args.detail:
@@ -376,6 +376,12 @@ def main() -> None:
     parser.add_argument("--sides", default="node,ours", help="which sides to run, in order")
     parser.add_argument("--detail", action="store_true", help="CPU and Redis calls per phase")
     parser.add_argument("--instances", type=int, default=2, help="instances per side")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        help="seconds after the load ends before the last sample (--detail)",
+    )
     parser.add_argument(
         "--targets",
         type=int,
