@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 
 import pytest
 
 from server.core import metrics
 from server.core.errors import SeqTaken, StoreUnavailable
 from server.core.models import MessageDraft, Room
-from server.store.sqlite import SQLiteStore, _Call, _write_batch
+from server.store.sqlite import SQLiteStore
 
 
 def draft(room: str, client_id: str, sender: str = "alice") -> MessageDraft:
@@ -109,34 +110,34 @@ async def test_a_batch_that_cannot_begin_fails_its_calls_and_stores_none(store, 
     assert not again.created and again.message == retried[0].message
 
 
-def test_a_call_abandoned_during_its_batch_is_not_committed(tmp_path):
-    """The batch rolls back and runs again without it: the others commit, seqs stay dense."""
-    conn = sqlite3.connect(tmp_path / "t.db", isolation_level=None, check_same_thread=False)
-    conn.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, name TEXT)")
-    loop = asyncio.new_event_loop()
+async def test_a_claimed_call_finishes_with_its_batch_and_a_queued_one_expires(tmp_path, uid):
+    """Past its deadline a call still queued fails and is never written; one its batch had
+    already begun is answered when the batch commits (no batch rolls back for a late caller)."""
+    store = SQLiteStore(tmp_path / "slow.db", timeout=2.0)
+    await store.start()
+    room = uid("r")
 
-    def insert(name: str):
-        def work(c: sqlite3.Connection) -> int:
-            seq = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM t").fetchone()[0]
-            c.execute("INSERT INTO t VALUES (?, ?)", (seq, name))
-            return seq
+    def slow_insert(conn: sqlite3.Connection) -> str:
+        conn.execute(
+            "INSERT INTO rooms (id, kind, name, owner, created_at) VALUES (?, ?, ?, ?, ?)",
+            (room, "public", "Slow", None, "2026-01-02T03:04:05+00:00"),
+        )
+        time.sleep(2.8)  # past its deadline (2 s), well before the hard one (4 s)
+        return "done"
 
-        return work
-
-    calls = [_Call(insert(name), loop.create_future(), 0.0) for name in ("a", "b", "c")]
-    abandon_b = insert("c")
-
-    def third(c: sqlite3.Connection) -> int:
-        calls[1].abandoned = True  # b's caller gives up after b ran, before the commit
-        return abandon_b(c)
-
-    calls[2].work = third
-    outcomes = _write_batch(conn, calls)
-    loop.close()
-    assert outcomes[0] == (True, 1) and outcomes[2] == (True, 2)
-    assert outcomes[1][0] is False and isinstance(outcomes[1][1], StoreUnavailable)
-    assert conn.execute("SELECT seq, name FROM t ORDER BY seq").fetchall() == [(1, "a"), (2, "c")]
-    assert not conn.in_transaction
+    try:
+        slow = asyncio.ensure_future(store._in_writer(slow_insert))
+        await asyncio.sleep(0.1)  # the slow batch has begun
+        queued = asyncio.ensure_future(store.add_message(draft(room, "queued")))
+        assert await slow == "done"
+        with pytest.raises(StoreUnavailable):
+            await queued
+        assert (await store.get_room(room)).name == "Slow"
+        assert stored_seqs(store.path, room) == []
+        later = await store.add_message(draft(room, "later"))
+        assert later.message.seq == 1
+    finally:
+        await store.close()
 
 
 async def test_a_caller_that_times_out_before_its_batch_begins_stores_nothing(store, uid):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -96,10 +97,18 @@ def _translated(exc: Exception) -> Exception:
 Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
 
 
-class _Call:
-    """One store call waiting for, or running on, a lane."""
+QUEUED, RUNNING, ABANDONED = "queued", "running", "abandoned"
 
-    __slots__ = ("work", "future", "deadline", "savepoint", "abandoned")
+
+class _Call:
+    """One store call waiting for, or running on, a lane.
+
+    ``state`` goes from ``QUEUED`` to ``RUNNING`` (its batch claimed it on the lane's
+    thread) or to ``ABANDONED`` (its caller stopped waiting: timeout or cancellation), never
+    both; both moves happen under the lane's lock.
+    """
+
+    __slots__ = ("work", "future", "deadline", "savepoint", "state")
 
     def __init__(
         self,
@@ -112,29 +121,35 @@ class _Call:
         self.future = future
         self.deadline = deadline  # loop time
         self.savepoint = savepoint  # writes: run inside a savepoint of its own
-        #: Set on the loop when the caller gave up (timeout, cancellation); read by the
-        #: lane's thread, which then leaves the call's writes out of the commit.
-        self.abandoned = False
+        self.state = QUEUED
+
+
+Claim = Callable[[list[_Call]], list[int]]
 
 
 class _Lane:
     """One connection on one thread of its own, fed in batches.
 
     ``submit`` queues a call; when the thread is free, every queued call goes over in one
-    hop and ``run_batch(conn, calls)`` runs them there, returning one outcome per call. The
-    futures are settled in one loop callback when the batch is done, then the next batch
-    (what queued meanwhile) goes over. Invariant: at most one batch per lane at a time.
+    hop and ``run_batch(conn, calls, claim)`` runs them there, returning one outcome per
+    call. The futures are settled in one loop callback when the batch is done, then the
+    next batch (what queued meanwhile) goes over. Invariant: at most one batch per lane at a
+    time.
 
-    Every call gets ``timeout`` seconds: one timer per lane (not one per call) fails the
-    calls that are past their deadline with :class:`StoreUnavailable` and marks them
-    abandoned. Calls are answered in the order they were submitted, so the oldest
-    unanswered call is always the next to expire.
+    Deadlines: one timer per lane (not one per call). A call still queued at its deadline
+    (``timeout`` seconds after it was submitted) is abandoned and fails with
+    :class:`StoreUnavailable`; it never runs. A call its batch has claimed (``claim``, after
+    ``BEGIN`` on the writer) runs to the end of its batch and is answered then: it is never
+    half abandoned, so a batch never has to roll back for a caller that gave up. Only a
+    batch that has not ended ``timeout`` seconds after a claimed call's deadline (a disk
+    that stopped answering) fails it unanswered; its write may still land, and a retry finds
+    it (sends are idempotent by client id).
     """
 
     def __init__(
         self,
         name: str,
-        run_batch: Callable[[sqlite3.Connection, list[_Call]], list[Outcome]],
+        run_batch: Callable[[sqlite3.Connection, list[_Call], Claim], list[Outcome]],
         timeout: float,
     ) -> None:
         self.name = name
@@ -142,6 +157,7 @@ class _Lane:
         self.conn: sqlite3.Connection | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{name}")
         self._run_batch = run_batch
+        self._lock = threading.Lock()  # guards _Call.state between the loop and the thread
         self._queued: list[_Call] = []
         self._unanswered: deque[_Call] = deque()  # in submission order
         self._timer: asyncio.TimerHandle | None = None
@@ -177,6 +193,23 @@ class _Lane:
             self._loop.call_soon(self._dispatch)
         return call
 
+    def abandon(self, call: _Call) -> bool:
+        """Give ``call`` up unless its batch claimed it already; True if it will not run."""
+        with self._lock:
+            if call.state == QUEUED:
+                call.state = ABANDONED
+            return call.state == ABANDONED
+
+    def claim(self, calls: list[_Call]) -> list[int]:
+        """On the thread: the indexes of ``calls`` still queued, now running."""
+        claimed = []
+        with self._lock:
+            for index, call in enumerate(calls):
+                if call.state == QUEUED:
+                    call.state = RUNNING
+                    claimed.append(index)
+        return claimed
+
     def _dispatch(self) -> None:
         calls, self._queued = self._queued, []
         if not calls:
@@ -187,7 +220,7 @@ class _Lane:
         try:
             if conn is None:
                 raise StoreUnavailable("sqlite store is closed")
-            done = self._thread.submit(self._run_batch, conn, calls)
+            done = self._thread.submit(self._run_batch, conn, calls, self.claim)
         except Exception as exc:  # closed meanwhile: the executor refuses new work
             unavailable = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(str(exc))
             self._settle(calls, [(False, unavailable)] * len(calls))
@@ -208,101 +241,96 @@ class _Lane:
                 call.future.set_result(value)
             else:
                 call.future.set_exception(value)
+        self._forget_answered()
+        self._dispatch()
+
+    def _forget_answered(self) -> None:
         unanswered = self._unanswered
         while unanswered and unanswered[0].future.done():
             unanswered.popleft()
-        self._dispatch()
 
     def _expire(self) -> None:
-        """Fail the calls past their deadline; then wait for the oldest one left."""
+        """Abandon the queued calls past their deadline; wake again for the next deadline."""
         self._timer = None
         now = self._loop.time()
-        unanswered = self._unanswered
-        while unanswered:
-            call = unanswered[0]
-            if not call.future.done():
-                if call.deadline > now:
-                    self._timer = self._loop.call_at(call.deadline, self._expire)
-                    return
-                call.abandoned = True
+        wake = None
+        for call in self._unanswered:  # oldest first: deadlines ascend
+            if call.future.done():
+                continue
+            if call.deadline > now:
+                wake = call.deadline if wake is None else min(wake, call.deadline)
+                break
+            if self.abandon(call):
                 call.future.set_exception(
                     StoreUnavailable(f"sqlite did not answer within {self.timeout}s")
                 )
-            unanswered.popleft()
+            elif call.deadline + self.timeout <= now:  # claimed, and its batch hangs
+                call.future.set_exception(
+                    StoreUnavailable(f"sqlite did not finish within {2 * self.timeout}s")
+                )
+            else:
+                hard = call.deadline + self.timeout
+                wake = hard if wake is None else min(wake, hard)
+        self._forget_answered()
+        if wake is not None:
+            self._timer = self._loop.call_at(wake, self._expire)
 
 
-def _read_batch(conn: sqlite3.Connection, calls: list[_Call]) -> list[Outcome]:
+def _read_batch(conn: sqlite3.Connection, calls: list[_Call], claim: Claim) -> list[Outcome]:
     """Reads, one after the other; each answers for itself."""
-    outcomes: list[Outcome] = []
-    for call in calls:
-        if call.abandoned:
-            outcomes.append((False, StoreUnavailable("abandoned before it started")))
-            continue
+    gone = StoreUnavailable("abandoned before it started")
+    outcomes: list[Outcome] = [(False, gone)] * len(calls)
+    for index in claim(calls):
         try:
-            outcomes.append((True, call.work(conn)))
+            outcomes[index] = (True, calls[index].work(conn))
         except Exception as exc:
-            outcomes.append((False, _translated(exc)))
+            outcomes[index] = (False, _translated(exc))
     return outcomes
 
 
-def _write_batch(conn: sqlite3.Connection, calls: list[_Call]) -> list[Outcome]:
+def _write_batch(conn: sqlite3.Connection, calls: list[_Call], claim: Claim) -> list[Outcome]:
     """Every call in one transaction, each in a savepoint of its own (group commit).
 
     (A call whose only writing statement is its last runs without one: SQLite undoes a
-    failed statement whole.)
-    A call that raises is rolled back to its savepoint and answers with its exception; the
-    others commit together and answer after the ``COMMIT``. A call abandoned before it ran
-    is skipped; one abandoned while the batch ran makes the batch roll back and run again
-    without it, so that nothing a caller gave up on is committed (its seq is reused: seqs
-    stay dense). A ``BEGIN`` or ``COMMIT`` that fails fails every call of the batch.
+    failed statement whole.) The calls are claimed once ``BEGIN`` has the write lock: those
+    abandoned by then (their caller gave up, e.g. while ``BEGIN`` waited for another
+    process) are skipped and nothing of theirs is written. A call that raises is rolled
+    back to its savepoint and answers with its exception; the others commit together and
+    answer after the ``COMMIT``. A ``BEGIN`` or ``COMMIT`` that fails fails every call of
+    the batch, and a batch whose calls were all abandoned does not begin at all.
     """
-    outcomes: list[Outcome | None] = [None] * len(calls)
     gone = StoreUnavailable("abandoned by its caller")
-    live = []
-    for index, call in enumerate(calls):
-        if call.abandoned:
-            outcomes[index] = (False, gone)
-        else:
-            live.append(index)
-    while live:
-        results: dict[int, Outcome] = {}
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for index in live:
-                call = calls[index]
-                if call.abandoned:  # e.g. its caller gave up while BEGIN waited for a lock
-                    results[index] = (False, gone)
-                    continue
-                if call.savepoint:
-                    conn.execute("SAVEPOINT call")
-                try:
-                    results[index] = (True, call.work(conn))
-                except Exception as exc:
-                    if call.savepoint:
-                        conn.execute("ROLLBACK TO call")
-                    results[index] = (False, _translated(exc))
-                if call.savepoint:
-                    conn.execute("RELEASE call")
-            late = [i for i in live if results[i][0] and calls[i].abandoned]
-            if late:
-                conn.execute("ROLLBACK")
-                for index in late:
-                    outcomes[index] = (False, gone)
-                live = [i for i in live if i not in late]
-                continue
-            conn.execute("COMMIT")
-        except Exception as exc:
-            if conn.in_transaction:
-                with contextlib.suppress(Exception):
-                    conn.execute("ROLLBACK")
-            failure = _translated(exc)
-            for index in live:
-                outcomes[index] = (False, failure)
-            break
+    outcomes: list[Outcome] = [(False, gone)] * len(calls)
+    if all(call.state == ABANDONED for call in calls):
+        return outcomes
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except Exception as exc:
+        failure = _translated(exc)
+        return [(False, failure)] * len(calls)
+    live = claim(calls)
+    try:
         for index in live:
-            outcomes[index] = results[index]
-        break
-    return outcomes  # type: ignore[return-value]
+            call = calls[index]
+            if call.savepoint:
+                conn.execute("SAVEPOINT call")
+            try:
+                outcomes[index] = (True, call.work(conn))
+            except Exception as exc:
+                if call.savepoint:
+                    conn.execute("ROLLBACK TO call")
+                outcomes[index] = (False, _translated(exc))
+            if call.savepoint:
+                conn.execute("RELEASE call")
+        conn.execute("COMMIT")
+    except Exception as exc:
+        if conn.in_transaction:
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+        failure = _translated(exc)
+        for index in live:
+            outcomes[index] = (False, failure)
+    return outcomes
 
 
 class SQLiteStore(Store):
@@ -350,8 +378,9 @@ class SQLiteStore(Store):
     ) -> T:
         """``work(conn)`` on the lane's thread, bounded by the timeout.
 
-        A caller that stops waiting (timeout, cancellation) marks its call abandoned: if it
-        has not run yet it never will, and a write of it is not committed. ``savepoint=False``
+        A caller that stops waiting (timeout, cancellation) abandons its call: if its batch
+        has not claimed it yet it never runs and nothing of it is written; once claimed it
+        finishes with its batch (see :class:`_Lane`). ``savepoint=False``
         only for a write whose one statement that writes is also its last one (a failure
         then leaves nothing of it behind without a savepoint).
         """
@@ -359,7 +388,7 @@ class SQLiteStore(Store):
         try:
             return await call.future
         except asyncio.CancelledError:
-            call.abandoned = True
+            lane.abandon(call)
             raise
 
     async def _in_writer(self, work: Callable[[sqlite3.Connection], T]) -> T:
