@@ -12,7 +12,7 @@ PORT ?= 8000
 MAX_FRAME_BYTES ?= 65536
 UVICORN_FLAGS := --ws-per-message-deflate false --no-proxy-headers --ws-max-size $(MAX_FRAME_BYTES)
 
-.PHONY: install install-node install-browser install-bench run run-firestore test bench lint format clean
+.PHONY: install install-node install-system install-browser install-bench run run-firestore test bench lint format clean
 
 # uv (the installer behind the lock file) in a small venv of its own when it is not on PATH.
 $(UV):
@@ -26,18 +26,22 @@ $(UV):
 install: .venv/.installed
 
 node_modules/.installed: package.json package-lock.json
-	command -v node >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
+	tests/support/install_system.sh node:nodejs npm:npm
+	command -v npm >/dev/null || { echo "node and npm are required (Debian/Ubuntu: nodejs npm)"; exit 1; }
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 install-node: node_modules/.installed
 
-# Headless Chromium for the demo page test (Debian's package; root or sudo needed once).
+# Programs the tests run: Redis >= 7 (server and cli) and openssl, from Debian/Ubuntu
+# packages (sudo when not root). What cannot be installed is named; its tests are skipped,
+# or fail under CI=true.
+install-system:
+	tests/support/install_system.sh redis-server:redis-server redis-cli:redis-tools openssl:openssl
+
+# Headless Chromium for the demo page test (the same rules).
 install-browser:
-	@command -v chromium >/dev/null || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null \
-	  || echo "chromium could not be installed: the demo page test will be skipped"; }
+	tests/support/install_system.sh chromium:chromium
 
 run: install
 	$(UV) run --frozen uvicorn server.main:app --host $(HOST) --port $(PORT) $(UVICORN_FLAGS)
@@ -51,7 +55,7 @@ run-firestore: install install-node
 	  STORE=firestore FIRESTORE_EMULATOR_HOST=127.0.0.1:$(FIRESTORE_PORT) FIRESTORE_PROJECT=demo-chat \
 	  $(UV) run --frozen uvicorn server.main:app --host $(HOST) --port $(PORT) $(UVICORN_FLAGS)
 
-test: install install-node install-browser
+test: install install-node install-system install-browser
 	$(UV) run --frozen pytest $(PYTEST_ARGS)
 
 # The side-by-side benchmark's Node tools (reference server, load generator), locked apart

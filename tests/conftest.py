@@ -52,10 +52,11 @@ async def store(request, tmp_path) -> Store:
 
 @pytest.fixture(scope="session")
 def server():
-    """One single-instance server (memory store) shared by the tests that use unique ids."""
+    """One single-instance server on SQLite (the default store), shared by the tests that use
+    unique ids."""
     from tests.support.servers import ServerProcess
 
-    proc = ServerProcess({"STORE": "memory"}).start()
+    proc = ServerProcess({}).start()
     yield proc
     proc.stop()
 
@@ -75,22 +76,3 @@ async def clients(server):
     yield make
     for client in made:
         await client.disconnect()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _forget_test_keys(redis_url):
-    """Delete the keys that this session's servers left in the shared Redis."""
-    yield
-    import redis as redis_sync
-
-    from tests.support.servers import KEY_PREFIXES
-
-    try:
-        client = redis_sync.Redis.from_url(redis_url, socket_timeout=5)
-        for prefix in KEY_PREFIXES:
-            for pattern in (f"{prefix}*", f"{{{prefix}*"):
-                keys = list(client.scan_iter(match=pattern, count=1000))
-                if keys:
-                    client.delete(*keys)
-    except Exception:  # the shared Redis may be gone at the end; nothing else to clean
-        pass

@@ -14,12 +14,11 @@ from datetime import UTC, datetime
 import httpx
 import jwt
 import pytest
-import socketio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tests.support.clients import NAMESPACE, ChatClient
-from tests.support.servers import TEST_SECRET, ServerProcess, make_token
+from tests.support.clients import ChatClient, attempt, refused
+from tests.support.servers import TEST_SECRET, ServerProcess, make_token, start_all
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 AUDIENCE = "chat-clients"
@@ -46,51 +45,6 @@ def claims_for(user: str, ttl: float = 3600, **extra) -> dict:
     now = int(time.time())
     # Public-key servers must check aud and iss; HS servers without them ignore both.
     return {"sub": user, "iat": now, "exp": now + ttl, "aud": AUDIENCE, "iss": ISSUER, **extra}
-
-
-async def attempt(
-    url: str, *, auth=None, headers=None, query: str = "", transports=("websocket",)
-) -> dict:
-    """One connection attempt: ``{"ok": True, "session": ..., "sid": ...}`` or ``{"ok": False, "error": ...}``."""
-    sio = socketio.AsyncClient(reconnection=False)
-    errors: list = []
-    sessions: list = []
-    arrived = asyncio.Event()
-
-    async def on_error(data=None):
-        errors.append(data)
-
-    async def on_session(data):
-        sessions.append(data)
-        arrived.set()
-
-    sio.on("connect_error", on_error, namespace=NAMESPACE)
-    sio.on("session", on_session, namespace=NAMESPACE)
-    try:
-        await sio.connect(
-            url + query,
-            namespaces=[NAMESPACE],
-            auth=auth,
-            headers=headers or {},
-            transports=list(transports),
-            wait_timeout=10,
-        )
-    except socketio.exceptions.ConnectionError:
-        assert len(errors) == 1, errors
-        return {"ok": False, "error": errors[0]}
-    try:
-        await asyncio.wait_for(arrived.wait(), 10)
-        return {"ok": True, "session": sessions[0], "sid": sio.get_sid(NAMESPACE)}
-    finally:
-        if "polling" in transports:
-            # The python client would wait for its pending long-poll (up to a ping cycle).
-            await sio.eio.disconnect(abort=True)
-        else:
-            await sio.disconnect()
-
-
-def refused(code: str) -> dict:
-    return {"ok": False, "error": {"message": "unauthorized", "data": {"code": code}}}
 
 
 async def wait_until(predicate, timeout: float) -> float:
@@ -124,14 +78,6 @@ def ec_keys():
     return ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
 
 
-def start_all(*servers: ServerProcess) -> list[ServerProcess]:
-    for proc in servers:
-        proc.start(wait=False)
-    for proc in servers:
-        proc.wait_healthy(90)  # a loaded machine starts three processes slowly
-    return list(servers)
-
-
 @pytest.fixture(scope="module")
 def key_servers(rsa_keys, ec_keys):
     """RS256, ES256 and aud/iss-checking servers, started together."""
@@ -142,7 +88,7 @@ def key_servers(rsa_keys, ec_keys):
         {"JWT_ALGORITHMS": "ES256", "JWT_PUBLIC_KEY": pem_public(ec_keys[0]), **KEYED}
     )
     claims = ServerProcess({"JWT_AUDIENCE": AUDIENCE, "JWT_ISSUER": ISSUER})
-    started = start_all(rs, es, claims)
+    started = start_all([rs, es, claims])
     yield {"rs": rs, "es": es, "claims": claims}
     for proc in started:
         proc.stop()

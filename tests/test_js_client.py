@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import jwt
 import pytest
 
+from tests.support.requirements import require_tool
 from tests.support.servers import make_token
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,9 +23,7 @@ ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 @pytest.fixture(scope="session")
 def node_client():
     """node with socket.io-client installed in the project (``npm ci`` when missing)."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is required for the JS client tests")
+    node = require_tool("node", "nodejs")
     if not (ROOT / "node_modules" / "socket.io-client").is_dir():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=ROOT, check=True, timeout=600)
     version = json.loads((ROOT / "node_modules" / "socket.io-client" / "package.json").read_text())[

@@ -13,9 +13,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.support.clients import ChatClient
+from tests.support.clients import ChatClient, attempt, refused
 from tests.support.servers import ServerProcess, free_port
-from tests.test_auth import attempt, refused
 
 
 def new_key(kid: str) -> tuple[rsa.RSAPrivateKey, dict]:

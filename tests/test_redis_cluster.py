@@ -7,8 +7,7 @@ import asyncio
 import pytest
 
 from tests.support.clients import ChatClient
-from tests.support.servers import ServerProcess, key_prefix, start_all
-from tests.test_multi_instance import GRACE, cluster_env
+from tests.support.servers import GRACE, ServerProcess, cluster_env, key_prefix, start_all
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ import pytest
 
 from tests.support.clients import ChatClient
 from tests.support.redis_servers import RedisServer
-from tests.support.servers import ServerProcess, key_prefix
-from tests.test_multi_instance import cluster_env
+from tests.support.servers import ServerProcess, cluster_env, key_prefix
 
 
 @pytest.fixture

@@ -7,16 +7,18 @@ import time
 
 import pytest
 
+from tests.support.clients import exchange
 from tests.support.redis_servers import free_port
-from tests.support.servers import ServerProcess, key_prefix
-from tests.test_multi_instance import cluster_env
-from tests.test_redis_topologies import exchange
+from tests.support.requirements import require_tool
+from tests.support.servers import ServerProcess, cluster_env, key_prefix
 
 PASSWORD = "tls-secret-1"
 
 
 def openssl(*args: str, cwd) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+    subprocess.run(
+        [require_tool("openssl", "openssl"), *args], cwd=cwd, check=True, capture_output=True
+    )
 
 
 @pytest.fixture

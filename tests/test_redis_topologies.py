@@ -6,28 +6,9 @@ import asyncio
 
 import redis as redis_sync
 
-from tests.support.clients import ChatClient
+from tests.support.clients import exchange
 from tests.support.redis_servers import RedisServer
-from tests.support.servers import ServerProcess, key_prefix
-from tests.test_multi_instance import GRACE, cluster_env
-
-
-async def exchange(node_a: ServerProcess, node_b: ServerProcess, room: str, uid) -> None:
-    """A message and a presence change cross from one instance to the other."""
-    b_id = uid("b")
-    a = await ChatClient(uid("a")).connect(node_a.url)
-    try:
-        await a.call("presence:subscribe", {"users": [b_id]})
-        b = await ChatClient(b_id).connect(node_b.url)
-        assert (await a.wait_for("presence"))[0]["status"] == "online"
-        for client in (a, b):
-            assert (await client.call("room:join", {"room": room}))["ok"]
-        sent = await a.call("message:send", {"room": room, "text": "hi", "client_id": "1"})
-        assert (await b.wait_for("message:new")) == [sent["message"]]
-        await b.disconnect()
-        assert (await a.wait_for("presence", count=2, timeout=GRACE + 5))[1]["status"] == "offline"
-    finally:
-        await a.disconnect()
+from tests.support.servers import ServerProcess, cluster_env, key_prefix
 
 
 async def test_instances_through_sentinel(redis_sentinel, tmp_path, uid):

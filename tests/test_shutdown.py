@@ -8,8 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.support.servers import ROOT, ServerProcess, key_prefix, make_token
-from tests.test_multi_instance import cluster_env
+from tests.support.servers import ROOT, ServerProcess, cluster_env, key_prefix, make_token
 
 NODE_CLIENT = r"""
 const { io } = require("socket.io-client");

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from datetime import datetime
 from typing import Any
 
 import socketio
 
-from tests.support.servers import make_token
+from tests.support.servers import GRACE, ServerProcess, make_token
 
 NAMESPACE = "/chat"
 
@@ -93,8 +94,6 @@ async def send(client: ChatClient, room: str, text: str, client_id: str | None =
 
 async def connect_and_close(url: str, user: str) -> None:
     """Open a connection for ``user`` and close it at once (no waiting for ``session``)."""
-    from tests.support.servers import make_token
-
     client = socketio.AsyncClient(reconnection=False)
     await client.connect(
         url,
@@ -106,6 +105,11 @@ async def connect_and_close(url: str, user: str) -> None:
     await client.disconnect()
 
 
+def parse_iso(text: str) -> float:
+    """An ISO 8601 UTC time of the protocol ("…Z") → POSIX seconds."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 def metric_values(text: str) -> dict[str, float]:
     """Prometheus text exposition → {"name{labels}": value}."""
     return {
@@ -113,3 +117,66 @@ def metric_values(text: str) -> dict[str, float]:
         for line in text.splitlines()
         if line and not line.startswith("#")
     }
+
+
+async def attempt(
+    url: str, *, auth=None, headers=None, query: str = "", transports=("websocket",)
+) -> dict:
+    """One connection attempt: ``{"ok": True, "session": ..., "sid": ...}`` or ``{"ok": False, "error": ...}``."""
+    sio = socketio.AsyncClient(reconnection=False)
+    errors: list = []
+    sessions: list = []
+    arrived = asyncio.Event()
+
+    async def on_error(data=None):
+        errors.append(data)
+
+    async def on_session(data):
+        sessions.append(data)
+        arrived.set()
+
+    sio.on("connect_error", on_error, namespace=NAMESPACE)
+    sio.on("session", on_session, namespace=NAMESPACE)
+    try:
+        await sio.connect(
+            url + query,
+            namespaces=[NAMESPACE],
+            auth=auth,
+            headers=headers or {},
+            transports=list(transports),
+            wait_timeout=10,
+        )
+    except socketio.exceptions.ConnectionError:
+        assert len(errors) == 1, errors
+        return {"ok": False, "error": errors[0]}
+    try:
+        await asyncio.wait_for(arrived.wait(), 10)
+        return {"ok": True, "session": sessions[0], "sid": sio.get_sid(NAMESPACE)}
+    finally:
+        if "polling" in transports:
+            # The python client would wait for its pending long-poll (up to a ping cycle).
+            await sio.eio.disconnect(abort=True)
+        else:
+            await sio.disconnect()
+
+
+def refused(code: str) -> dict:
+    return {"ok": False, "error": {"message": "unauthorized", "data": {"code": code}}}
+
+
+async def exchange(node_a: ServerProcess, node_b: ServerProcess, room: str, uid) -> None:
+    """A message and a presence change cross from one instance to the other."""
+    b_id = uid("b")
+    a = await ChatClient(uid("a")).connect(node_a.url)
+    try:
+        await a.call("presence:subscribe", {"users": [b_id]})
+        b = await ChatClient(b_id).connect(node_b.url)
+        assert (await a.wait_for("presence"))[0]["status"] == "online"
+        for client in (a, b):
+            assert (await client.call("room:join", {"room": room}))["ok"]
+        sent = await a.call("message:send", {"room": room, "text": "hi", "client_id": "1"})
+        assert (await b.wait_for("message:new")) == [sent["message"]]
+        await b.disconnect()
+        assert (await a.wait_for("presence", count=2, timeout=GRACE + 5))[1]["status"] == "offline"
+    finally:
+        await a.disconnect()

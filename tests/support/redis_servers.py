@@ -25,7 +25,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 HOST = "127.0.0.1"
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
 REDIS_SERVER = shutil.which("redis-server") or "redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "redis-cli"
 
@@ -698,32 +697,3 @@ class RedisSentinel:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-# ---------------------------------------------------------------- default server
-
-_default_server: RedisServer | None = None
-
-
-def _answers(host: str, port: int) -> bool:
-    try:
-        with redis.Redis(
-            host=host,
-            port=port,
-            socket_timeout=1,
-            socket_connect_timeout=1,
-            retry=Retry(NoBackoff(), 0),
-        ) as client:
-            return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-def ensure_default_redis() -> str:
-    """The URL of the Redis on 127.0.0.1:6379, starting one there if nothing answers."""
-    global _default_server
-    if _answers(HOST, 6379):
-        return DEFAULT_URL
-    if _default_server is None or not _default_server.running:
-        _default_server = RedisServer(port=6379).start()
-    return DEFAULT_URL

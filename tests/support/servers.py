@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,17 @@ import jwt
 ROOT = Path(__file__).resolve().parents[2]
 TEST_SECRET = "test-secret-0123456789-0123456789-abcdef"
 LOG_DIR = ROOT / ".run" / "logs"
+#: SQLite files of this test session's servers (removed when the session ends).
+DATA_DIR = Path(tempfile.mkdtemp(prefix="chat-test-data-"))
+atexit.register(shutil.rmtree, DATA_DIR, True)
+
+#: How long a server process may take to answer its health check. A cold start imports a
+#: lot; on a loaded 2-core machine several starting at once took more than 20 s.
+STARTUP_TIMEOUT = 90.0
+
+#: Presence timings of the multi-instance tests (seconds).
+GRACE = 1.0
+HEARTBEAT = 0.5
 
 
 def free_port() -> int:
@@ -37,7 +51,11 @@ def make_token(
 
 @dataclass
 class ServerProcess:
-    """One uvicorn process of the chat server."""
+    """One uvicorn process of the chat server.
+
+    Without ``STORE`` in ``env`` it runs on SQLite (the default store), in a database file
+    of its own; give ``STORE`` and ``SQLITE_PATH`` to share a file or to pick another store.
+    """
 
     env: dict[str, str]
     port: int = field(default_factory=free_port)
@@ -49,13 +67,15 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, wait: bool = True, timeout: float = 60.0) -> ServerProcess:
+    def start(self, wait: bool = True, timeout: float = STARTUP_TIMEOUT) -> ServerProcess:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = LOG_DIR / f"server-{self.port}-{int(time.time() * 1000)}.log"
         env = {
             **os.environ,
             "CHAT_ENV": "testing",
             "JWT_SECRET": TEST_SECRET,
+            "STORE": "sqlite",
+            "SQLITE_PATH": str(DATA_DIR / f"server-{self.port}.db"),
             **self.env,
             "PORT": str(self.port),
         }
@@ -90,7 +110,9 @@ class ServerProcess:
             self.wait_healthy(timeout)
         return self
 
-    def wait_healthy(self, timeout: float = 20.0, accept_unhealthy: bool = False) -> dict:
+    def wait_healthy(
+        self, timeout: float = STARTUP_TIMEOUT, accept_unhealthy: bool = False
+    ) -> dict:
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
@@ -125,7 +147,9 @@ class ServerProcess:
         self.stop(signal.SIGKILL)
 
 
-def start_all(servers: list[ServerProcess], timeout: float = 90.0) -> list[ServerProcess]:
+def start_all(
+    servers: list[ServerProcess], timeout: float = STARTUP_TIMEOUT
+) -> list[ServerProcess]:
     """Start every process at once, then wait for each to be healthy (faster than one by one)."""
     for server in servers:
         server.start(wait=False)
@@ -134,17 +158,24 @@ def start_all(servers: list[ServerProcess], timeout: float = 90.0) -> list[Serve
     return servers
 
 
-#: Redis key prefixes handed out in this test session (their keys are deleted at its end).
-KEY_PREFIXES: list[str] = []
-
-
 def key_prefix() -> str:
     """A fresh REDIS_KEY_PREFIX, so that tests sharing one Redis never see each other's keys."""
     import uuid
 
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
-    KEY_PREFIXES.append(prefix)
-    return prefix
+    return f"t{uuid.uuid4().hex[:8]}:"
+
+
+def cluster_env(redis_url: str, prefix: str, tmp_path, **extra) -> dict[str, str]:
+    """Settings of one instance of a cluster: shared Redis and SQLite file, short timings."""
+    return {
+        "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": prefix,
+        "STORE": "sqlite",
+        "SQLITE_PATH": str(tmp_path / "shared.db"),
+        "WS_GRACE_PERIOD": str(GRACE),
+        "WS_HEARTBEAT_INTERVAL": str(HEARTBEAT),
+        **{k: str(v) for k, v in extra.items()},
+    }
 
 
 def chat_server(*args: str, env: dict[str, str] | None = None, timeout: float = 90):
