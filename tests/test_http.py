@@ -12,7 +12,8 @@ import socketio
 
 from server import __version__
 from tests.support.clients import NAMESPACE, ChatClient, metric_values
-from tests.support.servers import TEST_SECRET, ServerProcess
+from tests.support.redis_servers import RedisServer
+from tests.support.servers import TEST_SECRET, ServerProcess, key_prefix
 
 
 @pytest.fixture
@@ -61,18 +62,63 @@ def sample(text: str, name: str) -> float:
     return metric_values(text).get(name, 0.0)
 
 
-async def test_health_shape(server, http):
+def assert_check_ok(check: dict) -> None:
+    assert set(check) == {"ok", "latency_ms"} and check["ok"] is True, check
+    assert isinstance(check["latency_ms"], int | float) and check["latency_ms"] >= 0
+
+
+async def test_health_shape_without_redis(server, http):
     response = await http.get(f"{server.url}/api/health")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert {"status", "instance_id", "version", "checks", "connections"} <= set(body)
+    assert set(body) == {"status", "instance_id", "version", "checks", "connections", "cluster"}
     assert body["status"] == "healthy"
     assert isinstance(body["instance_id"], str) and body["instance_id"]
     assert body["version"] == __version__
-    assert body["checks"]["store"]["ok"] is True
-    assert body["checks"]["redis"]["ok"] is True
+    assert_check_ok(body["checks"]["store"])  # SQLite, pinged for real
+    assert body["checks"]["redis"] == {"ok": True, "mode": "disabled (single instance)"}
+    # Without Redis the figures are this instance's own (docs/protocol.md says null).
+    assert body["cluster"] is None or set(body["cluster"]) == {
+        "instances",
+        "connections",
+        "online_users",
+        "sampled_at",
+    }
     assert isinstance(body["connections"], int) and body["connections"] >= 0
+
+
+async def test_health_checks_redis_for_real_within_the_timeout(http):
+    """With Redis, a hung Redis turns health 503 within HEALTH_CHECK_TIMEOUT; it recovers."""
+    redis = RedisServer().start()
+    node = ServerProcess(
+        {"REDIS_URL": redis.url, "REDIS_KEY_PREFIX": key_prefix(), "HEALTH_CHECK_TIMEOUT": "0.5"}
+    ).start()
+    try:
+        body = (await http.get(f"{node.url}/api/health")).json()
+        assert body["status"] == "healthy"
+        assert_check_ok(body["checks"]["store"])
+        assert_check_ok(body["checks"]["redis"])
+        redis.pause()  # accepts connections, answers nothing
+        response = await http.get(f"{node.url}/api/health")
+        assert response.status_code == 503
+        body = response.json()
+        assert body["status"] == "unhealthy"
+        assert body["checks"]["redis"] == {
+            "ok": False,
+            "error": "redis did not answer within 0.5s",
+        }
+        assert_check_ok(body["checks"]["store"])
+        redis.resume()
+        deadline = time.monotonic() + 20
+        while (response := await http.get(f"{node.url}/api/health")).status_code != 200:
+            assert time.monotonic() < deadline, response.json()
+            await asyncio.sleep(0.2)
+        assert_check_ok(response.json()["checks"]["redis"])
+    finally:
+        redis.resume()
+        node.stop()
+        redis.stop()
 
 
 async def test_health_instance_id_from_settings(production_like, http):

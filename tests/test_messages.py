@@ -89,6 +89,43 @@ async def test_fan_out_reaches_every_other_socket_in_the_room(clients, uid):
     assert tab1.events["message:new"] == [] and outsider.events["message:new"] == []
 
 
+async def test_no_ack_before_the_write_is_durable(tmp_path, uid):
+    """While another process holds SQLite's write lock, the send is neither acked nor
+    broadcast; once the lock goes, the ack comes, and the message survives a crash."""
+    import sqlite3
+
+    env = {"STORE": "sqlite", "SQLITE_PATH": str(tmp_path / "chat.db"), "STORE_TIMEOUT": "30"}
+    proc = ServerProcess(env).start()
+    room = uid("room")
+    alice, bob = ChatClient(uid("alice")), ChatClient(uid("bob"))
+    locker = sqlite3.connect(env["SQLITE_PATH"], isolation_level=None, timeout=5)
+    try:
+        await alice.connect(proc.url)
+        await bob.connect(proc.url)
+        await joined(room, alice, bob)
+        locker.execute("BEGIN EXCLUSIVE")
+        pending = asyncio.create_task(send(alice, room, "held", "c1"))
+        await asyncio.sleep(1.0)  # nothing may happen while the write cannot commit
+        assert not pending.done(), pending.result()
+        assert bob.events["message:new"] == []
+        locker.execute("ROLLBACK")
+        ack = await pending
+        assert ack["ok"] is True and ack["message"]["seq"] == 1, ack
+        assert await bob.wait_for("message:new") == [ack["message"]]
+    finally:
+        locker.close()
+        await alice.disconnect()
+        await bob.disconnect()
+        proc.kill()
+    proc.start()
+    try:
+        reader = await ChatClient(uid("reader")).connect(proc.url)
+        assert (await history(reader, room))["messages"] == [ack["message"]]
+        await reader.disconnect()
+    finally:
+        proc.stop()
+
+
 async def test_ack_comes_after_the_message_is_stored(clients, uid):
     room = uid("room")
     alice, reader = await clients(uid("alice")), await clients(uid("reader"))
@@ -208,7 +245,7 @@ async def concurrent_senders(url: str, room: str, uid, senders: int = 5, each: i
 
         acks = [ack for acks in await asyncio.gather(*(burst(u) for u in users)) for ack in acks]
         total = senders * each
-        assert all(ack["ok"] is True for ack in acks)
+        assert all(ack["ok"] is True for ack in acks), [a for a in acks if not a["ok"]][:3]
         assert sorted(ack["message"]["seq"] for ack in acks) == list(range(1, total + 1))
         # Every socket gets the others' messages exactly once.
         for client in users:
@@ -234,6 +271,7 @@ async def concurrent_senders(url: str, room: str, uid, senders: int = 5, each: i
 
 
 async def test_seq_unique_and_dense_under_concurrency(server, uid):
+    """On SQLite (the shared server's store): concurrent transactions on the writer thread."""
     await concurrent_senders(server.url, uid("room"), uid)
 
 
@@ -468,18 +506,6 @@ async def test_typing_requires_join(clients, uid):
 
 
 # --- SQLite: durability across restarts -----------------------------------------------------
-@pytest.fixture(scope="module")
-def sqlite_server(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sqlite-shared") / "chat.db"
-    proc = ServerProcess({"STORE": "sqlite", "SQLITE_PATH": str(path)}).start()
-    yield proc
-    proc.stop()
-
-
-async def test_sqlite_seq_unique_and_dense_under_concurrency(sqlite_server, uid):
-    await concurrent_senders(sqlite_server.url, uid("room"), uid)
-
-
 async def test_sqlite_messages_survive_restarts(tmp_path, uid):
     env = {"STORE": "sqlite", "SQLITE_PATH": str(tmp_path / "chat.db")}
     room, private = uid("room"), uid("priv")
