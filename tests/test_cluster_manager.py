@@ -306,17 +306,27 @@ async def test_redis_manager_follows_sentinel_failover(redis_sentinel):
         await _close_redis_manager(listener)
 
 
+def test_listener_backoff_schedule():
+    delivery = Delivery(unique())
+    assert [delivery.listen_delay(n) for n in range(1, 9)] == [0.25, 0.5, 1, 2, 4, 5, 5, 5]
+
+
 async def test_redis_manager_resubscribes_after_restart(private_redis):
     channel = unique()
     publisher = RedisManager(private_redis.url, channel=channel, write_only=True, logger=logger)
     listener = RedisManager(private_redis.url, channel=channel, logger=logger)
+    waits: list[float] = []  # what the listener chose to wait before each new attempt
+    schedule = listener.delivery.listen_delay
+    listener.delivery.listen_delay = lambda n: waits.append(schedule(n)) or waits[-1]
     try:
         async with listening(listener) as inbox:
             await asyncio.wait_for(listener.delivery.subscribed.wait(), 5)
             await assert_in_order(publisher._publish, inbox, 3)
             await asyncio.to_thread(private_redis.restart)
-            _, waited = await publish_until_received(publisher._publish, inbox, timeout=5)
-            assert waited < 2  # python-socketio's own listener waits 1 s, then 2 s, ...
+            await publish_until_received(publisher._publish, inbox, timeout=15)
+            # python-socketio's own listener waits 1 s, then 2 s, ... up to 60 s.
+            assert waits and waits[0] == 0.25, waits
+            assert waits == [0.25 * 2**i for i in range(len(waits))], waits
             assert listener.delivery.listener_reconnects >= 1
     finally:
         await _close_redis_manager(publisher)

@@ -124,7 +124,8 @@ async def test_firestore_outage_fails_cleanly_then_recovers(fs_pair, emulator, u
                 "ok": False,
                 "error": {"code": "unavailable", "message": failed["error"]["message"]},
             }
-            assert asyncio.get_running_loop().time() - started < 10
+            # One store call's budget is 2 x STORE_TIMEOUT (3 s); 2.5 s more for a loaded machine.
+            assert asyncio.get_running_loop().time() - started < 2 * 1.5 + 2.5
             async with httpx.AsyncClient(timeout=10) as http:
                 health = await http.get(f"{fs_pair[0].url}/api/health")
             assert health.status_code == 503 and health.json()["checks"]["store"]["ok"] is False

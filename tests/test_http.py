@@ -194,7 +194,8 @@ async def test_dev_token_issues_a_working_token(server, http, uid):
     assert set(body) == {"token"}
     claims = jwt.decode(body["token"], TEST_SECRET, algorithms=["HS256"])
     assert claims["sub"] == user and claims["name"] == "Dev Eloper"
-    assert claims["exp"] > time.time() + 60
+    assert claims["exp"] - claims["iat"] == 12 * 3600  # the documented 12 h
+    assert abs(claims["iat"] - time.time()) < 60
     client = ChatClient(user)
     await client.connect(server.url, token=body["token"])
     try:

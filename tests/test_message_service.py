@@ -74,3 +74,23 @@ async def test_a_failed_send_that_was_not_stored_is_broadcast_once_by_its_retry(
     await service.send(alice, "sid-1", request)
     await service.send(alice, "sid-1", request)
     assert len(fanout.sent) == 1
+
+
+async def test_a_retry_through_another_instance_after_unavailable_only_acks():
+    """The instance that answered ``unavailable`` is the only one that knows the send may be
+    unconfirmed: a retry through another instance acks the stored message, broadcasts nothing
+    (the room's members find it through the seq gap and history)."""
+    store, first_fanout, first, alice, request = await setup()
+    other_fanout = RecordingFanout()
+    other = MessageService(store, RoomService(store), other_fanout, max_length=100)
+
+    store.lose_next_answer = True
+    try:
+        await first.send(alice, "sid-1", request)
+        raise AssertionError("the lost answer must surface as StoreUnavailable")
+    except StoreUnavailable:
+        pass
+    retried = await other.send(alice, "sid-2", request)
+    assert retried.seq == 1 and retried.text == "hello"
+    assert other_fanout.sent == [] and first_fanout.sent == []
+    assert await store.messages_after("general", 0, 10) == [retried]

@@ -616,13 +616,14 @@ async def test_store_recovers_when_a_lock_ends_after_the_timeout(tmp_path, uid):
     """A write that timed out while its BEGIN was still waiting must not leave the store stuck.
 
     The second send waits for the first, so its BEGIN is still queued in SQLite when its own
-    timeout fires; the other writer lets go just after. Later writes must work again.
+    timeout fires; the other writer lets go as soon as that timeout has been answered (no
+    fixed delay to race). Later writes must work again.
     """
     import sqlite3
 
     path = tmp_path / "chat.db"
     proc = ServerProcess(
-        {"STORE": "sqlite", "SQLITE_PATH": str(path), "STORE_TIMEOUT": "1"}
+        {"STORE": "sqlite", "SQLITE_PATH": str(path), "STORE_TIMEOUT": "3"}
     ).start()
     room = uid("room")
     alice = ChatClient(uid("alice"))
@@ -633,16 +634,16 @@ async def test_store_recovers_when_a_lock_ends_after_the_timeout(tmp_path, uid):
         locker = sqlite3.connect(path, isolation_level=None, timeout=5)
         try:
             locker.execute("BEGIN EXCLUSIVE")
-            started = asyncio.get_running_loop().time()
+            # first's BEGIN waits 0-3 s; second's batch begins at 3 s, its caller gives up
+            # at 4 s while that BEGIN still waits (until 6 s).
             first = asyncio.create_task(send(alice, room, "b", "b"))
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)
             second = asyncio.create_task(send(alice, room, "c", "c"))
-            await asyncio.sleep(1.7 - (asyncio.get_running_loop().time() - started))
+            assert error_code(await first) == "unavailable"
+            assert error_code(await second) == "unavailable"
             locker.execute("ROLLBACK")
         finally:
             locker.close()
-        assert error_code(await first) == "unavailable"
-        assert error_code(await second) == "unavailable"
         for index in range(3):
             ack = await send(alice, room, f"later {index}", f"later-{index}")
             assert ack["ok"] is True and ack["message"]["seq"] == 2 + index, ack

@@ -166,3 +166,15 @@ async def test_disconnect_forgets_the_socket_and_its_presence(wired):
     wired.sio.manager.connected.discard("s1")
     await wired.ns.trigger_event("disconnect", "s1", "client disconnect")
     assert wired.registry.get("s1") is None
+
+
+async def test_a_connect_that_fails_unexpectedly_is_refused_with_internal(wired):
+    class Broken:
+        async def verify(self, token):
+            raise RuntimeError("boom")
+
+    wired.admission.verifier = Broken()
+    with pytest.raises(socketio.exceptions.ConnectionRefusedError) as refused:
+        await wired.connect("s1", "alice")
+    assert refused.value.error_args == {"message": "internal", "data": {"code": "internal"}}
+    assert wired.registry.get("s1") is None  # nothing half-connected left behind

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from tests.support.clients import QUIET, ChatClient, connect_and_close, parse_iso
+from tests.support.clients import QUIET, ChatClient, connect_and_close, parse_iso, until
 from tests.support.servers import ServerProcess
 
-GRACE = 1.0
+GRACE = 2.5  # long enough that a reconnection "inside" it lands inside on a loaded machine
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
@@ -118,7 +118,7 @@ async def test_reconnect_inside_grace_produces_no_events(connect, uid):
     first = await connect(user)
     assert len(await observer.wait_for("presence")) == 1
     await first.disconnect()
-    await asyncio.sleep(GRACE / 4)
+    await asyncio.sleep(0.2)
     await connect(user)
     await asyncio.sleep(GRACE + 0.5)
     assert observer.events["presence"] == [{"user": user, "status": "online", "last_seen": None}]
@@ -205,6 +205,8 @@ async def test_connections_closed_at_once_never_leave_a_user_online(connect, pre
     watcher = await connect(uid("w"))
     for _ in range(3):
         await asyncio.gather(*(connect_and_close(presence_server.url, user_id) for _ in range(12)))
-    await asyncio.sleep(GRACE + 1)
-    state = await subscribe(watcher, user_id)
-    assert state[user_id]["status"] == "offline"
+
+    async def offline() -> bool:
+        return (await subscribe(watcher, user_id))[user_id]["status"] == "offline"
+
+    await until(offline, "the user to go offline", timeout=GRACE + 20)

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.support.clients import ChatClient
+from tests.support.clients import ChatClient, until
 from tests.support.redis_servers import RedisServer
 from tests.support.servers import ServerProcess, cluster_env, key_prefix
 
@@ -91,9 +91,11 @@ async def test_redis_restart_mid_conversation(outage_pair, uid):
         assert [m["seq"] for m in history["messages"]] == list(range(1, len(texts) + 1))
 
         # Presence healed: Redis lost its data, the instances registered their connections again.
-        await asyncio.sleep(1.5)
-        state = await b.call("presence:subscribe", {"users": [a.user]})
-        assert state["presence"][a.user]["status"] == "online"
+        async def online() -> bool:
+            state = await b.call("presence:subscribe", {"users": [a.user]})
+            return state["presence"][a.user]["status"] == "online"
+
+        await until(online, "presence to be registered again")
     finally:
         for client in (a, a_peer, b):
             await client.disconnect()

@@ -170,6 +170,9 @@ def test_wrong_redis_password_stops_the_start(tls_redis, tmp_path):
     try:
         server.proc.wait(20)
         assert server.proc.returncode != 0
-        assert "server.start_failed" in server.log_tail(60)
+        log = server.log_tail(60)
+        assert "server.start_failed" in log
+        # The start failed on the password, not on anything else (TLS, the address, ...).
+        assert "WRONGPASS" in log or "invalid username-password" in log, log
     finally:
         server.stop()

@@ -173,7 +173,7 @@ async def test_members_add_and_remove_by_owner_only(clients, uid):
         == "forbidden"
     )
     added = await owner.call("room:members:add", {"room": room, "users": [bob.user]})
-    assert added["ok"] is True
+    assert added == {"ok": True, "room": room, "members": [bob.user]}
     assert (await bob.call("room:join", {"room": room}))["ok"] is True
     # A member who is not the owner still cannot manage members.
     assert (
@@ -215,8 +215,10 @@ async def test_removed_member_leaves_the_room(clients, uid):
     for client in (bob, bob_tab2, carol):
         await client.wait_for("message:new")
 
-    removed = await owner.call("room:members:remove", {"room": room, "users": [bob.user]})
-    assert removed["ok"] is True
+    removed = await owner.call(
+        "room:members:remove", {"room": room, "users": [bob.user, uid("never-a-member")]}
+    )
+    assert removed == {"ok": True, "room": room, "removed": [bob.user]}
     for tab in (bob, bob_tab2):
         assert await tab.wait_for("room:removed") == [{"room": room}]
     await send(owner, room, "after")
@@ -255,14 +257,35 @@ async def test_owner_cannot_be_removed(clients, uid):
     assert (await owner.call("room:join", {"room": room}))["ok"] is True
 
 
-async def test_members_change_on_public_room_refused(clients, uid):
+@pytest.mark.parametrize("event", ["room:members:add", "room:members:remove"])
+async def test_members_change_on_public_and_direct_rooms_refused(clients, uid, event):
+    public = uid("pub")
+    a, b = sorted([uid("a"), uid("b")])
+    alice, bob = await clients(a), await clients(b)
+    await alice.call("room:create", {"room": public})  # alice owns it
+    await bob.call("room:join", {"room": public})
+    direct = f"dm:{a}:{b}"
+    assert (await alice.call("room:join", {"room": direct}))["ok"] is True
+    # Its owner still cannot manage a public room's members; a direct room has no owner.
+    assert error_code(await alice.call(event, {"room": public, "users": [b]})) == "bad_request"
+    assert error_code(await alice.call(event, {"room": direct, "users": [b]})) == "forbidden"
+    # Nothing changed: both are still members of both rooms.
+    for room in (public, direct):
+        assert (await bob.call("room:join", {"room": room}))["ok"] is True
+        members = await alice.call("room:members", {"room": room})
+        assert sorted(m["id"] for m in members["members"]) == [a, b], room
+
+
+async def test_leave_keeps_the_membership(clients, uid):
     room = uid("pub")
-    alice = await clients(uid("alice"))
-    await alice.call("room:create", {"room": room})
-    assert (
-        error_code(await alice.call("room:members:add", {"room": room, "users": [uid("bob")]}))
-        == "bad_request"
-    )
+    alice, bob = await clients(uid("alice")), await clients(uid("bob"))
+    for client in (alice, bob):
+        assert (await client.call("room:join", {"room": room}))["ok"] is True
+    assert await bob.call("room:leave", {"room": room}) == {"ok": True}
+    members = await alice.call("room:members", {"room": room})
+    assert sorted(m["id"] for m in members["members"]) == sorted([alice.user, bob.user])
+    # Still a member: bob may list the members without joining again.
+    assert (await bob.call("room:members", {"room": room}))["ok"] is True
 
 
 # --- direct rooms -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import subprocess
 import httpx
 import pytest
 
-from tests.support.clients import ChatClient, attempt
+from tests.support.clients import ChatClient, attempt, until
 from tests.support.servers import ROOT, ServerProcess, cluster_env, key_prefix, make_token
 
 #: uvicorn re-raises SIGTERM once its graceful shutdown is complete, so a drained process ends
@@ -90,15 +90,6 @@ async def admin_stats(http: httpx.AsyncClient, url: str) -> dict:
     return response.json()
 
 
-async def poll(check, what: str, timeout: float = 20):
-    """Call ``check()`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (result := await check()):
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
-    return result
-
-
 async def test_drain_reports_draining_refuses_handshakes_and_finishes_acks(tmp_path, uid):
     """SIGTERM while a send waits for the store: health says draining (503), new handshakes
     get 503, the running send is acked after all, and the process finishes its shutdown."""
@@ -117,7 +108,9 @@ async def test_drain_reports_draining_refuses_handshakes_and_finishes_acks(tmp_p
             )
         )
         async with httpx.AsyncClient(timeout=10) as http:
-            await poll(lambda: _in_flight(http, node.url), "the send to be in flight on the server")
+            await until(
+                lambda: _in_flight(http, node.url), "the send to be in flight on the server"
+            )
             node.proc.terminate()
 
             async def draining():
@@ -127,7 +120,7 @@ async def test_drain_reports_draining_refuses_handshakes_and_finishes_acks(tmp_p
                     pytest.fail("the server went away without waiting for the running send")
                 return response if response.json()["status"] == "draining" else None
 
-            health = await poll(draining, "health to report draining")
+            health = await until(draining, "health to report draining")
             assert health.status_code == 503
             handshake = await http.get(f"{node.url}/socket.io/?EIO=4&transport=polling")
             assert handshake.status_code == 503
@@ -183,14 +176,14 @@ async def test_shutdown_timeout_bounds_the_wait_for_running_handlers(tmp_path, u
             )
         )
         async with httpx.AsyncClient(timeout=10) as http:
-            await poll(lambda: _in_flight(http, node.url), "the send to be in flight")
+            await until(lambda: _in_flight(http, node.url), "the send to be in flight")
         node.proc.terminate()
 
         async def gave_up() -> bool:
             return '"shutdown.drain_timeout"' in node.log_tail(50)
 
         # The store would answer only after STORE_TIMEOUT (30 s): the drain gives up long before.
-        await poll(gave_up, "the drain to give up on the running handler", timeout=20)
+        await until(gave_up, "the drain to give up on the running handler", timeout=20)
         assert '"in_flight": 1' in node.log_tail(50)
         assert not pending.done()
         pending.cancel()

@@ -105,6 +105,15 @@ async def connect_and_close(url: str, user: str) -> None:
     await client.disconnect()
 
 
+async def until(check, what: str, timeout: float = 20, interval: float = 0.1):
+    """Await ``check()`` until it returns something true (returned); fail after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (result := await check()):
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(interval)
+    return result
+
+
 def parse_iso(text: str) -> float:
     """An ISO 8601 UTC time of the protocol ("…Z") → POSIX seconds."""
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
