@@ -1,4 +1,4 @@
-"""Presence on one instance (contract §6), with a 1 s grace period."""
+"""Presence on one instance (contract §6), with a 2.5 s grace period."""
 
 from __future__ import annotations
 
