@@ -483,7 +483,11 @@ class ChatSocket(async_socket.AsyncSocket):
             if data is None:
                 break
             try:
-                await self.receive(eio_packet.Packet(encoded_packet=data))
+                packet = eio_packet.Packet(encoded_packet=data)
+            except Exception:  # not an Engine.IO packet: the client broke the protocol
+                break  # close this connection only, as upstream's handler does
+            try:
+                await self.receive(packet)
             except eio_exceptions.UnknownPacketError:  # pragma: no cover
                 pass
             except eio_exceptions.SocketIsClosedError:  # pragma: no cover
