@@ -12,7 +12,14 @@ import httpx
 import pytest
 
 from tests.support.clients import ChatClient, attempt, until
-from tests.support.servers import ROOT, ServerProcess, cluster_env, key_prefix, make_token
+from tests.support.servers import (
+    ROOT,
+    ServerProcess,
+    cluster_env,
+    key_prefix,
+    make_token,
+    start_all,
+)
 
 #: uvicorn re-raises SIGTERM once its graceful shutdown is complete, so a drained process ends
 #: "killed by SIGTERM" (143 in a shell); a crash would exit 1, a forced stop by SIGKILL.
@@ -38,12 +45,14 @@ setTimeout(() => { console.log(JSON.stringify({ seen, timeout: true })); process
 @pytest.fixture
 def pair(redis_url, tmp_path):
     prefix = key_prefix()
-    servers = [
-        ServerProcess(
-            cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID=f"d{i}", WS_GRACE_PERIOD=3)
-        ).start()
-        for i in range(2)
-    ]
+    servers = start_all(
+        [
+            ServerProcess(
+                cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID=f"d{i}", WS_GRACE_PERIOD=3)
+            )
+            for i in range(2)
+        ]
+    )
     yield servers
     for server in servers:
         server.stop()

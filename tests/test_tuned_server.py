@@ -1,6 +1,6 @@
 """Settings away from their defaults, and unexpected failures provoked in the SQLite file.
 
-One server runs with non-default TRUST_PROXY_HEADERS, JWT_LEEWAY, CORS_ORIGINS,
+One server runs with non-default TRUST_PROXY_HEADERS (and TRUSTED_PROXIES), JWT_LEEWAY, CORS_ORIGINS,
 MAX_MESSAGE_LENGTH, MAX_FRAME_BYTES and RATE_LIMIT_CONNECTS_PER_MINUTE; the shared server
 (defaults) is the control for each. A trigger that the test installs in the server's SQLite
 file makes a store call fail in a way no code path expects, which must answer ``internal``.
@@ -32,6 +32,7 @@ def tuned(tmp_path_factory):
         {
             "SQLITE_PATH": str(path),
             "TRUST_PROXY_HEADERS": "true",
+            "TRUSTED_PROXIES": "10.0.0.0/8",
             "RATE_LIMIT_CONNECTS_PER_MINUTE": "2",
             "JWT_LEEWAY": str(LEEWAY),
             "CORS_ORIGINS": ORIGIN,
@@ -45,6 +46,8 @@ def tuned(tmp_path_factory):
 
 
 def forwarded(address: str) -> dict:
+    """The header as a client's address passed through two proxies: a trusted inner one
+    (10.0.0.1, in TRUSTED_PROXIES) and the direct peer (trusted by TRUST_PROXY_HEADERS)."""
     return {"X-Forwarded-For": f"{address}, 10.0.0.1"}
 
 
