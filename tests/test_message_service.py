@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from server.core.errors import StoreUnavailable
 from server.core.models import Identity, MessageDraft
 from server.services.messages import MessageService
@@ -43,15 +45,17 @@ async def setup() -> tuple[AnswerLostStore, RecordingFanout, MessageService, Ide
     return store, fanout, service, alice, SendMessage(room="general", text="hello", client_id="c1")
 
 
+async def send_losing_the_answer(store, service, alice, request) -> None:
+    """Send once; the store keeps the message but its answer is lost (StoreUnavailable)."""
+    store.lose_next_answer = True
+    with pytest.raises(StoreUnavailable):
+        await service.send(alice, "sid-1", request)
+
+
 async def test_a_send_stored_despite_a_failed_answer_is_broadcast_by_its_retry():
     store, fanout, service, alice, request = await setup()
 
-    store.lose_next_answer = True
-    try:
-        await service.send(alice, "sid-1", request)
-        raise AssertionError("the lost answer must surface as StoreUnavailable")
-    except StoreUnavailable:
-        pass
+    await send_losing_the_answer(store, service, alice, request)
     assert fanout.sent == []  # nothing broadcast for a failed ack
 
     retried = await service.send(alice, "sid-1", request)
@@ -84,12 +88,7 @@ async def test_a_retry_through_another_instance_after_unavailable_only_acks():
     other_fanout = RecordingFanout()
     other = MessageService(store, RoomService(store), other_fanout, max_length=100)
 
-    store.lose_next_answer = True
-    try:
-        await first.send(alice, "sid-1", request)
-        raise AssertionError("the lost answer must surface as StoreUnavailable")
-    except StoreUnavailable:
-        pass
+    await send_losing_the_answer(store, first, alice, request)
     retried = await other.send(alice, "sid-2", request)
     assert retried.seq == 1 and retried.text == "hello"
     assert other_fanout.sent == [] and first_fanout.sent == []

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sqlite3
 import subprocess
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -93,17 +95,31 @@ async def test_sigterm_moves_clients_without_presence_change(pair, uid):
         await watcher.disconnect()
 
 
-async def admin_stats(http: httpx.AsyncClient, url: str) -> dict:
+async def _in_flight(http: httpx.AsyncClient, url: str) -> bool:
     admin = make_token("ops", role="admin")
     response = await http.get(f"{url}/api/stats", headers={"Authorization": f"Bearer {admin}"})
-    return response.json()
+    return response.json()["instance"]["in_flight"] >= 1
 
 
-async def test_drain_reports_draining_refuses_handshakes_and_finishes_acks(tmp_path, uid):
-    """SIGTERM while a send waits for the store: health says draining (503), new handshakes
-    get 503, the running send is acked after all, and the process finishes its shutdown."""
+@dataclass
+class HeldSend:
+    """A server whose one running send waits for SQLite's write lock, held by the test."""
+
+    node: ServerProcess
+    alice: ChatClient
+    room: str
+    locker: sqlite3.Connection
+    pending: asyncio.Task
+
+
+@contextlib.asynccontextmanager
+async def held_send(tmp_path, uid, shutdown_timeout: int):
     path = tmp_path / "chat.db"
-    env = {"SQLITE_PATH": str(path), "STORE_TIMEOUT": "30", "SHUTDOWN_TIMEOUT": "40"}
+    env = {
+        "SQLITE_PATH": str(path),
+        "STORE_TIMEOUT": "30",
+        "SHUTDOWN_TIMEOUT": str(shutdown_timeout),
+    }
     node = ServerProcess(env).start()
     room = uid("room")
     alice = await ChatClient(uid("alice")).connect(node.url)
@@ -112,15 +128,24 @@ async def test_drain_reports_draining_refuses_handshakes_and_finishes_acks(tmp_p
         assert (await alice.call("room:join", {"room": room}))["ok"]
         locker.execute("BEGIN EXCLUSIVE")  # the send below waits for this lock
         pending = asyncio.create_task(
-            alice.call(
-                "message:send", {"room": room, "text": "in flight", "client_id": "1"}, timeout=60
-            )
+            alice.call("message:send", {"room": room, "text": "held", "client_id": "1"}, timeout=60)
         )
         async with httpx.AsyncClient(timeout=10) as http:
-            await until(
-                lambda: _in_flight(http, node.url), "the send to be in flight on the server"
-            )
-            node.proc.terminate()
+            await until(lambda: _in_flight(http, node.url), "the send to be in flight")
+        yield HeldSend(node, alice, room, locker, pending)
+    finally:
+        locker.close()
+        await alice.disconnect()
+        node.stop()
+
+
+async def test_drain_reports_draining_refuses_handshakes_and_finishes_acks(tmp_path, uid):
+    """SIGTERM while a send waits for the store: health says draining (503), new handshakes
+    get 503, the running send is acked after all, and the process finishes its shutdown."""
+    async with held_send(tmp_path, uid, shutdown_timeout=40) as held:
+        node = held.node
+        node.proc.terminate()
+        async with httpx.AsyncClient(timeout=10) as http:
 
             async def draining():
                 try:
@@ -133,35 +158,27 @@ async def test_drain_reports_draining_refuses_handshakes_and_finishes_acks(tmp_p
             assert health.status_code == 503
             handshake = await http.get(f"{node.url}/socket.io/?EIO=4&transport=polling")
             assert handshake.status_code == 503
-            refused = await attempt(node.url, auth={"token": make_token(uid("late"))})
-            assert refused["ok"] is False
-            assert not pending.done()
-            # Transports stay open while a handler runs, so that its ack can still go out.
-            await asyncio.sleep(0.5)
-            assert alice.sio.connected, "the transport was closed before the running send's ack"
-            assert node.proc.poll() is None
-        locker.execute("ROLLBACK")
-        ack = await pending
-        assert ack["ok"] is True and ack["message"]["text"] == "in flight", ack
+        refused = await attempt(node.url, auth={"token": make_token(uid("late"))})
+        assert refused["ok"] is False
+        assert not held.pending.done()
+        # Transports stay open while a handler runs, so that its ack can still go out.
+        await asyncio.sleep(0.5)
+        assert held.alice.sio.connected, "the transport was closed before the running send's ack"
+        assert node.proc.poll() is None
+        held.locker.execute("ROLLBACK")
+        ack = await held.pending
+        assert ack["ok"] is True and ack["message"]["text"] == "held", ack
         loop = asyncio.get_running_loop()
         assert await loop.run_in_executor(None, node.proc.wait, 40) == DRAINED_EXIT, node.log_tail()
         assert '"Finished server process' in node.log_tail(5)
-    finally:
-        locker.close()
-        await alice.disconnect()
-        node.stop()
     node.start()  # the acked message was stored before the process went away
     try:
         reader = await ChatClient(uid("reader")).connect(node.url)
-        history = await reader.call("message:history", {"room": room})
-        assert [m["text"] for m in history["messages"]] == ["in flight"]
+        history = await reader.call("message:history", {"room": held.room})
+        assert [m["text"] for m in history["messages"]] == ["held"]
         await reader.disconnect()
     finally:
         node.stop()
-
-
-async def _in_flight(http: httpx.AsyncClient, url: str) -> bool:
-    return (await admin_stats(http, url))["instance"]["in_flight"] >= 1
 
 
 async def test_shutdown_timeout_bounds_the_wait_for_running_handlers(tmp_path, uid):
@@ -170,33 +187,14 @@ async def test_shutdown_timeout_bounds_the_wait_for_running_handlers(tmp_path, u
     (What the process does after the drain is uvicorn's and the store's shutdown: a store call
     stuck on a lock still holds the exit until STORE_TIMEOUT; see docs/testing.md.)
     """
-    path = tmp_path / "chat.db"
-    env = {"SQLITE_PATH": str(path), "STORE_TIMEOUT": "30", "SHUTDOWN_TIMEOUT": "4"}
-    node = ServerProcess(env).start()
-    room = uid("room")
-    alice = await ChatClient(uid("alice")).connect(node.url)
-    locker = sqlite3.connect(path, isolation_level=None, timeout=5)
-    try:
-        assert (await alice.call("room:join", {"room": room}))["ok"]
-        locker.execute("BEGIN EXCLUSIVE")
-        pending = asyncio.create_task(
-            alice.call(
-                "message:send", {"room": room, "text": "stuck", "client_id": "1"}, timeout=60
-            )
-        )
-        async with httpx.AsyncClient(timeout=10) as http:
-            await until(lambda: _in_flight(http, node.url), "the send to be in flight")
-        node.proc.terminate()
+    async with held_send(tmp_path, uid, shutdown_timeout=4) as held:
+        held.node.proc.terminate()
 
         async def gave_up() -> bool:
-            return '"shutdown.drain_timeout"' in node.log_tail(50)
+            return '"shutdown.drain_timeout"' in held.node.log_tail(50)
 
         # The store would answer only after STORE_TIMEOUT (30 s): the drain gives up long before.
         await until(gave_up, "the drain to give up on the running handler", timeout=20)
-        assert '"in_flight": 1' in node.log_tail(50)
-        assert not pending.done()
-        pending.cancel()
-    finally:
-        locker.close()
-        await alice.disconnect()
-        node.stop()
+        assert '"in_flight": 1' in held.node.log_tail(50)
+        assert not held.pending.done()
+        held.pending.cancel()
