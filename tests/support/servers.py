@@ -108,7 +108,11 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
         )
         if wait:
-            self.wait_healthy(timeout)
+            try:
+                self.wait_healthy(timeout)
+            except BaseException:
+                self.stop(signal.SIGKILL)  # a server that never got healthy outlives no test
+                raise
         return self
 
     def wait_healthy(
@@ -154,8 +158,13 @@ def start_all(
     """Start every process at once, then wait for each to be healthy (faster than one by one)."""
     for server in servers:
         server.start(wait=False)
-    for server in servers:
-        server.wait_healthy(timeout)
+    try:
+        for server in servers:
+            server.wait_healthy(timeout)
+    except BaseException:
+        for server in servers:  # the fixture's teardown never runs when its setup fails
+            server.stop(signal.SIGKILL)
+        raise
     return servers
 
 
