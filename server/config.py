@@ -74,6 +74,7 @@ class Settings(BaseModel):
     SQLITE_ROOM_CACHE: int = Field(10_000, ge=0)
     FIRESTORE_PROJECT: str = ""
     FIRESTORE_DATABASE: str = "(default)"
+    FIRESTORE_CACHE: int = Field(10_000, ge=0)
     FIRESTORE_EMULATOR_HOST: str = ""
     GOOGLE_APPLICATION_CREDENTIALS: str = ""
     STORE_TIMEOUT: float = Field(5.0, gt=0)

@@ -24,6 +24,7 @@ def build_store(settings: Settings) -> Store:
             database=settings.FIRESTORE_DATABASE,
             timeout=settings.STORE_TIMEOUT,
             credentials_file=settings.GOOGLE_APPLICATION_CREDENTIALS,
+            cache_entries=settings.FIRESTORE_CACHE,
         )
     else:
         from server.store.sqlite import SQLiteStore

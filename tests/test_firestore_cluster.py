@@ -184,7 +184,7 @@ async def test_seq_never_repeats_after_redis_loses_its_counters(private_redis, e
     import redis as redis_sync
 
     prefix = key_prefix()
-    server = ServerProcess(firestore_env(private_redis.url, prefix, emulator)).start()
+    server = ServerProcess(firestore_env(private_redis.url, prefix, emulator)).start(timeout=120)
     room = uid("room")
     a = await joined(server.url, uid("a"), room)
     try:

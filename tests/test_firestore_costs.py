@@ -167,8 +167,8 @@ async def test_read_marker(rig, uid):
     for _ in range(3):
         await rig.send(alice, room)
     cost = await rig.cost(rig.messages.mark_read(alice, MarkRead(room=room, seq=3)))
-    # last_seq, the previous marker, then a transaction: begin, read, commit
-    assert cost == costs(reads=3, writes=1, round_trips=5, transactions=1), cost
+    # last_seq, then one transaction: begin, read the marker, commit
+    assert cost == costs(reads=2, writes=1, round_trips=4, transactions=1), cost
 
 
 async def test_connect_and_going_offline(rig, uid):
@@ -203,3 +203,39 @@ async def test_room_members(rig, uid):
 async def test_health_probe(rig):
     cost = await rig.cost(rig.store.ping())
     assert cost == costs(reads=1, writes=0, round_trips=1), cost
+
+
+async def test_cache_limit_bounds_what_the_store_remembers(firestore_emulator, uid):
+    """FIRESTORE_CACHE: at most that many rooms (and seqs, names); 0 remembers nothing."""
+    from server.core import metrics
+    from server.core.models import Room
+
+    def gauge(memo: str) -> float:
+        samples = metrics.FIRESTORE_CACHE.collect()[0].samples
+        return next(s.value for s in samples if s.labels == {"memo": memo})
+
+    for limit in (1, 0):
+        counter = FirestoreCounter()
+        store = FirestoreStore(
+            project="chat-costs",
+            emulator_host=firestore_emulator,
+            interceptors=counter.interceptors,
+            cache_entries=limit,
+        )
+        await store.start()
+        try:
+            rooms = [uid("room") for _ in range(2)]
+            for room in rooms:
+                await store.create_room(Room(room, "public", room), ["a"])
+            assert gauge("rooms") == limit
+            before = counter.snapshot()
+            await store.get_room(rooms[1])  # the newest: remembered unless the limit is 0
+            assert counter.since(before).reads == (1 if limit == 0 else 0)
+            before = counter.snapshot()
+            await store.get_room(rooms[0])  # dropped (limit 1) or never kept (0)
+            assert counter.since(before).reads == 1
+            for name in ("n1", "n2"):
+                await store.upsert_user(uid("u"), name)
+            assert gauge("names") == limit
+        finally:
+            await store.close()

@@ -116,6 +116,15 @@ async def test_read_marker_never_moves_backwards(store, uid):
     assert await store.get_read_marker(rid, "bob") == 0
 
 
+async def test_advance_read_marker_says_what_it_was_and_what_it_is(store, uid):
+    rid = uid("r")
+    assert await store.advance_read_marker(rid, "alice", 4) == (0, 4)
+    assert await store.advance_read_marker(rid, "alice", 2) == (4, 4)
+    assert await store.advance_read_marker(rid, "alice", 4) == (4, 4)
+    assert await store.advance_read_marker(rid, "alice", 6) == (4, 6)
+    assert await store.get_read_marker(rid, "alice") == 6
+
+
 async def test_user_records_and_last_seen(store, uid):
     u = uid("u")
     await store.upsert_user(u, "Alice")

@@ -36,6 +36,11 @@ STORE_BATCH = Histogram(
     ["lane"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
+FIRESTORE_CACHE = Gauge(
+    "chat_firestore_cache_entries",
+    "Entries the Firestore store remembers, per memo (rooms, seqs, names; FIRESTORE_CACHE each)",
+    ["memo"],
+)
 STORE_ROOM_CACHE = Gauge(
     "chat_store_room_cache_rooms", "Rooms the SQLite store keeps in memory (SQLITE_ROOM_CACHE)"
 )

@@ -163,8 +163,9 @@ class MessageService:
             raise ChatError(
                 "bad_request", f"seq {request.seq} is beyond the room's last message ({last_seq})"
             )
-        previous = await self.store.get_read_marker(request.room, who.user_id)
-        stored = await self.store.set_read_marker(request.room, who.user_id, request.seq)
+        previous, stored = await self.store.advance_read_marker(
+            request.room, who.user_id, request.seq
+        )
         if stored > previous:
             await self.fanout.to_room(
                 request.room,

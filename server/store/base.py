@@ -89,6 +89,15 @@ class Store(ABC):
     @abstractmethod
     async def get_read_marker(self, room_id: str, user_id: str) -> int: ...
 
+    async def advance_read_marker(self, room_id: str, user_id: str, seq: int) -> tuple[int, int]:
+        """Move the marker forward to ``seq``; return (value before, stored value).
+
+        This default asks twice; a store may answer both from one read (Firestore does it
+        in its one transaction).
+        """
+        previous = await self.get_read_marker(room_id, user_id)
+        return previous, await self.set_read_marker(room_id, user_id, seq)
+
     # users
     @abstractmethod
     async def upsert_user(self, user_id: str, name: str) -> None: ...

@@ -65,7 +65,6 @@ T = TypeVar("T")
 
 BATCH_LIMIT = 500  # writes per commit
 GUARD_CONFLICTS_PER_ATTEMPT = 4
-MEMO_LIMIT = 10_000  # rooms and users remembered per process
 
 
 class FirestoreStore(Store):
@@ -80,6 +79,7 @@ class FirestoreStore(Store):
         *,
         credentials_file: str = "",
         interceptors: tuple[grpc.aio.ClientInterceptor, ...] = (),
+        cache_entries: int = 10_000,
     ) -> None:
         self.emulator_host = emulator_host
         self.project = project or ("demo-chat" if emulator_host else "")
@@ -93,11 +93,11 @@ class FirestoreStore(Store):
         self._client: Client | None = None
         self._background: set[asyncio.Task] = set()
         #: room -> highest seq this process knows is used (the group commit continues it)
-        self._last_seq: Memo[str, int] = Memo(MEMO_LIMIT)
+        self._last_seq: Memo[str, int] = Memo("seqs", cache_entries)
         #: rooms never change kind, name or owner and are never deleted: a found room is kept
-        self._rooms: Memo[str, Room] = Memo(MEMO_LIMIT)
+        self._rooms: Memo[str, Room] = Memo("rooms", cache_entries)
         #: user -> the name this process last wrote, so a reconnect writes nothing
-        self._names: Memo[str, str] = Memo(MEMO_LIMIT)
+        self._names: Memo[str, str] = Memo("names", cache_entries)
         self._sends = SendQueue(self._write_group, self._spawn, max_group=BATCH_LIMIT // 2)
 
     # ------------------------------------------------------------------ lifecycle
@@ -563,16 +563,20 @@ class FirestoreStore(Store):
     # ------------------------------------------------------------------ read markers
 
     async def set_read_marker(self, room_id: str, user_id: str, seq: int) -> int:
+        return (await self.advance_read_marker(room_id, user_id, seq))[1]
+
+    async def advance_read_marker(self, room_id: str, user_id: str, seq: int) -> tuple[int, int]:
+        """One transaction: read the marker, write it only when ``seq`` is higher."""
         ref = self._in_room(room_id, "read_markers", user_id)
 
-        async def body(transaction: AsyncTransaction, timeout: float) -> int:
+        async def body(transaction: AsyncTransaction, timeout: float) -> tuple[int, int]:
             stored = codec.seq_of(
                 await ref.get(transaction=transaction, retry=None, timeout=timeout)
             )
             if seq <= stored:
-                return stored
+                return stored, stored
             transaction.set(ref, codec.marker_record(seq))
-            return seq
+            return stored, seq
 
         return await self._transact(
             f"set_read_marker({room_id!r}, {user_id!r})", ("marker", room_id, user_id), body
