@@ -23,6 +23,7 @@ import structlog
 
 from server.core.ids import USER_ID_RULE, is_user_id
 from server.core.models import Identity
+from server.core.text import is_safe_name
 
 log = structlog.get_logger(__name__)
 
@@ -180,7 +181,8 @@ class TokenVerifier:
         if not is_user_id(sub):
             raise AuthError("invalid_token", f"sub must be {USER_ID_RULE}")
         name = claims.get("name")
-        name = name[:128] if isinstance(name, str) and name.strip() else sub
+        # A name that is blank or holds control, bidi or zero-width characters is not shown.
+        name = name[:128] if isinstance(name, str) and name.strip() and is_safe_name(name) else sub
         role = claims.get("role") if isinstance(claims.get("role"), str) else None
         iat = claims.get("iat")
         return Identity(

@@ -17,12 +17,15 @@ from pydantic import (
 
 from server.core.errors import ChatError
 from server.core.ids import ROOM_ID_PATTERN, USER_ID_PATTERN, not_reserved
+from server.core.text import check_name, check_text
 
 # The one definition lives in server/core/ids.py (direct rooms dm:<a>:<b> may hold "@").
 RoomId = Annotated[StrictStr, Field(pattern=f"^{ROOM_ID_PATTERN}$"), AfterValidator(not_reserved)]
 UserId = Annotated[StrictStr, Field(pattern=f"^{USER_ID_PATTERN}$"), AfterValidator(not_reserved)]
 Seq = Annotated[StrictInt, Field(ge=0, le=2**53)]
-ClientId = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+ClientId = Annotated[StrictStr, Field(min_length=1, max_length=64), AfterValidator(check_name)]
+#: Display names: no control, format (bidi override, zero-width) or separator characters.
+Name = Annotated[StrictStr, Field(min_length=1, max_length=128), AfterValidator(check_name)]
 
 
 class Payload(BaseModel):
@@ -33,12 +36,19 @@ class RoomRef(Payload):
     room: RoomId
 
 
+class MembersPage(RoomRef):
+    """``room:members``: without ``limit`` the first ROOM_MEMBERS_PAGE members."""
+
+    after: UserId | None = None
+    limit: Annotated[StrictInt, Field(ge=1, le=1000)] | None = None
+
+
 class JoinRoom(RoomRef):
     since: Seq | None = None
 
 
 class CreateRoom(RoomRef):
-    name: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
+    name: Name | None = None
     private: StrictBool = False
     members: Annotated[list[UserId], Field(max_length=1000)] = []
 
@@ -48,7 +58,7 @@ class ChangeMembers(RoomRef):
 
 
 class SendMessage(RoomRef):
-    text: StrictStr
+    text: Annotated[StrictStr, AfterValidator(check_text)]
     client_id: ClientId
 
 

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from server.auth import AuthError, DevTokens, TokenVerifier, bearer_token
 from server.core.ids import USER_ID_PATTERN, not_reserved
+from server.core.text import check_name
 from server.services.figures import Figures
 from server.services.health import Health
 
@@ -51,7 +52,9 @@ async def health(request: Request) -> JSONResponse:
 
 class DevTokenRequest(BaseModel):
     user: Annotated[str, Field(pattern=f"^{USER_ID_PATTERN}$"), AfterValidator(not_reserved)]
-    name: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    name: Annotated[str, Field(min_length=1, max_length=128), AfterValidator(check_name)] | None = (
+        None
+    )
 
 
 @router.post("/api/dev/token")
