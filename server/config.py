@@ -40,6 +40,7 @@ class Settings(BaseModel):
     PORT: int = Field(8000, ge=1, le=65535)
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     LOG_FORMAT: Literal["json", "console"] = "json"
+    LOG_LIBRARY_ERRORS_PER_MINUTE: int = Field(60, ge=1)
 
     REDIS_URL: str = ""
     REDIS_HOST: str = ""
@@ -85,6 +86,13 @@ class Settings(BaseModel):
     REFUSAL_LIMITER_MAX_KEYS: int = Field(100_000, ge=100)
     MAX_CONNECTIONS_PER_USER: int = Field(20, ge=1)
     MAX_CONNECTIONS_PER_IP: int = Field(200, ge=1)
+    MAX_ROOM_MEMBERS: int = Field(10_000, ge=2)
+    MAX_JOINED_ROOMS: int = Field(200, ge=1)
+    ROOM_MEMBERS_PAGE: int = Field(500, ge=1, le=1000)
+    ROOM_CREATES_PER_HOUR: int = Field(60, ge=1)
+    MEMBER_CHANGES_PER_HOUR: int = Field(5000, ge=1)
+    SEQ_KEY_TTL: int = Field(30 * 86400, ge=3600)
+    TYPING_TIMEOUT: float = Field(6.0, gt=0)
     RATE_LIMIT_EVENTS_PER_SECOND: float = Field(20, gt=0)
     RATE_LIMIT_EVENTS_BURST: int = Field(40, ge=1)
     TRUST_PROXY_HEADERS: bool = False

@@ -24,7 +24,12 @@ from server.transport.lifecycle import RefuseWhileDraining
 
 def create_app(settings: Settings | None = None) -> Any:
     settings = settings or load_settings()
-    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT, settings.instance_id)
+    configure_logging(
+        settings.LOG_LEVEL,
+        settings.LOG_FORMAT,
+        settings.instance_id,
+        settings.LOG_LIBRARY_ERRORS_PER_MINUTE,
+    )
     node = Node(settings)
 
     @asynccontextmanager

@@ -26,7 +26,7 @@ from server.bus.seq import RedisSeqAllocator
 from server.config import Settings
 from server.core.clientip import ClientAddress
 from server.core.jsoncodec import OrjsonCodec
-from server.core.refusals import LocalRefusals, RefusalCounter, Refusals
+from server.core.refusals import LocalRefusals, Quota, RefusalCounter, Refusals
 from server.core.state import InstanceState
 from server.factories import build_store, build_verifier, dev_tokens, redis_config
 from server.presence.base import Presence, TransitionHandler
@@ -45,6 +45,7 @@ from server.transport.connections import Admission, ConnectionRegistry
 from server.transport.engine import ChatSocketServer
 from server.transport.fanout import Fanout
 from server.transport.http import HttpContext
+from server.transport.indicators import TypingTimers
 from server.transport.lifecycle import Drainer
 from server.transport.namespace import ChatNamespace
 from server.transport.server_api import ServerApiContext
@@ -98,7 +99,15 @@ class Node:
         self.presence = PresenceService(self._presence_backend, self.store, self.fanout)
         self.moderation = Moderation(self.store, self.fanout)
         self.fanout.on_control_event(SANCTION, self.moderation.forget)
-        self.rooms = RoomService(self.store, self.moderation)
+        hour = 3600.0
+        self.rooms = RoomService(
+            self.store,
+            self.moderation,
+            max_members=settings.MAX_ROOM_MEMBERS,
+            members_page=settings.ROOM_MEMBERS_PAGE,
+            creates=Quota(settings.ROOM_CREATES_PER_HOUR, hour),
+            member_changes=Quota(settings.MEMBER_CHANGES_PER_HOUR, hour),
+        )
         self.messages = MessageService(
             self.store,
             self.rooms,
@@ -122,6 +131,8 @@ class Node:
             events_per_second=settings.RATE_LIMIT_EVENTS_PER_SECOND,
             events_burst=settings.RATE_LIMIT_EVENTS_BURST,
         )
+        typing = TypingTimers(self.messages, settings.TYPING_TIMEOUT)
+        self.fanout.on_evicted = lambda conn, room: typing.stop(conn, room, "evicted")
         self.sio.register_namespace(
             ChatNamespace(
                 state=self.state,
@@ -132,7 +143,9 @@ class Node:
                 messages=self.messages,
                 presence=self.presence,
                 fanout=self.fanout,
+                typing=typing,
                 max_presence_subscriptions=MAX_PRESENCE_SUBSCRIPTIONS,
+                max_joined_rooms=settings.MAX_JOINED_ROOMS,
             )
         )
         self.drainer = Drainer(self.sio, self.registry, self.state, settings.SHUTDOWN_TIMEOUT)
@@ -188,7 +201,9 @@ class Node:
         """Redis INCR for stores whose own seq allocation is slow (Firestore), when Redis is there."""
         if self.bus is None or self.store.allocates_seq_cheaply:
             return None
-        return RedisSeqAllocator(self.bus.redis, self.bus.keys, self.store.last_seq)
+        return RedisSeqAllocator(
+            self.bus.redis, self.bus.keys, self.store.last_seq, self.settings.SEQ_KEY_TTL
+        )
 
     async def start(self) -> None:
         try:

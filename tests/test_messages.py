@@ -393,7 +393,7 @@ async def test_history_access(clients, uid):
     stored = await fill(owner, room, 2)
     # Members may read without joining; others may not read at all.
     assert (await history(member, room))["messages"] == stored
-    assert error_code(await outsider.call("message:history", {"room": room})) == "forbidden"
+    assert error_code(await outsider.call("message:history", {"room": room})) == "not_found"
     assert (
         error_code(await outsider.call("message:history", {"room": uid("missing")})) == "not_found"
     )
@@ -466,7 +466,7 @@ async def test_read_marker_access(clients, uid):
     await owner.call("room:create", {"room": room, "private": True})
     await joined(room, owner)
     await fill(owner, room, 1)
-    assert error_code(await outsider.call("message:read", {"room": room, "seq": 1})) == "forbidden"
+    assert error_code(await outsider.call("message:read", {"room": room, "seq": 1})) == "not_found"
     assert (
         error_code(await outsider.call("message:read", {"room": uid("missing"), "seq": 0}))
         == "not_found"
@@ -562,7 +562,7 @@ async def test_sqlite_messages_survive_restarts(tmp_path, uid):
         # Room kinds and membership are durable too.
         assert (await bob.call("room:join", {"room": private}))["room"]["kind"] == "private"
         assert [m["text"] for m in (await history(bob, private))["messages"]] == ["secret1"]
-        assert error_code(await eve.call("room:join", {"room": private})) == "forbidden"
+        assert error_code(await eve.call("room:join", {"room": private})) == "not_found"
         for client in (alice, bob, eve):
             await client.disconnect()
     finally:

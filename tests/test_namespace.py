@@ -20,6 +20,7 @@ from server.store.memory import MemoryStore
 from server.transport.channels import room_channel, user_channel
 from server.transport.connections import Admission, ConnectionRegistry
 from server.transport.fanout import Fanout
+from server.transport.indicators import TypingTimers
 from server.transport.namespace import ChatNamespace
 from tests.support.fake_sio import FakeServer
 from tests.support.servers import TEST_SECRET, make_token
@@ -65,7 +66,9 @@ class Wired:
             messages=self.messages,
             presence=self.presence,
             fanout=self.fanout,
+            typing=TypingTimers(self.messages, 5.0),
             max_presence_subscriptions=10,
+            max_joined_rooms=50,
         )
         self.ns._set_server(self.sio)
 

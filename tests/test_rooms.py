@@ -94,9 +94,9 @@ async def test_private_room_create_and_membership(clients, uid):
     assert (await owner.call("room:join", {"room": room}))["room"] == ack["room"]
     joined = await member.call("room:join", {"room": room})
     assert joined["ok"] is True and joined["room"]["kind"] == "private"
-    assert error_code(await outsider.call("room:join", {"room": room})) == "forbidden"
-    assert error_code(await outsider.call("message:history", {"room": room})) == "forbidden"
-    assert error_code(await outsider.call("room:members", {"room": room})) == "forbidden"
+    assert error_code(await outsider.call("room:join", {"room": room})) == "not_found"
+    assert error_code(await outsider.call("message:history", {"room": room})) == "not_found"
+    assert error_code(await outsider.call("room:members", {"room": room})) == "not_found"
     assert error_code(await send(outsider, room, "sneak")) == "forbidden"
     await send(owner, room, "hello team")
     assert [m["text"] for m in await member.wait_for("message:new")] == ["hello team"]
@@ -135,7 +135,7 @@ async def test_room_create_on_existing_room(clients, uid):
         )
         == "forbidden"
     )
-    assert error_code(await other.call("room:join", {"room": room})) == "forbidden"
+    assert error_code(await other.call("room:join", {"room": room})) == "not_found"
     # A public room made by joining has no owner: nobody may take it over.
     await owner.call("room:join", {"room": public})
     assert (
@@ -167,10 +167,10 @@ async def test_members_add_and_remove_by_owner_only(clients, uid):
     )
     await owner.call("room:create", {"room": room, "private": True})
     await owner.call("room:join", {"room": room})
-    assert error_code(await bob.call("room:join", {"room": room})) == "forbidden"
+    assert error_code(await bob.call("room:join", {"room": room})) == "not_found"
     assert (
         error_code(await bob.call("room:members:add", {"room": room, "users": [bob.user]}))
-        == "forbidden"
+        == "not_found"
     )
     added = await owner.call("room:members:add", {"room": room, "users": [bob.user]})
     assert added == {"ok": True, "room": room, "members": [bob.user]}
@@ -184,7 +184,7 @@ async def test_members_add_and_remove_by_owner_only(clients, uid):
         error_code(await bob.call("room:members:remove", {"room": room, "users": [owner.user]}))
         == "forbidden"
     )
-    assert error_code(await carol.call("room:join", {"room": room})) == "forbidden"
+    assert error_code(await carol.call("room:join", {"room": room})) == "not_found"
     members = await owner.call("room:members", {"room": room})
     assert sorted(m["id"] for m in members["members"]) == sorted([owner.user, bob.user])
 
@@ -227,8 +227,8 @@ async def test_removed_member_leaves_the_room(clients, uid):
     for tab in (bob, bob_tab2):
         assert [m["text"] for m in tab.events["message:new"]] == ["before"]
         assert error_code(await send(tab, room, "still here?")) == "forbidden"
-        assert error_code(await tab.call("room:join", {"room": room})) == "forbidden"
-        assert error_code(await tab.call("message:history", {"room": room})) == "forbidden"
+        assert error_code(await tab.call("room:join", {"room": room})) == "not_found"
+        assert error_code(await tab.call("message:history", {"room": room})) == "not_found"
     assert carol.events["room:removed"] == []
     members = await owner.call("room:members", {"room": room})
     assert sorted(m["id"] for m in members["members"]) == sorted([owner.user, carol.user])
@@ -243,7 +243,7 @@ async def test_removed_member_who_never_joined_gets_no_event(clients, uid):
     ] is True
     await asyncio.sleep(QUIET)
     assert bob.events["room:removed"] == []
-    assert error_code(await bob.call("room:join", {"room": room})) == "forbidden"
+    assert error_code(await bob.call("room:join", {"room": room})) == "not_found"
 
 
 async def test_owner_cannot_be_removed(clients, uid):

@@ -45,6 +45,18 @@ async def test_members_add_remove(store, uid):
     assert not await store.is_member(rid, "b")
 
 
+async def test_members_in_pages_and_counted(store, uid):
+    rid = uid("r")
+    await store.create_room(Room(id=rid, kind="private", name=rid, owner="a"), ["a"])
+    await store.add_members(rid, ["e", "c", "b", "d"])
+    assert await store.count_members(rid) == 5
+    assert await store.list_members(rid, limit=2) == ["a", "b"]
+    assert await store.list_members(rid, after="b", limit=2) == ["c", "d"]
+    assert await store.list_members(rid, after="d", limit=2) == ["e"]
+    assert await store.list_members(rid, after="e") == []
+    assert await store.count_members(uid("none")) == 0
+
+
 async def test_seq_starts_at_one_and_increases(store, uid):
     rid = uid("r")
     assert await store.last_seq(rid) == 0

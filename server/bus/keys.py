@@ -13,11 +13,12 @@ key                             type       holds
 {Pp<b>}:grace                   zset       user id → grace deadline (ms)
 {Pp<b>}:seen                    hash       user id → last_seen (ISO 8601)
 {Prl:<ip>}:<window>             string     refused connection attempts (TTL 2 windows)
-seq:<room>                      string     the room's last allocated seq (no TTL)
+seq:<room>                      string     the room's last allocated seq (TTL SEQ_KEY_TTL, refreshed on use)
 ==============================  =========  ===========================================
 
-(``P`` is the prefix.) Every key but ``seq:<room>`` has a TTL that live instances keep
-refreshing; what eviction of each kind does is in docs/redis.md.
+(``P`` is the prefix.) Every key has a TTL: live instances keep refreshing the presence and
+instance keys, and each use of a room's ``seq:<room>`` refreshes its own; what eviction of
+each kind does is in docs/redis.md.
 """
 
 from __future__ import annotations

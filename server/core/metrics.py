@@ -55,6 +55,31 @@ LIMITER_EVICTIONS = Counter(
     "chat_refusal_limiter_evictions_total",
     "Addresses the refused-attempt limiter forgot to stay within its key cap (LRU)",
 )
+LIMIT_REFUSALS = Counter(
+    "chat_limit_refusals_total",
+    "Requests refused by a limit (room_members, joined_rooms, room_creates, member_changes)",
+    ["limit"],
+)
+EVICTION_SOCKETS = Counter(
+    "chat_eviction_sockets_checked_total",
+    "Sockets looked at by evictions on this instance (those of the removed users only)",
+)
+CONTROL_EVENTS = Counter(
+    "chat_control_events_total", "Control events between instances sent from here", ["name"]
+)
+TYPING_EXPIRED = Counter(
+    "chat_typing_expired_total",
+    "typing:false sent by the server (timeout, leave, disconnect or eviction)",
+    ["why"],
+)
+LIBRARY_ERRORS = Counter(
+    "chat_library_errors_total",
+    "Warnings and errors python-socketio and python-engineio logged (mostly bad packets)",
+)
+LOG_LINES_DROPPED = Counter(
+    "chat_log_lines_dropped_total",
+    "Library error lines not written (over LOG_LIBRARY_ERRORS_PER_MINUTE)",
+)
 REDIS_MEMORY = Gauge("chat_redis_used_memory_bytes", "Redis used_memory from INFO (sampled)")
 
 

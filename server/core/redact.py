@@ -9,6 +9,7 @@ left as it was.
 from __future__ import annotations
 
 import re
+from collections.abc import MutableMapping
 from typing import Any
 
 REDACTED = "[redacted]"
@@ -29,7 +30,9 @@ def redact(text: str) -> str:
     return _BEARER.sub(rf"\1{REDACTED}", text)
 
 
-def redact_values(_logger: Any, _method: str, event_dict: dict) -> dict:
+def redact_values(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """A structlog processor: :func:`redact` every string value of a log line."""
     for key, value in event_dict.items():
         if isinstance(value, str):

@@ -34,8 +34,11 @@ def sliding(previous: int, current: int, into_window: float) -> float:
 class RefusalCounter:
     """Refused attempts per key over a sliding ``window``, for at most ``max_keys`` keys (LRU)."""
 
-    def __init__(self, limit: int, window: float = 60.0, max_keys: int = 100_000) -> None:
+    def __init__(
+        self, limit: int, window: float = 60.0, max_keys: int = 100_000, track: bool = True
+    ) -> None:
         self.limit = limit
+        self.track = track  # report size and evictions as the refused-attempt limiter's
         self.window = window
         self.max_keys = max_keys
         # key -> [window index, count in that window, count in the window before]
@@ -66,17 +69,33 @@ class RefusalCounter:
     def blocked(self, key: str, now: float | None = None) -> bool:
         return self.count(key, now) >= self.limit
 
-    def record(self, key: str, now: float | None = None) -> None:
+    def record(self, key: str, now: float | None = None, amount: int = 1) -> None:
         index, _ = self._position(now)
         entry = self._entry(key, index)
         if entry is None:
             entry = self._counts[key] = [index, 0, 0]
             while len(self._counts) > self.max_keys:
                 self._counts.popitem(last=False)
-                metrics.LIMITER_EVICTIONS.inc()
+                if self.track:
+                    metrics.LIMITER_EVICTIONS.inc()
         self._counts.move_to_end(key)
-        entry[1] += 1
-        metrics.LIMITER_KEYS.set(len(self._counts))
+        entry[1] += amount
+        if self.track:
+            metrics.LIMITER_KEYS.set(len(self._counts))
+
+
+class Quota:
+    """At most ``limit`` units per key (a user) in any sliding ``window`` seconds."""
+
+    def __init__(self, limit: int, window: float, max_keys: int = 100_000) -> None:
+        self.counter = RefusalCounter(limit, window, max_keys, track=False)
+
+    def take(self, key: str, amount: int = 1) -> bool:
+        """Spend ``amount`` units of ``key``; False (nothing spent) when that would exceed."""
+        if self.counter.count(key) + amount > self.counter.limit:
+            return False
+        self.counter.record(key, amount=amount)
+        return True
 
 
 class LocalRefusals:

@@ -157,7 +157,8 @@ class MessageService:
         return page(fetched, request.limit, newest_first_trim=True)
 
     async def mark_read(self, who: Identity, request: MarkRead) -> int:
-        await self.rooms.readable(who, request.room)
+        """Members only (public rooms too: a read marker is broadcast into the room)."""
+        await self.rooms.require_member(who, request.room)
         last_seq = await self.store.last_seq(request.room)
         if request.seq > last_seq:
             raise ChatError(

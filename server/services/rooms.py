@@ -1,10 +1,24 @@
-"""Rooms: who may join, read and manage each kind (public, private, direct)."""
+"""Rooms: who may join, read and manage each kind (public, private, direct).
+
+Invariants:
+- a private or direct room that ``who`` may not see answers exactly as a room that does
+  not exist (``not_found``, same message), so answers never tell which hidden rooms exist;
+  a direct room id names its two users, so anyone else is refused before any lookup;
+- every request costs O(what it touches): member caps use the store's count, pages of
+  members come from the store in order, membership changes read only the listed users;
+- a room holds at most ``max_members`` members; room creation and membership changes are
+  spent from per-user quotas (sliding hour, per instance).
+"""
 
 from __future__ import annotations
 
+import asyncio
+
+from server.core import metrics
 from server.core.errors import ChatError
 from server.core.ids import is_user_id
 from server.core.models import Identity, Room, RoomKind
+from server.core.refusals import Quota
 from server.services.moderation import Moderation
 from server.services.payloads import ChangeMembers, CreateRoom
 from server.store.base import Store
@@ -28,35 +42,78 @@ def direct_members(room_id: str) -> tuple[str, str] | None:
     return found[0] if len(found) == 1 else None
 
 
+def missing(room_id: str) -> ChatError:
+    """The one answer for a room that does not exist or that the caller may not see."""
+    return ChatError("not_found", f"room {room_id!r} does not exist")
+
+
+def refuse(limit: str, code: str, message: str) -> ChatError:
+    metrics.LIMIT_REFUSALS.labels(limit).inc()
+    return ChatError(code, message)  # type: ignore[arg-type]
+
+
 class RoomService:
     """Room rules on top of the store. Every check happens here, on the server."""
 
-    def __init__(self, store: Store, moderation: Moderation | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        moderation: Moderation | None = None,
+        *,
+        max_members: int = 10_000,
+        members_page: int = 500,
+        creates: Quota | None = None,
+        member_changes: Quota | None = None,
+    ) -> None:
         self.store = store
         self.moderation = moderation
+        self.max_members = max_members
+        self.members_page = members_page
+        self.creates = creates
+        self.member_changes = member_changes
+
+    def _check_direct(self, who: Identity, room_id: str) -> None:
+        """A direct room id names its users: anyone else is refused, whether it exists or not."""
+        if not room_id.startswith("dm:") or who.is_system:
+            return
+        pair = direct_members(room_id)
+        if pair is None:
+            raise ChatError(
+                "bad_request", "direct room ids are dm:<a>:<b> with the two user ids sorted"
+            )
+        if who.user_id not in pair:
+            raise ChatError("forbidden", "only the two users of a direct room may join it")
+
+    async def _room_is_full(self, room_id: str, adding: int) -> None:
+        if adding and await self.store.count_members(room_id) + adding > self.max_members:
+            raise refuse(
+                "room_members", "too_large", f"room {room_id!r} is full ({self.max_members})"
+            )
+
+    async def _spend(self, quota: Quota | None, who: Identity, amount: int, what: str) -> None:
+        if quota is not None and not who.is_system and not quota.take(who.user_id, amount):
+            raise refuse(
+                what, "rate_limited", f"quota of {what.replace('_', ' ')} spent; try later"
+            )
 
     async def open_for_join(self, who: Identity, room_id: str) -> Room:
         """The room ``who`` may join, creating public and direct rooms on first join."""
+        self._check_direct(who, room_id)
         await self._check_sanctions(who, room_id, joining=True)
         room = await self.store.get_room(room_id)
         if room is None:
             return await self._create_on_join(who, room_id)
         if room.kind == "public":
             if not await self.store.is_member(room_id, who.user_id):
+                await self._room_is_full(room_id, 1)
                 await self.store.add_members(room_id, [who.user_id])
             return room
         await self._require_member(who, room)
         return room
 
     async def _create_on_join(self, who: Identity, room_id: str) -> Room:
-        if room_id.startswith("dm:"):
-            pair = direct_members(room_id)
-            if pair is None:
-                raise ChatError(
-                    "bad_request", "direct room ids are dm:<a>:<b> with the two user ids sorted"
-                )
-            if who.user_id not in pair:
-                raise ChatError("forbidden", "only the two users of a direct room may join it")
+        pair = direct_members(room_id)
+        if pair is not None:  # _check_direct has made sure ``who`` is one of the two
             room, created = await self.store.create_room(
                 Room(room_id, "direct", room_id), list(pair)
             )
@@ -66,7 +123,9 @@ class RoomService:
             )
         if room.kind == "public":
             if not created:  # someone else created it first; the creator is already a member
-                await self.store.add_members(room_id, [who.user_id])
+                if not await self.store.is_member(room_id, who.user_id):
+                    await self._room_is_full(room_id, 1)
+                    await self.store.add_members(room_id, [who.user_id])
         else:
             await self._require_member(who, room)
         return room
@@ -74,25 +133,49 @@ class RoomService:
     async def _existing(self, room_id: str) -> Room:
         room = await self.store.get_room(room_id)
         if room is None:
-            raise ChatError("not_found", f"room {room_id!r} does not exist")
+            raise missing(room_id)
         return room
 
     async def _require_member(self, who: Identity, room: Room) -> None:
+        """Members only: a hidden room answers as a missing one, a public one says join."""
+        if who.is_system:
+            return
         if not await self.store.is_member(room.id, who.user_id):
-            raise ChatError("forbidden", f"{room.kind} room {room.id!r}: you are not a member")
+            if room.kind == "public":
+                raise ChatError("forbidden", f"join room {room.id!r} first")
+            raise missing(room.id)
 
-    async def readable(self, who: Identity, room_id: str) -> Room:
-        """The room if ``who`` may read its history and members, else not_found/forbidden."""
+    async def _visible(self, who: Identity, room_id: str) -> Room:
+        """The room unless it is hidden from ``who`` (then: as if it did not exist)."""
+        self._check_direct(who, room_id)
         room = await self._existing(room_id)
-        if room.kind != "public" and not who.is_system:
+        if room.kind != "public":
             await self._require_member(who, room)
         return room
 
-    async def members_for(self, who: Identity, room_id: str) -> list[str]:
-        """The room's member ids, for members only (of public rooms too: those who joined)."""
-        room = await self._existing(room_id)
+    async def readable(self, who: Identity, room_id: str) -> Room:
+        """The room if ``who`` may read its history, else not_found."""
+        return await self._visible(who, room_id)
+
+    async def require_member(self, who: Identity, room_id: str) -> Room:
+        """The room if ``who`` is a member (of public rooms too: those who joined)."""
+        room = await self._visible(who, room_id)
         await self._require_member(who, room)
-        return await self.store.list_members(room_id)
+        return room
+
+    async def members_for(
+        self, who: Identity, room_id: str, after: str = "", limit: int | None = None
+    ) -> tuple[list[str], bool]:
+        """One page of member ids above ``after`` (members only) and whether more follow."""
+        await self.require_member(who, room_id)
+        size = limit or self.members_page
+        page = await self.store.list_members(room_id, after=after, limit=size + 1)
+        return page[:size], len(page) > size
+
+    async def _members_among(self, room_id: str, users: list[str]) -> set[str]:
+        """Which of ``users`` are members: O(len(users)), never a listing of the room."""
+        present = await asyncio.gather(*(self.store.is_member(room_id, u) for u in users))
+        return {u for u, member in zip(users, present, strict=True) if member}
 
     async def _check_sanctions(self, who: Identity, room_id: str, joining: bool) -> None:
         """Bans (and, when sending, mutes) in the room; blocks between a direct room's users."""
@@ -121,30 +204,37 @@ class RoomService:
         kind: RoomKind = "private" if request.private else "public"
         creator = set() if who.is_system else {who.user_id}
         members = sorted(creator | set(request.members))
+        if len(members) > self.max_members:
+            raise refuse("room_members", "too_large", f"a room holds {self.max_members} members")
+        await self._spend(self.creates, who, 1, "room_creates")
         room, created = await self.store.create_room(
             Room(request.room, kind, request.name or request.room, owner=who.user_id), members
         )
         if not created and room.owner != who.user_id:
-            raise ChatError("forbidden", f"room {request.room!r} exists and you are not its owner")
+            # Any room's id is taken the same way: this says nothing about its kind.
+            raise ChatError("forbidden", f"room id {request.room!r} is taken")
         return room
 
     async def change_members(self, who: Identity, request: ChangeMembers, add: bool) -> list[str]:
-        """Add or remove members as the owner; returns the ids whose membership changed."""
-        room = await self._existing(request.room)
+        """Add or remove members as the owner; returns the ids whose membership changed
+        (for an add: every listed id, as before)."""
+        room = await self._visible(who, request.room)
         if room.owner != who.user_id:
             raise ChatError("forbidden", "only the room's owner manages its members")
         if room.kind != "private":
             raise ChatError("bad_request", "only private rooms have managed members")
         users = sorted(set(request.users))
-        if add:
-            await self.store.add_members(room.id, users)
-            return users
-        if room.owner in users:
+        if not add and room.owner in users:
             raise ChatError("bad_request", "the owner cannot be removed from their room")
-        current = set(await self.store.list_members(room.id))
-        removed = [u for u in users if u in current]
-        await self.store.remove_members(room.id, removed)
-        return removed
+        current = await self._members_among(room.id, users)
+        changing = [u for u in users if (u in current) != add]
+        await self._spend(self.member_changes, who, max(1, len(changing)), "member_changes")
+        if add:
+            await self._room_is_full(room.id, len(changing))
+            await self.store.add_members(room.id, changing)
+            return users
+        await self.store.remove_members(room.id, changing)
+        return changing
 
     async def set_members(self, room_id: str, users: list[str], add: bool) -> list[str]:
         """Add or remove members of any room on behalf of the application (server API).
@@ -153,9 +243,10 @@ class RoomService:
         """
         room = await self._existing(room_id)
         wanted = sorted(set(users))
-        current = set(await self.store.list_members(room.id))
+        current = await self._members_among(room.id, wanted)
         if add:
             added = [u for u in wanted if u not in current]
+            await self._room_is_full(room.id, len(added))
             await self.store.add_members(room.id, added)
             return added
         if room.owner in wanted:

@@ -50,8 +50,14 @@ class Store(ABC):
     async def is_member(self, room_id: str, user_id: str) -> bool: ...
 
     @abstractmethod
-    async def list_members(self, room_id: str) -> list[str]:
-        """Member ids, sorted."""
+    async def list_members(
+        self, room_id: str, after: str = "", limit: int | None = None
+    ) -> list[str]:
+        """Member ids above ``after``, sorted, at most ``limit`` (all when None)."""
+
+    @abstractmethod
+    async def count_members(self, room_id: str) -> int:
+        """How many members the room has, without listing them."""
 
     # messages
     @abstractmethod

@@ -55,8 +55,14 @@ class MemoryStore(Store):
     async def is_member(self, room_id: str, user_id: str) -> bool:
         return user_id in self._members.get(room_id, ())
 
-    async def list_members(self, room_id: str) -> list[str]:
-        return sorted(self._members.get(room_id, ()))
+    async def list_members(
+        self, room_id: str, after: str = "", limit: int | None = None
+    ) -> list[str]:
+        members = sorted(m for m in self._members.get(room_id, ()) if m > after)
+        return members if limit is None else members[:limit]
+
+    async def count_members(self, room_id: str) -> int:
+        return len(self._members.get(room_id, ()))
 
     async def add_message(self, draft: MessageDraft, seq: int | None = None) -> AddResult:
         mid = message_id(draft.room, draft.sender_id, draft.client_id)

@@ -474,11 +474,18 @@ class SQLiteStore(Store):
         )
         return row is not None
 
-    async def list_members(self, room_id: str) -> list[str]:
+    async def list_members(
+        self, room_id: str, after: str = "", limit: int | None = None
+    ) -> list[str]:
         rows = await self._fetchall(
-            "SELECT user FROM members WHERE room = ? ORDER BY user", (room_id,)
+            "SELECT user FROM members WHERE room = ? AND user > ? ORDER BY user LIMIT ?",
+            (room_id, after, -1 if limit is None else limit),
         )
         return [row[0] for row in rows]
+
+    async def count_members(self, room_id: str) -> int:
+        row = await self._fetchone("SELECT COUNT(*) FROM members WHERE room = ?", (room_id,))
+        return int(row[0]) if row else 0
 
     async def add_message(self, draft: MessageDraft, seq: int | None = None) -> AddResult:
         mid = draft.message_id

@@ -52,6 +52,7 @@ class Connection:
     joined: set[str] = field(default_factory=set)
     presence: set[str] = field(default_factory=set)
     expiry: asyncio.TimerHandle | None = None  # a timer, not a sleeping task, per socket
+    typing: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
 
 
 class ConnectionRegistry:
@@ -79,6 +80,8 @@ class ConnectionRegistry:
         if conn is not None:
             if conn.expiry is not None:
                 conn.expiry.cancel()
+            for handle in conn.typing.values():
+                handle.cancel()
             _decrement(self.per_user, conn.identity.user_id)
             _decrement(self.per_ip, conn.ip_key)
         metrics.CONNECTIONS.set(len(self.by_sid))

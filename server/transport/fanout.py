@@ -18,14 +18,15 @@ every connection.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import socketio
 
+from server.core import metrics
 from server.core.models import iso
 from server.presence.base import Transition
 from server.transport.channels import NAMESPACE, presence_channel, room_channel, user_channel
-from server.transport.connections import ConnectionRegistry
+from server.transport.connections import Connection, ConnectionRegistry
 
 EVICT = "evict"
 DISCONNECT = "disconnect"
@@ -39,6 +40,8 @@ class Fanout:
         self.sio = sio
         self.registry = registry
         self._listeners: dict[str, list[ControlListener]] = {}
+        #: called for each socket an eviction removes from a room (ends its typing)
+        self.on_evicted: Callable[[Connection, str], Awaitable[None]] | None = None
 
     async def to_room(
         self, room_id: str, event: str, data: dict, skip_sid: str | None = None
@@ -70,6 +73,7 @@ class Fanout:
 
     async def control(self, name: str, data: dict) -> None:
         """Publish control event ``name`` to every instance, this one included."""
+        metrics.CONTROL_EVENTS.labels(name).inc()
         await self.sio.emit(f"$chat:{name}", data, namespace=NAMESPACE)
 
     def on_control_event(self, name: str, listener: ControlListener) -> None:
@@ -118,9 +122,12 @@ class Fanout:
         manager = self.sio.manager
         for user_id in user_ids:
             for sid, _ in list(manager.get_participants(NAMESPACE, user_channel(user_id))):
+                metrics.EVICTION_SOCKETS.inc()
                 conn = self.registry.get(sid)
                 if conn is None or room_id not in conn.joined:
                     continue
                 conn.joined.discard(room_id)
+                if self.on_evicted is not None:
+                    await self.on_evicted(conn, room_id)
                 await self.sio.leave_room(sid, room_channel(room_id), namespace=NAMESPACE)
                 await self.to_local_sid(sid, "room:removed", {"room": room_id})

@@ -29,6 +29,7 @@ from server.services.payloads import (
     History,
     JoinRoom,
     MarkRead,
+    MembersPage,
     Payload,
     PresenceUsers,
     RefreshToken,
@@ -42,6 +43,7 @@ from server.services.rooms import RoomService
 from server.transport.channels import NAMESPACE, presence_channel, room_channel
 from server.transport.connections import Admission, Connection, ConnectionRegistry
 from server.transport.fanout import Fanout
+from server.transport.indicators import TypingTimers
 
 log = structlog.get_logger(__name__)
 
@@ -63,7 +65,9 @@ class ChatNamespace(socketio.AsyncNamespace):
         messages: MessageService,
         presence: PresenceService,
         fanout: Fanout,
+        typing: TypingTimers,
         max_presence_subscriptions: int,
+        max_joined_rooms: int,
     ) -> None:
         super().__init__(NAMESPACE)
         self.state = state
@@ -74,7 +78,9 @@ class ChatNamespace(socketio.AsyncNamespace):
         self.messages = messages
         self.presence = presence
         self.fanout = fanout
+        self.typing_timers = typing
         self.max_presence_subscriptions = max_presence_subscriptions
+        self.max_joined_rooms = max_joined_rooms
 
     # --- the guard ------------------------------------------------------------------------
     async def trigger_event(self, event: str, *args: Any) -> Any:
@@ -85,6 +91,9 @@ class ChatNamespace(socketio.AsyncNamespace):
                 auth = args[2] if len(args) > 2 else None
                 await self.admission.connect(sid, environ, auth)
             else:
+                conn = self.registry.get(sid)
+                if conn is not None:
+                    await self.typing_timers.stop_all(conn, "disconnect")
                 await self.admission.disconnect(sid)
             return None
         # A client event named like a lifecycle handler arrives from a connected socket:
@@ -153,6 +162,11 @@ class ChatNamespace(socketio.AsyncNamespace):
         return {"expires_at": iso_from_epoch(identity.expires_at)}
 
     async def room_join(self, conn: Connection, request: JoinRoom) -> dict:
+        if request.room not in conn.joined and len(conn.joined) >= self.max_joined_rooms:
+            metrics.LIMIT_REFUSALS.labels("joined_rooms").inc()
+            raise ChatError(
+                "too_large", f"a connection may join at most {self.max_joined_rooms} rooms"
+            )
         room = await self.rooms.open_for_join(conn.identity, request.room)
         # Enter first, then read: a message stored meanwhile arrives live or in `missed`.
         await self.enter_room(conn.sid, room_channel(room.id))
@@ -166,6 +180,7 @@ class ChatNamespace(socketio.AsyncNamespace):
         }
 
     async def room_leave(self, conn: Connection, request: RoomRef) -> dict:
+        await self.typing_timers.stop(conn, request.room, "leave")
         await self.leave_room(conn.sid, room_channel(request.room))
         conn.joined.discard(request.room)
         return {}
@@ -174,10 +189,16 @@ class ChatNamespace(socketio.AsyncNamespace):
         room = await self.rooms.create(conn.identity, request)
         return {"room": room.to_wire()}
 
-    async def room_members(self, conn: Connection, request: RoomRef) -> dict:
-        members = await self.rooms.members_for(conn.identity, request.room)
+    async def room_members(self, conn: Connection, request: MembersPage) -> dict:
+        """One page of members: ``after`` the last id of the previous page, ``next`` when more."""
+        members, more = await self.rooms.members_for(
+            conn.identity, request.room, request.after or "", request.limit
+        )
         statuses = await self.presence.statuses(members)  # no last_seen: no store read
-        return {"members": [{"id": uid, "status": statuses[uid]} for uid in members]}
+        ack: dict = {"members": [{"id": uid, "status": statuses[uid]} for uid in members]}
+        if more:
+            ack["next"] = members[-1]
+        return ack
 
     async def room_members_add(self, conn: Connection, request: ChangeMembers) -> dict:
         added = await self.rooms.change_members(conn.identity, request, add=True)
@@ -207,6 +228,10 @@ class ChatNamespace(socketio.AsyncNamespace):
 
     async def typing(self, conn: Connection, request: Typing) -> dict:
         self._require_joined(conn, request.room)
+        if request.typing:
+            self.typing_timers.started(conn, request.room)
+        else:
+            self.typing_timers.cancel(conn, request.room)
         await self.messages.typing(conn.identity, conn.sid, request.room, request.typing)
         return {}
 
@@ -234,7 +259,7 @@ ROUTES: dict[str, tuple[type[Payload], Handler]] = {
     "room:join": (JoinRoom, ChatNamespace.room_join),
     "room:leave": (RoomRef, ChatNamespace.room_leave),
     "room:create": (CreateRoom, ChatNamespace.room_create),
-    "room:members": (RoomRef, ChatNamespace.room_members),
+    "room:members": (MembersPage, ChatNamespace.room_members),
     "room:members:add": (ChangeMembers, ChatNamespace.room_members_add),
     "room:members:remove": (ChangeMembers, ChatNamespace.room_members_remove),
     "message:send": (SendMessage, ChatNamespace.message_send),

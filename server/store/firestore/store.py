@@ -335,9 +335,24 @@ class FirestoreStore(Store):
         ref = self._in_room(room_id, "members", user_id)
         return await self._read(f"is_member({room_id!r})", ref, lambda s: bool(s.exists))
 
-    async def list_members(self, room_id: str) -> list[str]:
-        members = self._room(room_id).collection("members")
-        return sorted(await self._query(f"list_members({room_id!r})", members, lambda s: s.id))
+    async def list_members(
+        self, room_id: str, after: str = "", limit: int | None = None
+    ) -> list[str]:
+        query = self._room(room_id).collection("members").order_by("user")
+        if after:
+            query = query.where(filter=FieldFilter("user", ">", after))
+        if limit is not None:
+            query = query.limit(limit)
+        return await self._query(f"list_members({room_id!r})", query, lambda s: s.id)
+
+    async def count_members(self, room_id: str) -> int:
+        query = self._room(room_id).collection("members").count()
+
+        async def op(timeout: float) -> int:
+            result = await query.get(retry=None, timeout=timeout)
+            return int(result[0][0].value)
+
+        return await self.calls(f"count_members({room_id!r})", op)
 
     # ------------------------------------------------------------------ messages
 
