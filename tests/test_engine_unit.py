@@ -13,7 +13,8 @@ import socketio
 from engineio import packet as eio_packet
 from websockets.frames import Frame, Opcode
 
-from server.bus.manager import ControlEvents, LocalManager, RedisManager
+from server.bus.manager import ControlEvents, LocalManager
+from server.bus.redis_manager import RedisManager
 from server.transport.engine import (
     BroadcastManager,
     ChatSocketServer,

@@ -215,3 +215,35 @@ async def test_seq_never_repeats_after_redis_loses_its_counters(private_redis, e
     finally:
         await a.disconnect()
         server.stop()
+
+
+async def test_firestore_database_setting_picks_the_database(emulator, uid):
+    """FIRESTORE_DATABASE: the server's data lands in that database, not in "(default)"."""
+    from server.store.firestore import FirestoreStore
+
+    database = uid("chat-db").lower()
+    server = ServerProcess(
+        {
+            "STORE": "firestore",
+            "FIRESTORE_EMULATOR_HOST": emulator.host,
+            "FIRESTORE_PROJECT": "chat-test",
+            "FIRESTORE_DATABASE": database,
+        }
+    ).start()
+    room = uid("room")
+    named = FirestoreStore(project="chat-test", emulator_host=emulator.host, database=database)
+    default = FirestoreStore(project="chat-test", emulator_host=emulator.host)
+    try:
+        a = await joined(server.url, uid("a"), room)
+        sent = await a.call("message:send", {"room": room, "text": "where?", "client_id": "1"})
+        assert sent["ok"], sent
+        await a.disconnect()
+        await named.start()
+        await default.start()
+        assert [m.text for m in await named.messages_after(room, 0, 10)] == ["where?"]
+        assert await default.get_room(room) is None
+        assert await default.messages_after(room, 0, 10) == []
+    finally:
+        await named.close()
+        await default.close()
+        server.stop()
