@@ -14,6 +14,7 @@ import uuid
 
 import pytest
 import socketio
+from prometheus_client import REGISTRY
 
 from server.bus.cluster_manager import RedisClusterManager
 from server.bus.delivery import Delivery
@@ -342,12 +343,14 @@ async def test_publish_gives_up_quietly_and_counts(private_redis):
         logger=logger,
         delivery=Delivery(channel, publish_timeout=1.0),
     )
+    failed_before = REGISTRY.get_sample_value("chat_bus_publish_failures_total") or 0.0
     try:
         await asyncio.to_thread(private_redis.kill)
         started = time.monotonic()
         assert await manager._publish({"method": "test", "n": 1}) is False  # no exception
         assert time.monotonic() - started < 2
         assert manager.delivery.publish_failures == 1
+        assert REGISTRY.get_sample_value("chat_bus_publish_failures_total") == failed_before + 1
     finally:
         await _close_redis_manager(manager)
 

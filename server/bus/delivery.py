@@ -5,7 +5,8 @@ what differs (how to send once, how to subscribe once) and it supplies the polic
 
 * **Publishing** is tried up to ``publish_attempts`` times within ``publish_timeout``
   seconds, and then given up without raising: the local clients already have the message.
-  Every message given up is counted (``publish_failures``) and logged at error level.
+  Every message given up is counted (``publish_failures`` and the metric
+  ``chat_bus_publish_failures_total``) and logged at error level.
   python-socketio's own ``_publish`` tries twice with no delay and drops the message with
   one log line.
 * **No attempt may take more than half of** ``publish_timeout`` (all of it when there is
@@ -15,7 +16,8 @@ what differs (how to send once, how to subscribe once) and it supplies the polic
   server closing it, a silent link noticed by the caller), it subscribes again after
   0.25, 0.5, 1, 2, 4, 5, 5 … s (``listen_backoff`` doubling up to ``listen_max_backoff``;
   python-socketio's listener waits 1 … 60 s). Every loss is logged and counted
-  (``listener_reconnects``), and the pub/sub connection is closed on every way out.
+  (``listener_reconnects``, ``chat_bus_listener_resubscribes_total``), and the pub/sub
+  connection is closed on every way out.
   A listener that stops silently leaves an instance deaf to every other one:
   https://github.com/miguelgrinberg/python-socketio/issues/1581
 * ``subscribed`` (an :class:`asyncio.Event`) is set exactly while a subscription is live.
@@ -29,6 +31,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
+
+from server.core import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +91,7 @@ class Delivery:
                         await after_failure()
                 if attempt == self.publish_attempts or loop.time() + delay >= deadline:
                     self.publish_failures += 1
+                    metrics.BUS_PUBLISH_FAILURES.inc()
                     log.error(
                         "bus.publish_failed",
                         channel=self.channel,
@@ -138,6 +143,7 @@ class Delivery:
             except Exception as exc:
                 self.subscribed.clear()
                 self.listener_reconnects += 1
+                metrics.BUS_LISTENER_RESUBSCRIBES.inc()
                 failures += 1
                 sleep = self.listen_delay(failures)
                 log.warning(

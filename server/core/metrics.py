@@ -29,6 +29,14 @@ SERVER_API_REQUESTS = Counter(
     "chat_server_api_requests_total", "Server API requests by key name and result", ["key", "code"]
 )
 REDIS_LATENCY = Histogram("chat_redis_seconds", "Redis command latency", ["op"])
+BUS_PUBLISH_FAILURES = Counter(
+    "chat_bus_publish_failures_total",
+    "Emits given up after every publish attempt: other instances missed them",
+)
+BUS_LISTENER_RESUBSCRIBES = Counter(
+    "chat_bus_listener_resubscribes_total",
+    "Times the pub/sub listener lost its subscription and subscribed again",
+)
 STORE_LATENCY = Histogram("chat_store_seconds", "Store call latency", ["op"])
 STORE_BATCH = Histogram(
     "chat_store_batch_calls",
