@@ -41,6 +41,16 @@ def make_queue(writer: FakeWriter) -> tuple[SendQueue, set[asyncio.Task]]:
     return SendQueue(writer, spawn, max_group=250), tasks
 
 
+async def busy_room(client_id: str) -> tuple[FakeWriter, SendQueue, asyncio.Future]:
+    """A queue whose writer is stuck (until ``writer.gate`` is set) on a first send."""
+    writer = FakeWriter()
+    writer.gate = asyncio.Event()
+    queue, _ = make_queue(writer)
+    first = asyncio.ensure_future(queue.submit("r", pending(client_id)))
+    await asyncio.sleep(0.01)
+    return writer, queue, first
+
+
 def pending(client_id: str, deadline_in: float = 5.0) -> Pending:
     draft = MessageDraft("r", "u", "U", "x", client_id)
     loop = asyncio.get_running_loop()
@@ -57,11 +67,7 @@ async def test_sends_that_arrive_together_share_one_group_in_order():
 
 
 async def test_sends_during_a_commit_form_the_next_group():
-    writer = FakeWriter()
-    writer.gate = asyncio.Event()
-    queue, _ = make_queue(writer)
-    first = asyncio.ensure_future(queue.submit("r", pending("a")))
-    await asyncio.sleep(0.01)
+    writer, queue, first = await busy_room("a")
     later = [asyncio.ensure_future(queue.submit("r", pending(f"b{i}"))) for i in range(3)]
     await asyncio.sleep(0.01)
     writer.gate.set()
@@ -82,11 +88,7 @@ async def test_a_failed_group_fails_each_of_its_sends_and_the_next_group_goes_on
 
 
 async def test_a_send_never_waits_past_its_deadline_and_is_then_not_written():
-    writer = FakeWriter()
-    writer.gate = asyncio.Event()
-    queue, _ = make_queue(writer)
-    first = asyncio.ensure_future(queue.submit("r", pending("slow")))
-    await asyncio.sleep(0.01)
+    writer, queue, first = await busy_room("slow")
     late = asyncio.ensure_future(queue.submit("r", pending("late", deadline_in=0.05)))
     await asyncio.sleep(0.1)
     writer.gate.set()
@@ -97,11 +99,7 @@ async def test_a_send_never_waits_past_its_deadline_and_is_then_not_written():
 
 
 async def test_a_caller_gone_before_its_group_is_taken_is_not_written():
-    writer = FakeWriter()
-    writer.gate = asyncio.Event()
-    queue, _ = make_queue(writer)
-    first = asyncio.ensure_future(queue.submit("r", pending("a")))
-    await asyncio.sleep(0.01)
+    writer, queue, first = await busy_room("a")
     gone = asyncio.ensure_future(queue.submit("r", pending("gone")))
     kept = asyncio.ensure_future(queue.submit("r", pending("kept")))
     await asyncio.sleep(0.01)
