@@ -38,8 +38,11 @@ function open(url, user) {
     transports: ["websocket"], auth: { token: token(user) }, reconnection: false, timeout: 60000,
   });
   return new Promise((resolve) => {
-    socket.once("connect", () => resolve(socket));
-    socket.once("connect_error", () => { socket.close(); resolve(null); });
+    // a server may close a transport whose namespace connect it could not answer in time;
+    // the client then hears neither connect nor connect_error: give up on it after 30 s
+    const timer = setTimeout(() => { socket.close(); resolve(null); }, 30000);
+    socket.once("connect", () => { clearTimeout(timer); resolve(socket); });
+    socket.once("connect_error", () => { clearTimeout(timer); socket.close(); resolve(null); });
   });
 }
 
