@@ -98,6 +98,13 @@ class Settings(BaseModel):
     TRUST_PROXY_HEADERS: bool = False
     TRUSTED_PROXIES: list[str] = []
 
+    WEBHOOK_URLS: list[str] = []
+    WEBHOOK_SECRETS: list[str] = []
+    WEBHOOK_TIMEOUT: float = Field(10.0, gt=0, le=120)
+    WEBHOOK_MAX_ATTEMPTS: int = Field(30, ge=1, le=100)
+    WEBHOOK_BACKOFF_BASE: float = Field(1.0, gt=0)
+    WEBHOOK_BACKOFF_MAX: float = Field(600.0, gt=0)
+
     SERVER_API_KEYS: list[str] = []
     SERVER_API_RATE_PER_SECOND: float = Field(50, gt=0)
     SERVER_API_BURST: int = Field(100, ge=1)
@@ -148,7 +155,13 @@ class Settings(BaseModel):
         return value
 
     @field_validator(
-        "JWT_ALGORITHMS", "CORS_ORIGINS", "TRUSTED_PROXIES", "SERVER_API_KEYS", mode="before"
+        "JWT_ALGORITHMS",
+        "CORS_ORIGINS",
+        "TRUSTED_PROXIES",
+        "SERVER_API_KEYS",
+        "WEBHOOK_URLS",
+        "WEBHOOK_SECRETS",
+        mode="before",
     )
     @classmethod
     def _as_list(cls, value: Any) -> list[str]:
@@ -214,6 +227,20 @@ class Settings(BaseModel):
                     f"{name}: a Sentinel URL needs the database and the service name: "
                     "redis+sentinel://host1:26379,host2:26379/0/mymaster"
                 )
+        if len(self.WEBHOOK_URLS) != len(self.WEBHOOK_SECRETS):
+            raise ValueError(
+                "WEBHOOK_URLS and WEBHOOK_SECRETS pair by position: give one secret per URL"
+            )
+        for url in self.WEBHOOK_URLS:
+            if not url.startswith(("https://", "http://")):
+                raise ValueError(f"WEBHOOK_URLS: {url!r} is not an http(s) URL")
+        if any(len(secret) < 16 for secret in self.WEBHOOK_SECRETS):
+            raise ValueError("WEBHOOK_SECRETS: each secret needs at least 16 characters")
+        if self.WEBHOOK_URLS and self.STORE == "firestore":
+            raise ValueError(
+                "webhooks keep their outbox in SQLite or memory; the Firestore store has no "
+                "outbox yet: unset WEBHOOK_URLS or use STORE=sqlite"
+            )
         if self.REDIS_CLUSTER and not self.redis_configured:
             raise ValueError("REDIS_CLUSTER=true needs REDIS_URL or REDIS_HOST")
         if self.WS_HEARTBEAT_INTERVAL >= 300:

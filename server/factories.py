@@ -6,6 +6,7 @@ from server.auth import DevTokens, TokenVerifier
 from server.bus.connection import RedisConfig
 from server.config import Settings
 from server.core import metrics
+from server.services.webhooks import Endpoint
 from server.store.base import Store
 
 
@@ -73,3 +74,13 @@ def redis_config(settings: Settings) -> RedisConfig:
         timeout=settings.REDIS_TIMEOUT,
         key_prefix=settings.REDIS_KEY_PREFIX,
     )
+
+
+def webhook_endpoints(settings: Settings) -> list[Endpoint]:
+    """WEBHOOK_URLS paired with WEBHOOK_SECRETS by position (validated by Settings)."""
+    return [
+        Endpoint(str(i), url, secret)
+        for i, (url, secret) in enumerate(
+            zip(settings.WEBHOOK_URLS, settings.WEBHOOK_SECRETS, strict=True)
+        )
+    ]

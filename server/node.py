@@ -26,10 +26,17 @@ from server.bus.seq import RedisSeqAllocator
 from server.config import Settings
 from server.core.clientip import ClientAddress
 from server.core.jsoncodec import OrjsonCodec
+from server.core.models import iso
 from server.core.refusals import LocalRefusals, Quota, RefusalCounter, Refusals
 from server.core.state import InstanceState
-from server.factories import build_store, build_verifier, dev_tokens, redis_config
-from server.presence.base import Presence, TransitionHandler
+from server.factories import (
+    build_store,
+    build_verifier,
+    dev_tokens,
+    redis_config,
+    webhook_endpoints,
+)
+from server.presence.base import Presence, Transition, TransitionHandler
 from server.presence.memory import MemoryPresence
 from server.presence.redis import RedisPresence
 from server.resources import DEMO_DIR
@@ -40,6 +47,7 @@ from server.services.messages import MessageService
 from server.services.moderation import SANCTION, Moderation
 from server.services.presence import PresenceService
 from server.services.rooms import RoomService
+from server.services.webhooks import Dispatcher, Webhooks
 from server.transport.channels import NAMESPACE
 from server.transport.connections import Admission, ConnectionRegistry
 from server.transport.engine import ChatSocketServer
@@ -96,7 +104,13 @@ class Node:
         self.registry = ConnectionRegistry()
         self.fanout = Fanout(self.sio, self.registry)
         manager.control_handler = self.fanout.on_control
-        self.presence = PresenceService(self._presence_backend, self.store, self.fanout)
+        self.webhooks = Webhooks(self.store, webhook_endpoints(settings), self._online)
+        self.presence = PresenceService(
+            self._presence_backend,
+            self.store,
+            self.fanout,
+            on_change=self._presence_webhook if self.webhooks.enabled else None,
+        )
         self.moderation = Moderation(self.store, self.fanout)
         self.fanout.on_control_event(SANCTION, self.moderation.forget)
         hour = 3600.0
@@ -107,6 +121,7 @@ class Node:
             members_page=settings.ROOM_MEMBERS_PAGE,
             creates=Quota(settings.ROOM_CREATES_PER_HOUR, hour),
             member_changes=Quota(settings.MEMBER_CHANGES_PER_HOUR, hour),
+            on_members=self.webhooks.members_changed if self.webhooks.enabled else None,
         )
         self.messages = MessageService(
             self.store,
@@ -114,6 +129,16 @@ class Node:
             self.fanout,
             settings.MAX_MESSAGE_LENGTH,
             allocator=self._allocator(),
+            outgoing=self.webhooks.for_message if self.webhooks.enabled else None,
+        )
+        self.dispatcher = Dispatcher(
+            self.store,
+            self.webhooks,
+            self.state.instance_id,
+            timeout=settings.WEBHOOK_TIMEOUT,
+            max_attempts=settings.WEBHOOK_MAX_ATTEMPTS,
+            backoff_base=settings.WEBHOOK_BACKOFF_BASE,
+            backoff_max=settings.WEBHOOK_BACKOFF_MAX,
         )
         self.verifier = build_verifier(settings)
         self.admission = Admission(
@@ -155,6 +180,7 @@ class Node:
             online_users=self.presence.online_users,
             live_instances=self.bus.registry.live if self.bus else None,
             used_memory=self.bus.used_memory if self.bus else None,
+            outbox_counts=self.store.outbox_counts if self.webhooks.enabled else None,
         )
         self.health = Health(
             self.state,
@@ -177,6 +203,15 @@ class Node:
             dev_tokens_off=off,
             demo_dir=DEMO_DIR,
             metrics_token=settings.METRICS_TOKEN,
+        )
+
+    async def _online(self, user_ids: list[str]) -> set[str]:
+        states = await self.presence.states(user_ids)
+        return {uid for uid, state in states.items() if state["status"] == "online"}
+
+    async def _presence_webhook(self, transition: Transition) -> None:
+        await self.webhooks.presence_changed(
+            transition.user_id, transition.status, iso(transition.last_seen)
         )
 
     def _presence_backend(self, on_transition: TransitionHandler) -> Presence:
@@ -218,6 +253,7 @@ class Node:
             self.sio.manager_initialized = True
             self.sio.manager.initialize()
         self.drainer.install()
+        self.dispatcher.start()
         tune_garbage_collector()
         self._sampler = asyncio.get_running_loop().create_task(
             self.figures.sample_forever(self.settings.WS_HEARTBEAT_INTERVAL)
@@ -241,6 +277,7 @@ class Node:
             self._sampler.cancel()
         for sid in self.registry.sids():
             await self.admission.disconnect(sid)
+        await self.dispatcher.close()
         await self.presence.close()
         await self.sio.shutdown()
         if self.bus is not None:

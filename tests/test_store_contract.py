@@ -174,3 +174,55 @@ async def test_sanctions_are_put_replaced_read_and_deleted(store, uid):
     assert await store.get_sanctions([mute, ban]) == {ban: None}
     # Another room's or user's sanction is another key.
     assert await store.get_sanctions([SanctionKey("ban", uid("r"), user)]) == {}
+
+
+async def test_the_outbox_hands_out_each_queue_in_order_one_at_a_time(store, uid):
+    from server.core.models import OutboxEntry
+
+    if not store.supports_outbox:
+        pytest.skip("this store keeps no webhook outbox (webhooks refused at start)")
+    room_a, room_b = uid("a"), uid("b")
+    entries = [
+        OutboxEntry(uid("e"), "0", room_a, "a1"),
+        OutboxEntry(uid("e"), "0", room_b, "b1"),
+        OutboxEntry(uid("e"), "0", room_a, "a2"),
+    ]
+    await store.outbox_add(entries)
+    await store.outbox_add(entries[:1])  # the same event again: ignored
+    claimed = await store.outbox_claim("one", now=100.0, lease=10.0, limit=10)
+    mine = [i for i in claimed if i.entry.ordering in (room_a, room_b)]
+    assert [i.entry.body for i in mine] == ["a1", "b1"]  # heads only: a2 waits for a1
+    assert await store.outbox_claim("two", now=105.0, lease=10.0, limit=10) == []  # leased
+    a1 = next(i for i in mine if i.entry.body == "a1")
+    b1 = next(i for i in mine if i.entry.body == "b1")
+    assert await store.outbox_finish(a1, "two", delivered=True) is False  # not its lease
+    assert await store.outbox_finish(a1, "one", delivered=True) is True
+    assert await store.outbox_finish(b1, "one", delivered=False, next_at=200.0) is True
+    again = await store.outbox_claim("two", now=106.0, lease=10.0, limit=10)
+    assert [i.entry.body for i in again if i.entry.ordering in (room_a, room_b)] == ["a2"]
+    later = await store.outbox_claim("two", now=300.0, lease=10.0, limit=10)
+    retried = [i for i in later if i.entry.ordering == room_b]
+    assert [(i.entry.body, i.attempts) for i in retried] == [("b1", 1)]
+    assert await store.outbox_finish(retried[0], "two", delivered=False, dead=True) is True
+    counts = await store.outbox_counts()
+    assert counts["dead"] >= 1 and counts["pending"] >= 1  # a2 is still leased, pending
+
+
+async def test_a_new_message_records_its_outgoing_events_in_the_same_write(store, uid):
+    from server.core.models import Outgoing
+
+    if not store.supports_outbox:
+        pytest.skip("this store keeps no webhook outbox (webhooks refused at start)")
+    room = uid("r")
+    outgoing = Outgoing(uid("evt"), ("0", "1"), lambda m: f"{m.room}#{m.seq}")
+    first = draft(room, "c1")
+    stored = await store.add_message(
+        MessageDraft(first.room, first.sender_id, first.sender_name, first.text, "c1", outgoing)
+    )
+    repeat = await store.add_message(
+        MessageDraft(first.room, first.sender_id, first.sender_name, first.text, "c1", outgoing)
+    )
+    assert stored.created and not repeat.created
+    claimed = await store.outbox_claim("x", now=1.0, lease=5.0, limit=100)
+    bodies = sorted((i.entry.endpoint, i.entry.body) for i in claimed if i.entry.ordering == room)
+    assert bodies == [("0", f"{room}#1"), ("1", f"{room}#1")]  # once per endpoint, not twice

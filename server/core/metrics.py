@@ -25,6 +25,14 @@ AUTH_FAILURES = Counter("chat_auth_failures_total", "Refused connection attempts
 SANCTIONS_ENFORCED = Counter(
     "chat_sanctions_enforced_total", "Requests refused by a ban, mute or block", ["kind"]
 )
+WEBHOOK_DELIVERIES = Counter(
+    "chat_webhook_deliveries_total",
+    "Webhook delivery attempts by outcome (delivered, retry, dead)",
+    ["result"],
+)
+WEBHOOK_OUTBOX = Gauge(
+    "chat_webhook_outbox", "Webhook outbox entries by state (sampled)", ["state"]
+)
 SERVER_API_REQUESTS = Counter(
     "chat_server_api_requests_total", "Server API requests by key name and result", ["key", "code"]
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, overload
@@ -80,6 +81,8 @@ class MessageDraft:
     sender_name: str
     text: str
     client_id: str
+    #: webhook events to record in the same transaction as the message (when it is new)
+    outgoing: Outgoing | None = field(default=None, compare=False)
 
     @property
     def message_id(self) -> str:
@@ -171,3 +174,40 @@ class SanctionKey:
 
         raw = f"{self.kind}\x00{self.scope}\x00{self.user_id}".encode()
         return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """Webhook events a stored message asks for: one outbox row per endpoint.
+
+    ``render(message)`` makes the event's body once the store knows the message's seq and
+    time; the store calls it inside the transaction that stores the message, so the event
+    exists exactly when the message does.
+    """
+
+    event_id: str
+    endpoints: tuple[str, ...]
+    render: Callable[[Message], str]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One event for one endpoint, waiting in the outbox.
+
+    ``ordering`` groups events delivered in order (a room, or a user for presence); within
+    it, events go out in the order they were recorded, one at a time.
+    """
+
+    event_id: str
+    endpoint: str
+    ordering: str
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """An outbox entry claimed for delivery by one instance until its lease ends."""
+
+    pos: int
+    entry: OutboxEntry
+    attempts: int

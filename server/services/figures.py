@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -52,12 +52,14 @@ class Figures:
         online_users: Callable[[], Awaitable[int]],
         live_instances: Callable[[], Awaitable[Sequence[InstanceFigures]]] | None = None,
         used_memory: Callable[[], Awaitable[int | None]] | None = None,
+        outbox_counts: Callable[[], Awaitable[dict[str, int]]] | None = None,
     ) -> None:
         self.state = state
         self.local_connections = local_connections
         self.online_users = online_users
         self.live_instances = live_instances
         self.used_memory = used_memory
+        self.outbox_counts = outbox_counts
         #: The last sample (None until the first one).
         self.summary: dict | None = None
 
@@ -80,7 +82,7 @@ class Figures:
                 }
                 for info in await self.live_instances()
             ]
-        return {
+        figures: dict[str, Any] = {
             "instance": {
                 "id": self.state.instance_id,
                 "version": self.state.version,
@@ -94,6 +96,9 @@ class Figures:
                 "online_users": await self.online_users(),
             },
         }
+        if self.outbox_counts is not None:
+            figures["webhooks"] = await self.outbox_counts()
+        return figures
 
     async def sample(self) -> None:
         figures = await self.collect()
@@ -106,6 +111,8 @@ class Figures:
         }
         metrics.DEPLOYMENT_CONNECTIONS.set(deployment["connections"])
         metrics.ONLINE_USERS.set(deployment["online_users"])
+        for state, count in figures.get("webhooks", {}).items():
+            metrics.WEBHOOK_OUTBOX.labels(state).set(count)
         if self.used_memory is not None:
             used = await self.used_memory()
             if used is not None:

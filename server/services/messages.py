@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import structlog
 
 from server.core import metrics
 from server.core.errors import ChatError, SeqTaken, StoreUnavailable
-from server.core.models import AddResult, Identity, Message, MessageDraft
+from server.core.models import AddResult, Identity, Message, MessageDraft, Outgoing
 from server.services.payloads import History, MarkRead, SendMessage
 from server.services.ports import Fanout, SeqAllocator
 from server.services.rooms import RoomService
@@ -55,12 +57,15 @@ class MessageService:
         fanout: Fanout,
         max_length: int,
         allocator: SeqAllocator | None = None,
+        outgoing: Callable[[MessageDraft], Awaitable[Outgoing | None]] | None = None,
     ) -> None:
         self.store = store
         self.rooms = rooms
         self.fanout = fanout
         self.max_length = max_length
         self.allocator = allocator
+        #: webhook events to store with each new message (None: no webhooks)
+        self.outgoing = outgoing
         self._unconfirmed = RecentIds(10_000)
 
     def _text(self, raw: str) -> str:
@@ -85,6 +90,8 @@ class MessageService:
         text = self._text(request.text)
         await self.rooms.may_send(who, request.room)
         draft = MessageDraft(request.room, who.user_id, who.name, text, request.client_id)
+        if self.outgoing is not None:
+            draft = replace(draft, outgoing=await self.outgoing(draft))
         try:
             result = await self._store(draft)
         except StoreUnavailable:

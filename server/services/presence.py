@@ -8,7 +8,7 @@ announcement to followers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -32,9 +32,12 @@ class PresenceService:
         make_backend: Callable[[TransitionHandler], Presence],
         store: Store,
         announcer: PresenceAnnouncer,
+        on_change: Callable[[Transition], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.announcer = announcer
+        #: told every transition once, cluster-wide (webhooks)
+        self.on_change = on_change
         self.backend = make_backend(self.on_transition)
 
     async def start(self) -> None:
@@ -65,6 +68,11 @@ class PresenceService:
                     "presence.last_seen_not_stored", user=transition.user_id, error=str(exc)
                 )
         await self.announcer.announce(transition)
+        if self.on_change is not None:
+            try:
+                await self.on_change(transition)
+            except Exception as exc:
+                log.warning("presence.observer_failed", user=transition.user_id, error=str(exc))
 
     async def statuses(self, user_ids: list[str]) -> dict[str, str]:
         """``{id: "online"|"offline"}`` from the presence backend alone (no store read)."""

@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from server.core import metrics
 from server.core.errors import ChatError
@@ -22,6 +23,8 @@ from server.core.refusals import Quota
 from server.services.moderation import Moderation
 from server.services.payloads import ChangeMembers, CreateRoom
 from server.store.base import Store
+
+MembersChanged = Callable[[str, list[str], bool], Awaitable[None]]
 
 
 def direct_members(room_id: str) -> tuple[str, str] | None:
@@ -64,6 +67,7 @@ class RoomService:
         members_page: int = 500,
         creates: Quota | None = None,
         member_changes: Quota | None = None,
+        on_members: MembersChanged | None = None,
     ) -> None:
         self.store = store
         self.moderation = moderation
@@ -71,6 +75,12 @@ class RoomService:
         self.members_page = members_page
         self.creates = creates
         self.member_changes = member_changes
+        #: told (room, users, added) after every membership change (webhooks)
+        self.on_members = on_members
+
+    async def members_changed(self, room_id: str, users: list[str], added: bool) -> None:
+        if self.on_members is not None and users:
+            await self.on_members(room_id, users, added)
 
     def _check_direct(self, who: Identity, room_id: str) -> None:
         """A direct room id names its users: anyone else is refused, whether it exists or not."""
@@ -107,6 +117,7 @@ class RoomService:
             if not await self.store.is_member(room_id, who.user_id):
                 await self._room_is_full(room_id, 1)
                 await self.store.add_members(room_id, [who.user_id])
+                await self.members_changed(room_id, [who.user_id], True)
             return room
         await self._require_member(who, room)
         return room
@@ -117,6 +128,8 @@ class RoomService:
             room, created = await self.store.create_room(
                 Room(room_id, "direct", room_id), list(pair)
             )
+            if created:
+                await self.members_changed(room_id, list(pair), True)
         else:
             room, created = await self.store.create_room(
                 Room(room_id, "public", room_id), [who.user_id]
@@ -126,6 +139,9 @@ class RoomService:
                 if not await self.store.is_member(room_id, who.user_id):
                     await self._room_is_full(room_id, 1)
                     await self.store.add_members(room_id, [who.user_id])
+                    await self.members_changed(room_id, [who.user_id], True)
+            else:
+                await self.members_changed(room_id, [who.user_id], True)
         else:
             await self._require_member(who, room)
         return room
@@ -213,6 +229,8 @@ class RoomService:
         if not created and room.owner != who.user_id:
             # Any room's id is taken the same way: this says nothing about its kind.
             raise ChatError("forbidden", f"room id {request.room!r} is taken")
+        if created:
+            await self.members_changed(room.id, members, True)
         return room
 
     async def change_members(self, who: Identity, request: ChangeMembers, add: bool) -> list[str]:
@@ -232,8 +250,10 @@ class RoomService:
         if add:
             await self._room_is_full(room.id, len(changing))
             await self.store.add_members(room.id, changing)
+            await self.members_changed(room.id, changing, True)
             return users
         await self.store.remove_members(room.id, changing)
+        await self.members_changed(room.id, changing, False)
         return changing
 
     async def set_members(self, room_id: str, users: list[str], add: bool) -> list[str]:
@@ -248,9 +268,11 @@ class RoomService:
             added = [u for u in wanted if u not in current]
             await self._room_is_full(room.id, len(added))
             await self.store.add_members(room.id, added)
+            await self.members_changed(room.id, added, True)
             return added
         if room.owner in wanted:
             raise ChatError("bad_request", "the owner cannot be removed from their room")
         removed = [u for u in wanted if u in current]
         await self.store.remove_members(room.id, removed)
+        await self.members_changed(room.id, removed, False)
         return removed

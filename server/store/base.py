@@ -11,7 +11,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from datetime import datetime
 
-from server.core.models import AddResult, Message, MessageDraft, Room, SanctionKey, UserRecord
+from server.core.models import (
+    AddResult,
+    Message,
+    MessageDraft,
+    OutboxEntry,
+    OutboxItem,
+    Room,
+    SanctionKey,
+    UserRecord,
+)
 
 
 class Store(ABC):
@@ -125,3 +134,39 @@ class Store(ABC):
     @abstractmethod
     async def get_sanctions(self, keys: list[SanctionKey]) -> dict[SanctionKey, float | None]:
         """The recorded ones among ``keys``, expired or not (the caller judges ``until``)."""
+
+    # webhook outbox (memory and SQLite; Firestore refuses webhooks at start)
+    supports_outbox: bool = False
+
+    async def outbox_add(self, entries: list[OutboxEntry]) -> None:
+        """Record entries; one already recorded (same event and endpoint) is left as it is."""
+        raise NotImplementedError("this store keeps no webhook outbox")
+
+    async def outbox_claim(
+        self, owner: str, now: float, lease: float, limit: int
+    ) -> list[OutboxItem]:
+        """Lease up to ``limit`` due entries to ``owner`` until ``now + lease``.
+
+        Only the oldest pending entry of each (endpoint, ordering) is ever handed out, and
+        only when nobody else holds its lease: per ordering, events go out one at a time,
+        in order, through exactly one instance at a time.
+        """
+        raise NotImplementedError("this store keeps no webhook outbox")
+
+    async def outbox_finish(
+        self,
+        item: OutboxItem,
+        owner: str,
+        delivered: bool,
+        next_at: float = 0.0,
+        dead: bool = False,
+        error: str = "",
+    ) -> bool:
+        """Settle a claimed entry: delivered (removed), retried at ``next_at``, or dead.
+
+        Does nothing and returns False when ``owner`` no longer holds the lease."""
+        raise NotImplementedError("this store keeps no webhook outbox")
+
+    async def outbox_counts(self) -> dict[str, int]:
+        """``{"pending": n, "dead": m}``."""
+        raise NotImplementedError("this store keeps no webhook outbox")

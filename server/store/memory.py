@@ -11,6 +11,8 @@ from server.core.models import (
     AddResult,
     Message,
     MessageDraft,
+    OutboxEntry,
+    OutboxItem,
     Room,
     SanctionKey,
     UserRecord,
@@ -31,6 +33,10 @@ class MemoryStore(Store):
         self._markers: dict[tuple[str, str], int] = {}
         self._users: dict[str, UserRecord] = {}
         self._sanctions: dict[SanctionKey, float | None] = {}
+        #: pos -> [entry, state, attempts, next_at, lease_owner, lease_until]
+        self._outbox: dict[int, list] = {}
+        self._outbox_keys: set[tuple[str, str]] = set()
+        self._outbox_pos = 0
 
     async def ping(self) -> None:
         return None
@@ -78,6 +84,14 @@ class MemoryStore(Store):
         message = draft.stored(seq, utcnow())
         bisect.insort(room_messages, message, key=lambda m: m.seq)
         self._by_id[mid] = message
+        if draft.outgoing is not None:
+            body = draft.outgoing.render(message)
+            self._outbox_insert(
+                [
+                    OutboxEntry(draft.outgoing.event_id, endpoint, draft.room, body)
+                    for endpoint in draft.outgoing.endpoints
+                ]
+            )
         return AddResult(message, created=True)
 
     @staticmethod
@@ -134,3 +148,64 @@ class MemoryStore(Store):
 
     async def get_sanctions(self, keys: list[SanctionKey]) -> dict[SanctionKey, float | None]:
         return {key: self._sanctions[key] for key in keys if key in self._sanctions}
+
+    # ------------------------------------------------------------------ webhook outbox
+    supports_outbox = True
+
+    async def outbox_add(self, entries: list[OutboxEntry]) -> None:
+        self._outbox_insert(entries)
+
+    def _outbox_insert(self, entries: list[OutboxEntry]) -> None:
+        for entry in entries:
+            key = (entry.event_id, entry.endpoint)
+            if key in self._outbox_keys:
+                continue
+            self._outbox_keys.add(key)
+            self._outbox_pos += 1
+            self._outbox[self._outbox_pos] = [entry, "pending", 0, 0.0, None, 0.0]
+
+    async def outbox_claim(
+        self, owner: str, now: float, lease: float, limit: int
+    ) -> list[OutboxItem]:
+        heads: dict[tuple[str, str], int] = {}
+        for pos, row in self._outbox.items():  # insertion order is pos order
+            queue = (row[0].endpoint, row[0].ordering)
+            if row[1] == "pending" and queue not in heads:
+                heads[queue] = pos
+        claimed: list[OutboxItem] = []
+        for pos in sorted(heads.values()):
+            row = self._outbox[pos]
+            if row[3] <= now and row[5] <= now and len(claimed) < limit:
+                row[4], row[5] = owner, now + lease
+                claimed.append(OutboxItem(pos, row[0], row[2]))
+        return claimed
+
+    async def outbox_finish(
+        self,
+        item: OutboxItem,
+        owner: str,
+        delivered: bool,
+        next_at: float = 0.0,
+        dead: bool = False,
+        error: str = "",
+    ) -> bool:
+        row = self._outbox.get(item.pos)
+        if row is None or row[4] != owner:
+            return False
+        if delivered:
+            del self._outbox[item.pos]
+            return True
+        row[1], row[2], row[3], row[4], row[5] = (
+            "dead" if dead else "pending",
+            row[2] + 1,
+            next_at,
+            None,
+            0.0,
+        )
+        return True
+
+    async def outbox_counts(self) -> dict[str, int]:
+        counts = {"pending": 0, "dead": 0}
+        for row in self._outbox.values():
+            counts[row[1]] += 1
+        return counts

@@ -33,6 +33,8 @@ from server.core.models import (
     AddResult,
     Message,
     MessageDraft,
+    OutboxEntry,
+    OutboxItem,
     Room,
     SanctionKey,
     UserRecord,
@@ -44,6 +46,14 @@ from server.store.base import Store
 T = TypeVar("T")
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    pos INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL, endpoint TEXT NOT NULL, ordering TEXT NOT NULL, body TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL DEFAULT 0, lease_owner TEXT, lease_until REAL NOT NULL DEFAULT 0,
+    last_error TEXT, UNIQUE (event_id, endpoint)
+);
+CREATE INDEX IF NOT EXISTS outbox_queue ON outbox (state, endpoint, ordering, pos);
 CREATE TABLE IF NOT EXISTS sanctions (
     kind TEXT NOT NULL, scope TEXT NOT NULL, user TEXT NOT NULL, until REAL,
     PRIMARY KEY (kind, scope, user)
@@ -82,6 +92,13 @@ def _message(row: tuple) -> Message:
         text=row[5],
         client_id=row[6],
         created_at=datetime.fromisoformat(row[7]),
+    )
+
+
+def _insert_outbox(conn: sqlite3.Connection, entries: list[OutboxEntry]) -> None:
+    conn.executemany(
+        "INSERT OR IGNORE INTO outbox (event_id, endpoint, ordering, body) VALUES (?, ?, ?, ?)",
+        [(e.event_id, e.endpoint, e.ordering, e.body) for e in entries],
     )
 
 
@@ -522,9 +539,21 @@ class SQLiteStore(Store):
                 if row is not None:  # the same client_id again: the stored message
                     return _message(row), False
                 raise SeqTaken(draft.room, last_seq(conn)) from exc
-            return draft.stored(chosen, now), True
+            message = draft.stored(chosen, now)
+            if draft.outgoing is not None:  # in the same transaction as the message
+                body = draft.outgoing.render(message)
+                _insert_outbox(
+                    conn,
+                    [
+                        OutboxEntry(draft.outgoing.event_id, endpoint, draft.room, body)
+                        for endpoint in draft.outgoing.endpoints
+                    ],
+                )
+            return message, True
 
-        message, created = await self._call(self._writer, work, savepoint=False)
+        # Without outbox rows the insert is the call's one write and its last statement.
+        savepoint = draft.outgoing is not None
+        message, created = await self._call(self._writer, work, savepoint=savepoint)
         return AddResult(message, created)
 
     async def find_message(self, room_id: str, sender_id: str, client_id: str) -> Message | None:
@@ -637,3 +666,66 @@ class SQLiteStore(Store):
             if row is not None:
                 found[key] = row[0]
         return found
+
+    # ------------------------------------------------------------------ webhook outbox
+    supports_outbox = True
+
+    async def outbox_add(self, entries: list[OutboxEntry]) -> None:
+        if entries:
+            await self._call(self._writer, lambda conn: _insert_outbox(conn, entries))
+
+    async def outbox_claim(
+        self, owner: str, now: float, lease: float, limit: int
+    ) -> list[OutboxItem]:
+        def work(conn: sqlite3.Connection) -> list[OutboxItem]:
+            # The head of each (endpoint, ordering) queue, if due and free; in one IMMEDIATE
+            # transaction, so two processes sharing the file never claim the same entry.
+            rows = conn.execute(
+                "SELECT o.pos, o.event_id, o.endpoint, o.ordering, o.body, o.attempts "
+                "FROM outbox o WHERE o.state = 'pending' AND o.next_at <= ? "
+                "AND o.lease_until <= ? AND o.pos = (SELECT MIN(p.pos) FROM outbox p "
+                "WHERE p.state = 'pending' AND p.endpoint = o.endpoint "
+                "AND p.ordering = o.ordering) ORDER BY o.pos LIMIT ?",
+                (now, now, limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE pos = ?",
+                [(owner, now + lease, row[0]) for row in rows],
+            )
+            return [
+                OutboxItem(row[0], OutboxEntry(row[1], row[2], row[3], row[4]), row[5])
+                for row in rows
+            ]
+
+        return await self._call(self._writer, work)
+
+    async def outbox_finish(
+        self,
+        item: OutboxItem,
+        owner: str,
+        delivered: bool,
+        next_at: float = 0.0,
+        dead: bool = False,
+        error: str = "",
+    ) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            if delivered:
+                cursor = conn.execute(
+                    "DELETE FROM outbox WHERE pos = ? AND lease_owner = ?", (item.pos, owner)
+                )
+            else:
+                cursor = conn.execute(
+                    "UPDATE outbox SET attempts = attempts + 1, next_at = ?, state = ?, "
+                    "last_error = ?, lease_owner = NULL, lease_until = 0 "
+                    "WHERE pos = ? AND lease_owner = ?",
+                    (next_at, "dead" if dead else "pending", error[:500], item.pos, owner),
+                )
+            return cursor.rowcount == 1
+
+        return await self._call(self._writer, work)
+
+    async def outbox_counts(self) -> dict[str, int]:
+        rows = await self._fetchall("SELECT state, COUNT(*) FROM outbox GROUP BY state")
+        counts = {"pending": 0, "dead": 0}
+        counts.update({state: count for state, count in rows})
+        return counts

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr
@@ -332,14 +333,10 @@ def install(api: FastAPI, ctx: ServerApiContext) -> None:
     async def chat_error(request: Request, exc: ChatError) -> JSONResponse:
         return error_response(request, exc.code, exc.message)
 
-    default_validation = api.exception_handlers.get(RequestValidationError)
-
     @api.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        if not request.url.path.startswith(PREFIX):
-            from fastapi.exception_handlers import request_validation_exception_handler
-
-            return await (default_validation or request_validation_exception_handler)(request, exc)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if not request.url.path.startswith(PREFIX):  # FastAPI's own answer elsewhere
+            return await request_validation_exception_handler(request, exc)
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}"
             for err in exc.errors()[:5]
