@@ -167,8 +167,8 @@ async def test_read_marker(rig, uid):
     for _ in range(3):
         await rig.send(alice, room)
     cost = await rig.cost(rig.messages.mark_read(alice, MarkRead(room=room, seq=3)))
-    # last_seq, then one transaction: begin, read the marker, commit
-    assert cost == costs(reads=2, writes=1, round_trips=4, transactions=1), cost
+    # membership, last_seq, then one transaction: begin, read the marker, commit
+    assert cost == costs(reads=3, writes=1, round_trips=5, transactions=1), cost
 
 
 async def test_connect_and_going_offline(rig, uid):
@@ -190,14 +190,18 @@ async def test_room_members(rig, uid):
     others = [uid("m") for _ in range(9)]
     await rig.store.add_members(room, others)
 
-    async def members():
-        ids = await rig.rooms.members_for(alice, room)
+    async def page(after: str, limit: int, expected: int):
+        ids, _ = await rig.rooms.members_for(alice, room, after=after, limit=limit)
         statuses = await rig.presence.statuses(ids)
-        assert len(statuses) == 10
+        assert len(statuses) == expected
+        return ids
 
-    # is_member + one read per member listed; statuses come from presence, not the store
-    cost = await rig.cost(members())
-    assert cost == costs(reads=11, writes=0, round_trips=2), cost
+    # membership + the page and one more (tells whether another page follows);
+    # statuses come from presence, not from user records
+    first = await rig.cost(page("", 4, 4))
+    assert first == costs(reads=1 + 5, writes=0, round_trips=2), first
+    everyone = await rig.cost(page("", 500, 10))
+    assert everyone == costs(reads=1 + 10, writes=0, round_trips=2), everyone
 
 
 async def test_health_probe(rig):

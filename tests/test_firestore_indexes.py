@@ -1,7 +1,7 @@
 """firebase.json + firestore.indexes.json deploy from the repository and match the codec.
 
-Every field the store writes is exempt from indexing except ``messages.seq``, the one field
-any query filters or orders on (``firebase deploy --only firestore:indexes``, docs/firestore.md).
+Every field the store writes is exempt from indexing except the fields a query filters or
+orders on (``messages.seq``, ``members.user``) (``firebase deploy --only firestore:indexes``, docs/firestore.md).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from server.core.models import MessageDraft, Room, SanctionKey
 from server.store.firestore import codec
 
 ROOT = Path(__file__).resolve().parents[1]
-QUERIED = {("messages", "seq")}
+QUERIED = {("messages", "seq"), ("members", "user")}  # history, last_seq; member pages
 
 
 def written_fields() -> set[tuple[str, str]]:
