@@ -102,7 +102,7 @@ def _insert_outbox(conn: sqlite3.Connection, entries: list[OutboxEntry]) -> None
     )
 
 
-def _translated(exc: Exception) -> Exception:
+def _translated(exc: BaseException) -> BaseException:
     """The exception a store caller sees for ``exc`` raised by sqlite3."""
     if isinstance(exc, sqlite3.OperationalError):
         return StoreUnavailable(f"sqlite error: {exc}")
@@ -207,8 +207,14 @@ class _Lane:
         if not self._busy:
             self._busy = True
             # calls made in this turn of the loop go over with this one
-            self._loop.call_soon(self._dispatch)
+            loop.call_soon(self._dispatch)
         return call
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop of ``open``: the callbacks below run only after ``submit``, which needs it."""
+        assert self._loop is not None, "sqlite lane used before open()"
+        return self._loop
 
     def abandon(self, call: _Call) -> bool:
         """Give ``call`` up unless its batch claimed it already; True if it will not run."""
@@ -248,7 +254,7 @@ class _Lane:
         exc = finished.exception()
         outcomes = [(False, _translated(exc))] * len(calls) if exc else finished.result()
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            self._loop.call_soon_threadsafe(self._settle, calls, outcomes)
+            self.loop.call_soon_threadsafe(self._settle, calls, outcomes)
 
     def _settle(self, calls: list[_Call], outcomes: list[Outcome]) -> None:
         for call, (ok, value) in zip(calls, outcomes, strict=True):
@@ -269,7 +275,7 @@ class _Lane:
     def _expire(self) -> None:
         """Abandon the queued calls past their deadline; wake again for the next deadline."""
         self._timer = None
-        now = self._loop.time()
+        now = self.loop.time()
         wake = None
         for call in self._unanswered:  # oldest first: deadlines ascend
             if call.future.done():
@@ -290,7 +296,7 @@ class _Lane:
                 wake = hard if wake is None else min(wake, hard)
         self._forget_answered()
         if wake is not None:
-            self._timer = self._loop.call_at(wake, self._expire)
+            self._timer = self.loop.call_at(wake, self._expire)
 
 
 def _read_batch(conn: sqlite3.Connection, calls: list[_Call], claim: Claim) -> list[Outcome]:
@@ -419,6 +425,11 @@ class SQLiteStore(Store):
         rows = await self._fetchall(sql, params)
         return rows[0] if rows else None
 
+    async def _fetchvalue(self, sql: str, params: tuple, default: Any) -> Any:
+        """The first column of the first row, or ``default`` when there is no row."""
+        row = await self._fetchone(sql, params)
+        return row[0] if row else default
+
     async def _write(self, statements: list[tuple[str, tuple]]) -> None:
         """Run statements in one transaction."""
 
@@ -501,8 +512,8 @@ class SQLiteStore(Store):
         return [row[0] for row in rows]
 
     async def count_members(self, room_id: str) -> int:
-        row = await self._fetchone("SELECT COUNT(*) FROM members WHERE room = ?", (room_id,))
-        return int(row[0]) if row else 0
+        count = await self._fetchvalue("SELECT COUNT(*) FROM members WHERE room = ?", (room_id,), 0)
+        return int(count)
 
     async def add_message(self, draft: MessageDraft, seq: int | None = None) -> AddResult:
         mid = draft.message_id
@@ -564,10 +575,9 @@ class SQLiteStore(Store):
         return _message(row) if row else None
 
     async def last_seq(self, room_id: str) -> int:
-        row = await self._fetchone(
-            "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE room = ?", (room_id,)
+        return await self._fetchvalue(
+            "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE room = ?", (room_id,), 0
         )
-        return row[0]
 
     async def messages_after(self, room_id: str, after: int, limit: int) -> list[Message]:
         rows = await self._fetchall(
@@ -597,10 +607,9 @@ class SQLiteStore(Store):
         return await self.get_read_marker(room_id, user_id)
 
     async def get_read_marker(self, room_id: str, user_id: str) -> int:
-        row = await self._fetchone(
-            "SELECT seq FROM read_markers WHERE room = ? AND user = ?", (room_id, user_id)
+        return await self._fetchvalue(
+            "SELECT seq FROM read_markers WHERE room = ? AND user = ?", (room_id, user_id), 0
         )
-        return row[0] if row else 0
 
     async def upsert_user(self, user_id: str, name: str) -> None:
         await self._write(
