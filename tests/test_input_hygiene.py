@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 import socketio
@@ -75,3 +77,20 @@ async def test_dev_token_names_are_checked(server):
         assert bad.status_code == 422
         bad_user = await http.post(f"{server.url}/api/dev/token", json={"user": "ann\n"})
         assert bad_user.status_code == 422
+
+
+async def test_frame_limit_counts_bytes(server, uid):
+    """A frame under MAX_FRAME_BYTES characters but over it in bytes closes the connection."""
+    alice = ChatClient(uid("alice"))
+    await alice.connect(server.url)
+    room = uid("room")
+    await alice.call("room:join", {"room": room})
+    text = "é" * 40_000  # 40 000 characters, 80 000 bytes: over 65 536 bytes only
+    await alice.sio.emit(
+        "message:send", {"room": room, "text": text, "client_id": "big"}, namespace=NAMESPACE
+    )
+    deadline = asyncio.get_running_loop().time() + 20
+    while alice.sio.connected and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    assert not alice.sio.connected
+    await alice.disconnect()
