@@ -76,10 +76,11 @@ from engineio.async_drivers import asgi as eio_asgi
 from prometheus_client import Counter
 from socketio import packet as sio_packet
 
+_RawProtocol: type[WebSocketsSansIOProtocol] | None
 try:  # uvicorn's default websocket protocol: frames can go straight to its transport
-    from uvicorn.protocols.websockets.websockets_sansio_impl import (
-        WebSocketsSansIOProtocol as _RawProtocol,
-    )
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    _RawProtocol = WebSocketsSansIOProtocol
 except ImportError:  # pragma: no cover - another ASGI server: plain ASGI sends
     _RawProtocol = None
 
@@ -301,6 +302,10 @@ class ChatWebSocket(eio_asgi.WebSocket):
 class ChatSocket(async_socket.AsyncSocket):
     """An Engine.IO session without a task per packet, with a bounded backlog."""
 
+    # set by engineio's base socket, which has no type annotations
+    connected: bool
+    last_ping: float | None
+
     def __init__(self, server: ChatEngineServer, sid: str) -> None:
         super().__init__(server, sid)
         self.queue.on_put = self._kick
@@ -338,13 +343,13 @@ class ChatSocket(async_socket.AsyncSocket):
 
     def _kick(self) -> None:
         """Something was queued: a websocket starts (or keeps) its flush task."""
-        if self.wire is not None and self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
-
-    async def _flush(self) -> None:
-        """Drain the queue to the websocket in order; ends when it is empty. ``None`` in the
-        queue closes the websocket after what came before it."""
         wire = self.wire
+        if wire is not None and self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush(wire))
+
+    async def _flush(self, wire: ChatWebSocket) -> None:
+        """Drain the queue to ``wire`` in order; ends when it is empty. ``None`` in the
+        queue closes the websocket after what came before it."""
         queue = self.queue
         try:
             while not queue.empty():
@@ -507,6 +512,10 @@ class ChatSocket(async_socket.AsyncSocket):
 
 class ChatEngineServer(engineio.AsyncServer):
     """Engine.IO server that makes :class:`ChatSocket` sessions (see the module docstring)."""
+
+    # set by engineio's base server, which has no type annotations
+    _async: dict[str, Any]
+    start_service_task: bool
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
