@@ -4,8 +4,9 @@
 bytes, and mutations (flipped, inserted, truncated, spliced, repeated characters) of valid
 Engine.IO and Socket.IO packets of this server's protocol, half over raw websockets and
 half over HTTP long-polling, half of the sessions authenticated on ``/chat`` first. The
-same seed throws the same packets (what the server answers may differ: it closes
-sessions, which changes when new ones are opened, not what is thrown).
+same seed throws the same packets in the same sessions, whatever the server answers
+(every random choice is drawn before the packets it shapes are sent); only the tokens
+differ between runs, since they carry the current time.
 """
 
 from __future__ import annotations
@@ -213,6 +214,11 @@ class Fuzzer:
         self, http: aiohttp.ClientSession, rng: random.Random, batch: list, token: str | None
     ) -> None:
         base = self.url + "/socket.io/?EIO=4&transport=polling"
+        # How the batch is cut into bodies is drawn before anything is sent, so what the
+        # server answers never changes what the generator draws next.
+        cuts: list[int] = []
+        while sum(cuts) < len(batch):
+            cuts.append(rng.randint(1, 20))
         try:
             async with http.get(base) as response:
                 text = await response.text()
@@ -224,8 +230,7 @@ class Fuzzer:
             if token:
                 async with http.post(url, data="40/chat," + json.dumps({"token": token})) as r:
                     self._status(r.status)
-            while batch:
-                cut = rng.randint(1, 20)
+            for cut in cuts:
                 take, batch = batch[:cut], batch[cut:]
                 body = "\x1e".join(p.decode("latin-1") if isinstance(p, bytes) else p for p in take)
                 async with http.post(url, data=body.encode("utf-8", "surrogatepass")) as r:
