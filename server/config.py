@@ -82,6 +82,11 @@ class Settings(BaseModel):
 
     MAX_MESSAGE_LENGTH: int = Field(4000, ge=1, le=100_000)
     MAX_FRAME_BYTES: int = Field(65536, ge=1024)
+    MAX_MENTIONS_PER_MESSAGE: int = Field(20, ge=1, le=1000)
+    MAX_REACTION_LENGTH: int = Field(32, ge=1, le=256)
+    MAX_REACTIONS_PER_MESSAGE: int = Field(20, ge=1, le=1000)
+    QUOTE_LENGTH: int = Field(100, ge=0, le=4000)
+    UNREAD_COUNT_CAP: int = Field(100, ge=1, le=100_000)
     RATE_LIMIT_CONNECTS_PER_MINUTE: int = Field(60, ge=1)
     REFUSAL_LIMITER_MAX_KEYS: int = Field(100_000, ge=100)
     MAX_CONNECTIONS_PER_USER: int = Field(20, ge=1)

@@ -41,8 +41,11 @@ from server.presence.memory import MemoryPresence
 from server.presence.redis import RedisPresence
 from server.resources import DEMO_DIR
 from server.services.admin import Admin
+from server.services.changes import ChangeService
+from server.services.content import ContentLimits
 from server.services.figures import Figures
 from server.services.health import Health
+from server.services.inbox import InboxService
 from server.services.messages import MessageService
 from server.services.moderation import SANCTION, Moderation
 from server.services.presence import PresenceService
@@ -123,14 +126,23 @@ class Node:
             member_changes=Quota(settings.MEMBER_CHANGES_PER_HOUR, hour),
             on_members=self.webhooks.members_changed if self.webhooks.enabled else None,
         )
+        limits = ContentLimits(
+            max_length=settings.MAX_MESSAGE_LENGTH,
+            max_mentions=settings.MAX_MENTIONS_PER_MESSAGE,
+            max_reaction_length=settings.MAX_REACTION_LENGTH,
+            max_reactions=settings.MAX_REACTIONS_PER_MESSAGE,
+            quote_length=settings.QUOTE_LENGTH,
+            unread_cap=settings.UNREAD_COUNT_CAP,
+        )
         self.messages = MessageService(
             self.store,
             self.rooms,
             self.fanout,
-            settings.MAX_MESSAGE_LENGTH,
+            limits,
             allocator=self._allocator(),
             outgoing=self.webhooks.for_message if self.webhooks.enabled else None,
         )
+        self.changes = ChangeService(self.store, self.rooms, self.messages, self.fanout, limits)
         self.dispatcher = Dispatcher(
             self.store,
             self.webhooks,
@@ -166,6 +178,8 @@ class Node:
                 verifier=self.verifier,
                 rooms=self.rooms,
                 messages=self.messages,
+                changes=self.changes,
+                inbox=InboxService(self.store, limits),
                 presence=self.presence,
                 fanout=self.fanout,
                 typing=typing,

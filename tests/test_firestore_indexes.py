@@ -1,7 +1,8 @@
 """firebase.json + firestore.indexes.json deploy from the repository and match the codec.
 
-Every field the store writes is exempt from indexing except the fields a query filters or
-orders on (``messages.seq``, ``members.user``) (``firebase deploy --only firestore:indexes``, docs/firestore.md).
+Every field the store writes is exempt from indexing except the ones queries filter or order
+on; one composite index serves unread mentions (``firebase deploy --only firestore:indexes``,
+docs/firestore.md).
 """
 
 from __future__ import annotations
@@ -14,18 +15,43 @@ from server.core.models import MessageDraft, Room, SanctionKey
 from server.store.firestore import codec
 
 ROOT = Path(__file__).resolve().parents[1]
-QUERIED = {("messages", "seq"), ("members", "user")}  # history, last_seq; member pages
+QUERIED = {
+    ("messages", "seq"),
+    ("members", "user"),  # member pages
+    ("messages", "change_seq"),  # changes_after
+    ("messages", "mentions"),  # unread mentions (with the composite index)
+    ("reactions", "message_id"),  # erasing a deleted message's reactions
+}
+MENTIONS_INDEX = {
+    "collectionGroup": "messages",
+    "queryScope": "COLLECTION",
+    "fields": [
+        {"fieldPath": "mentions", "arrayConfig": "CONTAINS"},
+        {"fieldPath": "seq", "order": "ASCENDING"},
+    ],
+}
 
 
 def written_fields() -> set[tuple[str, str]]:
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    draft = MessageDraft("r", "u", "U", "text", "c")
+    draft = MessageDraft("r", "u", "U", "text", "c", reply_to="p", mentions=("v",))
+    changed = {"edited_at": now, "revision": 1, "deleted_at": now, "change_seq": 1}
+    changed["reactions"] = (("x", 1),)
     records = {
-        "messages": codec.message_record(draft, 1, now, "w"),
+        "messages": {
+            **codec.message_record(draft, 1, now, "w"),
+            **codec.message_changes(changed),
+        },
+        "counters": {"change_seq": 1},
+        "reactions": codec.reaction_record("m", "x", "u"),
         "seqs": codec.guard_record("m"),
         "members": codec.member_record("u", now),
         "read_markers": codec.marker_record(1),
-        "rooms": {**codec.room_record(Room("r", "public", "r")), "last_seq": 1},  # older data
+        "rooms": {
+            **codec.room_record(Room("r", "public", "r")),
+            "last_seq": 1,  # older data
+            **codec.membership_record(now),  # users/{user}/rooms/{room} mirrors
+        },
         "users": {"name": "U", "last_seen": now},
         "system": {"kind": "health", "created_at": now},
         "sanctions": codec.sanction_record(SanctionKey("ban", "r", "u"), None),
@@ -40,7 +66,7 @@ def test_firebase_json_deploys_the_index_file():
 
 def test_every_written_field_but_seq_is_exempt_from_indexing():
     indexes = json.loads((ROOT / "firestore.indexes.json").read_text())
-    assert indexes["indexes"] == []  # single-field queries only: no composite index
+    assert indexes["indexes"] == [MENTIONS_INDEX]  # the one composite index
     exempt = {
         (o["collectionGroup"], o["fieldPath"])
         for o in indexes["fieldOverrides"]

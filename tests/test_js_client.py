@@ -17,6 +17,22 @@ from tests.support.servers import make_token
 ROOT = Path(__file__).resolve().parents[1]
 JS = Path(__file__).resolve().parent / "js"
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+MESSAGE_FIELDS = {
+    "id",
+    "room",
+    "seq",
+    "sender",
+    "text",
+    "client_id",
+    "created_at",
+    "reply_to",
+    "mentions",
+    "edited_at",
+    "revision",
+    "deleted",
+    "change_seq",
+    "reactions",
+}
 
 
 @pytest.fixture(scope="session")
@@ -163,12 +179,15 @@ async def test_js_chat_between_two_clients(server, node_client, uid, transports)
         "last_seq": 0,
         "missed": [],
         "has_more": False,
+        "change_seq": 0,
+        "changes": [],
+        "changes_has_more": False,
     }
     assert out["joinBob"] == out["joinAlice"]
 
     message = out["send"]["message"]
     assert out["send"]["ok"] is True and set(out["send"]) == {"ok", "message"}
-    assert set(message) == {"id", "room", "seq", "sender", "text", "client_id", "created_at"}
+    assert set(message) == MESSAGE_FIELDS
     assert (message["room"], message["seq"], message["text"], message["client_id"]) == (
         room,
         1,
@@ -215,3 +234,88 @@ async def test_js_chat_between_two_clients(server, node_client, uid, transports)
     # Bob left before the last message; Alice never hears her own messages back.
     assert out["bobAllMessages"] == [message]
     assert out["aliceAllMessages"] == [reply]
+
+
+async def test_js_edits_deletes_reactions_replies_mentions(server, node_client, uid):
+    room = uid("room")
+    alice_id, bob_id, carol_id = uid("alice"), uid("bob"), uid("carol")
+    out = await run_js(
+        node_client,
+        "semantics.js",
+        {
+            "url": server.url,
+            "room": room,
+            "alice": {"token": make_token(alice_id, "Alice")},
+            "bob": {"token": make_token(bob_id, "Bob")},
+            "carol": {"token": make_token(carol_id)},
+        },
+    )
+    first = out["send"]["message"]
+    assert set(first) == MESSAGE_FIELDS
+    assert (first["revision"], first["deleted"], first["reactions"], first["reply_to"]) == (
+        0,
+        False,
+        [],
+        None,
+    )
+    assert out["joinBob"]["change_seq"] == 0 and out["joinBob"]["changes"] == []
+    reply = out["reply"]["message"]
+    assert reply["reply_to"] == {
+        "id": first["id"],
+        "seq": 1,
+        "sender": {"id": alice_id, "name": "Alice"},
+        "text": "hello",
+        "deleted": False,
+    }
+    assert reply["mentions"] == [alice_id, carol_id]
+    assert out["aliceMention"] == [{"room": room, "message": reply}]
+    assert out["carolMention"] == [{"room": room, "message": reply}]
+    assert out["carolNew"] == [] and out["carolActivity"] == []  # not a member: no activity
+
+    edited = out["edit"]["message"]
+    assert (edited["text"], edited["revision"], edited["change_seq"]) == ("hello, edited", 1, 1)
+    assert ISO_MS.match(edited["edited_at"]) and out["editAgain"] == out["edit"]
+    assert out["bobUpdatedAll"] == [
+        {
+            "room": room,
+            "id": first["id"],
+            "seq": 1,
+            "text": "hello, edited",
+            "mentions": [],
+            "edited_at": edited["edited_at"],
+            "revision": 1,
+            "change_seq": 1,
+        }
+    ]
+    assert out["bobReact"]["message"]["reactions"] == [{"emoji": "👍", "count": 1, "me": True}]
+    assert out["aliceReactions"][0]["reactions"] == [{"emoji": "👍", "count": 1}]
+    assert out["aliceReact"]["message"]["reactions"] == [{"emoji": "👍", "count": 2, "me": True}]
+    tomb = out["delete"]["message"]
+    assert (tomb["deleted"], tomb["text"], tomb["mentions"], tomb["seq"]) == (True, "", [], 2)
+    assert out["aliceDeleted"] == [
+        {
+            "room": room,
+            "id": reply["id"],
+            "seq": 2,
+            "deleted_at": out["aliceDeleted"][0]["deleted_at"],
+            "change_seq": 4,
+        }
+    ]
+    for key, code in (
+        ("editOthers", "forbidden"),
+        ("editMissingRoom", "not_found"),
+        ("longEmoji", "too_large"),
+        ("badId", "bad_request"),
+    ):
+        assert out[key]["ok"] is False and out[key]["error"]["code"] == code, (key, out[key])
+
+    history = out["history"]["messages"]
+    assert [m["seq"] for m in history] == [1, 2]
+    assert history[0]["text"] == "hello, edited"
+    assert history[0]["reactions"] == [{"emoji": "👍", "count": 2, "me": True}]
+    assert history[1]["deleted"] is True
+    [listed] = [r for r in out["rooms"]["rooms"] if r["room"]["id"] == room]
+    assert (listed["last_seq"], listed["unread"], listed["last_message"]["deleted"]) == (2, 1, True)
+    assert [m["change_seq"] for m in out["changes"]["changes"]] == [3, 4]
+    assert out["changes"]["change_seq"] == 4 and out["changes"]["has_more"] is False
+    assert [a["last_seq"] for a in out["bobActivity"]] == [1, 2]

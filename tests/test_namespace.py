@@ -12,6 +12,9 @@ from server.core.clientip import ClientAddress
 from server.core.refusals import LocalRefusals, RefusalCounter
 from server.core.state import InstanceState
 from server.presence.memory import MemoryPresence
+from server.services.changes import ChangeService
+from server.services.content import ContentLimits
+from server.services.inbox import InboxService
 from server.services.messages import MessageService
 from server.services.moderation import Moderation
 from server.services.presence import PresenceService
@@ -40,7 +43,9 @@ class Wired:
         )
         moderation = Moderation(self.store, self.fanout)
         rooms = RoomService(self.store, moderation)
-        self.messages = MessageService(self.store, rooms, self.fanout, max_length=100)
+        limits = ContentLimits(max_length=100)
+        self.messages = MessageService(self.store, rooms, self.fanout, limits)
+        changes = ChangeService(self.store, rooms, self.messages, self.fanout, limits)
         verifier = TokenVerifier(algorithms=["HS256"], secret=TEST_SECRET)
         self.admission = Admission(
             self.sio,  # type: ignore[arg-type]
@@ -64,6 +69,8 @@ class Wired:
             verifier=verifier,
             rooms=rooms,
             messages=self.messages,
+            changes=changes,
+            inbox=InboxService(self.store, limits),
             presence=self.presence,
             fanout=self.fanout,
             typing=TypingTimers(self.messages, 5.0),

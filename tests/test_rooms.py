@@ -21,6 +21,9 @@ async def test_public_room_created_on_first_join(clients, uid):
         "last_seq": 0,
         "missed": [],
         "has_more": False,
+        "change_seq": 0,
+        "changes": [],
+        "changes_has_more": False,
     }
     second = await bob.call("room:join", {"room": room})
     assert second == first

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from server.core.errors import SeqTaken
-from server.core.models import MessageDraft, Room
+from server.core.models import MessageDraft, Room, Unread
 
 
 def draft(room: str, client_id: str, text: str = "hi", sender: str = "alice") -> MessageDraft:
@@ -226,3 +226,176 @@ async def test_a_new_message_records_its_outgoing_events_in_the_same_write(store
     claimed = await store.outbox_claim("x", now=1.0, lease=5.0, limit=100)
     bodies = sorted((i.entry.endpoint, i.entry.body) for i in claimed if i.entry.ordering == room)
     assert bodies == [("0", f"{room}#1"), ("1", f"{room}#1")]  # once per endpoint, not twice
+
+
+# --- edits, deletions, reactions, replies, mentions, the room list -------------------------
+
+WHEN = datetime(2026, 3, 4, 5, 6, 7, 890000, tzinfo=UTC)
+
+
+async def three_messages(store, rid: str) -> list:
+    await store.create_room(Room(id=rid, kind="private", name=rid, owner="alice"), ["alice", "bob"])
+    added = [await store.add_message(draft(rid, f"c{i}", text=f"m{i}")) for i in range(1, 4)]
+    return [a.message for a in added]
+
+
+async def test_reply_and_mentions_are_stored(store, uid):
+    rid = uid("r")
+    first = (await store.add_message(draft(rid, "p"))).message
+    child = MessageDraft(
+        rid, "bob", "Bob", "@alice yes", "c", reply_to=first.id, mentions=("alice",)
+    )
+    stored = (await store.add_message(child)).message
+    assert (stored.reply_to, stored.mentions) == (first.id, ("alice",))
+    [again] = await store.messages_after(rid, 1, 5)
+    assert again == stored and again.revision == 0 and again.change_seq == 0
+    found = await store.get_messages(rid, [first.id, stored.id, "nope"])
+    assert found == {first.id: first, stored.id: stored}
+    assert await store.get_messages(uid("other"), [first.id]) == {}
+
+
+async def test_edit_bumps_revision_and_change_seq_once(store, uid):
+    rid = uid("r")
+    m1, m2, _ = await three_messages(store, rid)
+    assert await store.change_seq(rid) == 0
+    edited = await store.edit_message(rid, m2.id, "new", ("bob",), WHEN)
+    assert edited.changed and edited.refused is None
+    msg = edited.message
+    assert (msg.text, msg.mentions, msg.revision, msg.edited_at, msg.change_seq) == (
+        "new",
+        ("bob",),
+        1,
+        WHEN,
+        1,
+    )
+    repeat = await store.edit_message(rid, m2.id, "new", ("bob",), WHEN)
+    assert not repeat.changed and repeat.message == msg
+    assert await store.change_seq(rid) == 1
+    missing = await store.edit_message(rid, "nope", "x", (), WHEN)
+    assert missing.message is None and not missing.changed
+    assert (await store.edit_message(uid("other"), m1.id, "x", (), WHEN)).message is None
+    assert (await store.get_messages(rid, [m2.id]))[m2.id] == msg
+
+
+async def test_delete_makes_a_tombstone_and_erases_reactions(store, uid):
+    rid = uid("r")
+    m1, _, _ = await three_messages(store, rid)
+    await store.add_reaction(rid, m1.id, "bob", "👍", 20)
+    deleted = await store.delete_message(rid, m1.id, WHEN)
+    tomb = deleted.message
+    assert deleted.changed and tomb.deleted and tomb.deleted_at == WHEN
+    assert (tomb.text, tomb.mentions, tomb.reactions, tomb.seq) == ("", (), (), 1)
+    assert tomb.change_seq == 2
+    again = await store.delete_message(rid, m1.id, WHEN)
+    assert not again.changed and again.message == tomb
+    assert await store.my_reactions(rid, "bob", [m1.id]) == {}
+    refused = await store.edit_message(rid, m1.id, "back", (), WHEN)
+    assert refused.refused == "deleted" and not refused.changed
+    react = await store.add_reaction(rid, m1.id, "bob", "👍", 20)
+    assert react.refused == "deleted"
+    assert [m.seq for m in await store.messages_after(rid, 0, 5)] == [1, 2, 3]
+    assert await store.change_seq(rid) == 2
+
+
+async def test_reactions_aggregate_and_are_idempotent(store, uid):
+    rid = uid("r")
+    m1, m2, _ = await three_messages(store, rid)
+    for user, emoji in (("bob", "👍"), ("alice", "👍"), ("bob", "🎉"), ("bob", "👍")):
+        await store.add_reaction(rid, m1.id, user, emoji, 20)
+    [msg] = (await store.get_messages(rid, [m1.id])).values()
+    assert msg.reactions == (("🎉", 1), ("👍", 2))
+    assert msg.change_seq == 3  # the repeat changed nothing
+    mine = await store.my_reactions(rid, "bob", [m1.id, m2.id])
+    assert mine == {m1.id: frozenset({"👍", "🎉"})}
+    removed = await store.remove_reaction(rid, m1.id, "bob", "👍")
+    assert removed.changed and removed.message.reactions == (("🎉", 1), ("👍", 1))
+    assert not (await store.remove_reaction(rid, m1.id, "bob", "👍")).changed
+    assert (await store.remove_reaction(rid, "nope", "bob", "👍")).message is None
+    assert await store.change_seq(rid) == 4
+
+
+async def test_distinct_reactions_are_bounded(store, uid):
+    rid = uid("r")
+    m1, _, _ = await three_messages(store, rid)
+    for emoji in ("a", "b"):
+        assert (await store.add_reaction(rid, m1.id, "bob", emoji, 2)).changed
+    full = await store.add_reaction(rid, m1.id, "bob", "c", 2)
+    assert full.refused == "full" and not full.changed
+    assert (await store.add_reaction(rid, m1.id, "alice", "a", 2)).changed  # existing emoji
+    assert (await store.get_messages(rid, [m1.id]))[m1.id].reactions == (("a", 2), ("b", 1))
+
+
+async def test_concurrent_changes_get_dense_change_seqs(store, uid):
+    rid = uid("r")
+    m1, m2, m3 = await three_messages(store, rid)
+    results = await asyncio.gather(
+        *(store.add_reaction(rid, m.id, f"u{i}", "x", 20) for i in range(6) for m in (m1, m2, m3))
+    )
+    assert sorted(r.message.change_seq for r in results) == list(range(1, 19))
+    assert await store.change_seq(rid) == 18
+
+
+async def test_changes_after_lists_each_changed_message_once(store, uid):
+    rid = uid("r")
+    m1, m2, m3 = await three_messages(store, rid)
+    await store.edit_message(rid, m1.id, "a", (), WHEN)  # 1
+    await store.add_reaction(rid, m3.id, "bob", "x", 20)  # 2
+    await store.edit_message(rid, m1.id, "b", (), WHEN)  # 3
+    await store.delete_message(rid, m2.id, WHEN)  # 4
+    changes = await store.changes_after(rid, 0, 10)
+    assert [(m.seq, m.change_seq) for m in changes] == [(3, 2), (1, 3), (2, 4)]
+    assert changes[1].text == "b" and changes[2].deleted
+    assert [m.seq for m in await store.changes_after(rid, 2, 10)] == [1, 2]
+    assert [m.seq for m in await store.changes_after(rid, 0, 1)] == [3]
+    assert await store.changes_after(rid, 4, 10) == []
+
+
+async def test_user_rooms_with_last_message(store, uid):
+    me, rid, empty = uid("u"), uid("r"), uid("r")
+    await store.create_room(Room(id=rid, kind="public", name="R"), [me])
+    await store.create_room(Room(id=empty, kind="private", name="E", owner=me), [me, "x"])
+    await store.create_room(Room(id=uid("r"), kind="public", name="not mine"), ["x"])
+    await store.add_message(draft(rid, "1", text="first"))
+    last = (await store.add_message(draft(rid, "2", text="last"))).message
+    rooms = {room.id: (room, message) for room, message in await store.user_rooms(me)}
+    assert set(rooms) == {rid, empty}
+    assert rooms[rid][1] == last and rooms[rid][0].name == "R"
+    assert rooms[empty] == (rooms[empty][0], None) and rooms[empty][0].kind == "private"
+    assert await store.user_rooms(uid("nobody")) == []
+
+
+async def test_unread_counts_skip_own_deleted_and_read(store, uid):
+    rid, me = uid("r"), uid("me")
+    await store.create_room(Room(id=rid, kind="public", name=rid), [me])
+    for i in range(1, 7):
+        mentions = (me,) if i in (2, 5) else ()
+        sender = me if i == 3 else "bob"
+        await store.add_message(
+            MessageDraft(rid, sender, sender, f"m{i}", f"c{i}", mentions=mentions)
+        )
+    assert await store.unread(rid, me, 100) == Unread(0, 5, 2)
+    [sixth] = await store.messages_after(rid, 5, 1)
+    await store.delete_message(rid, sixth.id, WHEN)
+    assert await store.unread(rid, me, 100) == Unread(0, 4, 2)
+    assert await store.unread(rid, me, 3) == Unread(0, 3, 2)
+    await store.set_read_marker(rid, me, 2)
+    assert await store.unread(rid, me, 100) == Unread(2, 2, 1)
+    [fifth] = await store.messages_after(rid, 4, 1)
+    await store.edit_message(rid, fifth.id, "no mention now", (), WHEN)
+    assert await store.unread(rid, me, 100) == Unread(2, 2, 0)
+    await store.edit_message(rid, fifth.id, "again", (me,), WHEN)
+    assert await store.unread(rid, me, 100) == Unread(2, 2, 1)
+    await store.delete_message(rid, fifth.id, WHEN)
+    assert await store.unread(rid, me, 100) == Unread(2, 1, 0)
+    own = MessageDraft(rid, me, me, f"@{me}", "self", mentions=(me,))
+    await store.add_message(own)
+    assert await store.unread(rid, me, 100) == Unread(2, 1, 0)
+
+
+async def test_unread_with_a_known_marker(store, uid):
+    rid, me = uid("r"), uid("me")
+    for i in range(1, 4):
+        await store.add_message(MessageDraft(rid, "bob", "Bob", f"m{i}", f"c{i}"))
+    await store.set_read_marker(rid, me, 1)
+    assert await store.unread(rid, me, 100, marker=2) == Unread(2, 1, 0)
+    assert await store.unread(rid, me, 100) == Unread(1, 2, 0)

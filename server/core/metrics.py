@@ -20,6 +20,10 @@ MESSAGES_RECEIVED = Counter(
 MESSAGES_DELIVERED = Counter(
     "chat_messages_delivered_total", "message:new events handed to local sockets"
 )
+MESSAGE_CHANGES = Counter(
+    "chat_message_changes_total", "Edits, deletions and reaction changes stored", ["kind"]
+)
+MENTIONS = Counter("chat_mentions_total", "mention events sent (one per mentioned user)")
 ACKS = Counter("chat_acks_total", "Acks sent, by result code", ["code"])
 AUTH_FAILURES = Counter("chat_auth_failures_total", "Refused connection attempts", ["code"])
 SANCTIONS_ENFORCED = Counter(
@@ -73,7 +77,8 @@ LIMITER_EVICTIONS = Counter(
 )
 LIMIT_REFUSALS = Counter(
     "chat_limit_refusals_total",
-    "Requests refused by a limit (room_members, joined_rooms, room_creates, member_changes)",
+    "Requests refused by a limit (room_members, joined_rooms, room_creates, member_changes, "
+    "message_length, mentions, reaction_length, reactions)",
     ["limit"],
 )
 EVICTION_SOCKETS = Counter(

@@ -74,7 +74,11 @@ class Room:
 
 @dataclass(frozen=True, slots=True)
 class MessageDraft:
-    """What a sender asks to store; the store gives it an id, a seq and a time."""
+    """What a sender asks to store; the store gives it an id, a seq and a time.
+
+    ``mentions`` are the users the text mentions who may read the room (the sender
+    included when they mention themselves); ``reply_to`` is a message id of the same room.
+    """
 
     room: str
     sender_id: str
@@ -83,6 +87,8 @@ class MessageDraft:
     client_id: str
     #: webhook events to record in the same transaction as the message (when it is new)
     outgoing: Outgoing | None = field(default=None, compare=False)
+    reply_to: str | None = None
+    mentions: tuple[str, ...] = ()
 
     @property
     def message_id(self) -> str:
@@ -99,11 +105,24 @@ class MessageDraft:
             text=self.text,
             client_id=self.client_id,
             created_at=created_at,
+            reply_to=self.reply_to,
+            mentions=self.mentions,
         )
+
+
+#: (emoji, count) pairs sorted by emoji: a message's reactions, aggregated.
+ReactionCounts = tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
+    """A stored message in its current state.
+
+    ``change_seq`` is the room's change sequence at the message's last edit, deletion or
+    reaction change (0 when it never changed). A deleted message is a tombstone: it keeps
+    its id, seq, sender and times; ``text``, ``mentions`` and ``reactions`` are empty.
+    """
+
     id: str
     room: str
     seq: int
@@ -112,8 +131,21 @@ class Message:
     text: str
     client_id: str
     created_at: datetime
+    reply_to: str | None = None
+    mentions: tuple[str, ...] = ()
+    edited_at: datetime | None = None
+    revision: int = 0
+    deleted_at: datetime | None = None
+    change_seq: int = 0
+    reactions: ReactionCounts = ()
 
-    def to_wire(self) -> dict:
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
+
+    def to_wire(self, reply: dict | None = None, mine: frozenset[str] = frozenset()) -> dict:
+        """The message as clients see it; ``reply`` is its parent's quote, ``mine`` the
+        emojis the viewer reacted with."""
         return {
             "id": self.id,
             "room": self.room,
@@ -122,7 +154,48 @@ class Message:
             "text": self.text,
             "client_id": self.client_id,
             "created_at": iso(self.created_at),
+            "reply_to": reply,
+            "mentions": list(self.mentions),
+            "edited_at": iso(self.edited_at),
+            "revision": self.revision,
+            "deleted": self.deleted,
+            "change_seq": self.change_seq,
+            "reactions": reactions_wire(self.reactions, mine),
         }
+
+
+def reactions_wire(counts: ReactionCounts, mine: frozenset[str] | None) -> list[dict]:
+    """``[{emoji, count, me}]`` (``me`` left out when ``mine`` is None: a room broadcast)."""
+    if mine is None:
+        return [{"emoji": emoji, "count": count} for emoji, count in counts]
+    return [{"emoji": emoji, "count": count, "me": emoji in mine} for emoji, count in counts]
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeResult:
+    """Outcome of an edit, a deletion or a reaction change.
+
+    ``message`` is None when no such message exists in the room. ``changed`` is False for
+    a repeat (nothing stored, nothing to broadcast). ``refused`` names why a change was
+    not made: ``"deleted"`` (the message is a tombstone) or ``"full"`` (the message has
+    the most distinct reactions allowed).
+    """
+
+    message: Message | None
+    changed: bool
+    refused: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unread:
+    """A user's position in a room: read marker, unread messages and unread mentions.
+
+    Both counts stop at the cap they were asked with (a count at the cap means "at least").
+    """
+
+    read_seq: int
+    unread: int
+    mentions: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,10 @@ class Admin:
     async def history(self, request: History) -> tuple[list[Message], bool]:
         return await self.messages.history(SYSTEM, request)
 
+    async def render(self, room_id: str, messages: list[Message]) -> list[dict]:
+        """Messages as clients see them (reply quotes; no viewer, so every ``me`` is false)."""
+        return await self.messages.views.render(room_id, messages, None)
+
     async def create_room(self, owner: str | None, request: CreateRoom) -> Room:
         return await self.rooms.create(acting_as(owner), request)
 

@@ -1,4 +1,9 @@
-"""Messages: send (validate → allocate seq → store durably → fan out), history, read, typing."""
+"""Messages: send (validate → allocate seq → store durably → fan out), history, read, typing.
+
+A stored message reaches the sockets joined to its room (``message:new``), every
+connection of every member (``room:activity``, joined or not, for live badges) and every
+connection of each mentioned user who may read the room (``mention``).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ import structlog
 
 from server.core import metrics
 from server.core.errors import ChatError, SeqTaken, StoreUnavailable
-from server.core.models import AddResult, Identity, Message, MessageDraft, Outgoing
+from server.core.models import AddResult, Identity, Message, MessageDraft, Outgoing, Room
+from server.services.content import ContentLimits, Views, clean_text, parse_mentions, preview
 from server.services.payloads import History, MarkRead, SendMessage
 from server.services.ports import Fanout, SeqAllocator
 from server.services.rooms import RoomService
@@ -55,41 +61,55 @@ class MessageService:
         store: Store,
         rooms: RoomService,
         fanout: Fanout,
-        max_length: int,
+        limits: ContentLimits,
         allocator: SeqAllocator | None = None,
         outgoing: Callable[[MessageDraft], Awaitable[Outgoing | None]] | None = None,
     ) -> None:
         self.store = store
         self.rooms = rooms
         self.fanout = fanout
-        self.max_length = max_length
+        self.limits = limits
+        self.views = Views(store, limits)
         self.allocator = allocator
         #: webhook events to store with each new message (None: no webhooks)
         self.outgoing = outgoing
         self._unconfirmed = RecentIds(10_000)
 
-    def _text(self, raw: str) -> str:
-        text = raw.strip()
-        if not text:
-            raise ChatError("bad_request", "text is empty after trimming")
-        if len(text) > self.max_length:
-            raise ChatError(
-                "too_large", f"text is {len(text)} characters; the limit is {self.max_length}"
-            )
-        return text
-
-    async def send(self, who: Identity, sid: str | None, request: SendMessage) -> Message:
-        """Store the message, then broadcast it to the room except the sending socket."""
-        message, _ = await self.send_reporting(who, sid, request)
-        return message
+    async def send(self, who: Identity, sid: str | None, request: SendMessage) -> dict:
+        """Store the message, then broadcast it to the room except the sending socket;
+        return it as clients see it."""
+        _, _, wire = await self._send(who, sid, request)
+        return wire
 
     async def send_reporting(
         self, who: Identity, sid: str | None, request: SendMessage
     ) -> tuple[Message, bool]:
         """``send``, also saying whether this call stored the message (False for a repeat)."""
-        text = self._text(request.text)
-        await self.rooms.may_send(who, request.room)
-        draft = MessageDraft(request.room, who.user_id, who.name, text, request.client_id)
+        message, created, _ = await self._send(who, sid, request)
+        return message, created
+
+    async def _send(
+        self, who: Identity, sid: str | None, request: SendMessage
+    ) -> tuple[Message, bool, dict]:
+        text = clean_text(request.text, self.limits)
+        mentioned = parse_mentions(text, self.limits)
+        room = await self.rooms.may_send(who, request.room)
+        members = await self.rooms.members_recent(room.id)
+        if mentioned and room.kind != "public":  # who may read it decides who is mentioned
+            members = await self.store.list_members(room.id)
+        if request.reply_to is not None:
+            parents = await self.store.get_messages(room.id, [request.reply_to])
+            if request.reply_to not in parents:
+                raise ChatError("bad_request", "reply_to: no such message in this room")
+        draft = MessageDraft(
+            request.room,
+            who.user_id,
+            who.name,
+            text,
+            request.client_id,
+            reply_to=request.reply_to,
+            mentions=tuple(self.rooms.readers(room, members, mentioned)),
+        )
         if self.outgoing is not None:
             draft = replace(draft, outgoing=await self.outgoing(draft))
         try:
@@ -100,12 +120,32 @@ class MessageService:
         # A send whose store call failed may have been stored all the same (the write landed,
         # its answer did not): its retry finds it and broadcasts it then, once.
         unconfirmed = self._unconfirmed.forget(result.message.id)
+        wire = await self.views.one(result.message, None)
         if result.created or unconfirmed:
             metrics.MESSAGES_RECEIVED.inc()
-            await self.fanout.to_room(
-                request.room, "message:new", result.message.to_wire(), skip_sid=sid
-            )
-        return result.message, result.created
+            await self.fanout.to_room(request.room, "message:new", wire, skip_sid=sid)
+            await self._tell_members(room, members, result.message)
+            await self.notify_mentioned(result.message, list(result.message.mentions), wire)
+        return result.message, result.created, wire
+
+    async def _tell_members(self, room: Room, members: list[str], message: Message) -> None:
+        """``room:activity`` to every connection of every member, joined or not."""
+        await self.fanout.to_users(
+            members,
+            "room:activity",
+            {
+                "room": room.id,
+                "last_seq": message.seq,
+                "message": preview(message, self.limits.quote_length),
+            },
+        )
+
+    async def notify_mentioned(self, message: Message, users: list[str], wire: dict) -> None:
+        """``mention {room, message}`` to each of ``users`` but the sender, cluster-wide."""
+        targets = [u for u in users if u != message.sender_id]
+        if targets:
+            metrics.MENTIONS.inc(len(targets))
+            await self.fanout.to_users(targets, "mention", {"room": message.room, "message": wire})
 
     async def _store(self, draft: MessageDraft) -> AddResult:
         allocator = self.allocator
@@ -164,7 +204,9 @@ class MessageService:
         return page(fetched, request.limit, newest_first_trim=True)
 
     async def mark_read(self, who: Identity, request: MarkRead) -> int:
-        """Members only (public rooms too: a read marker is broadcast into the room)."""
+        """Members only (public rooms too: a read marker is broadcast into the room). A
+        forward move is broadcast to the room (``message:read``) and to the reader's own
+        connections with the new counts (``room:read``)."""
         await self.rooms.require_member(who, request.room)
         last_seq = await self.store.last_seq(request.room)
         if request.seq > last_seq:
@@ -179,6 +221,19 @@ class MessageService:
                 request.room,
                 "message:read",
                 {"room": request.room, "user": who.user_id, "seq": stored},
+            )
+            unread = await self.store.unread(
+                request.room, who.user_id, self.limits.unread_cap, marker=stored
+            )
+            await self.fanout.to_users(
+                [who.user_id],
+                "room:read",
+                {
+                    "room": request.room,
+                    "seq": unread.read_seq,
+                    "unread": unread.unread,
+                    "unread_mentions": unread.mentions,
+                },
             )
         return stored
 

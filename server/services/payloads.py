@@ -26,6 +26,9 @@ Seq = Annotated[StrictInt, Field(ge=0, le=2**53)]
 ClientId = Annotated[StrictStr, Field(min_length=1, max_length=64), AfterValidator(check_name)]
 #: Display names: no control, format (bidi override, zero-width) or separator characters.
 Name = Annotated[StrictStr, Field(min_length=1, max_length=128), AfterValidator(check_name)]
+MessageId = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9]{1,64}$")]  # ids are hex
+#: Structural bound only; the configurable one (MAX_REACTION_LENGTH) answers too_large.
+Emoji = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 
 
 class Payload(BaseModel):
@@ -45,6 +48,7 @@ class MembersPage(RoomRef):
 
 class JoinRoom(RoomRef):
     since: Seq | None = None
+    changes_since: Seq | None = None
 
 
 class CreateRoom(RoomRef):
@@ -60,6 +64,29 @@ class ChangeMembers(RoomRef):
 class SendMessage(RoomRef):
     text: Annotated[StrictStr, AfterValidator(check_text)]
     client_id: ClientId
+    reply_to: MessageId | None = None
+
+
+class MessageRef(RoomRef):
+    id: MessageId
+
+
+class EditMessage(MessageRef):
+    text: StrictStr
+
+
+class React(MessageRef):
+    emoji: Emoji
+
+
+class Changes(RoomRef):
+    after: Seq
+    limit: Annotated[StrictInt, Field(ge=1, le=100)] = 100
+
+
+class ListRooms(Payload):
+    limit: Annotated[StrictInt, Field(ge=1, le=100)] = 50
+    cursor: Annotated[StrictStr, Field(min_length=1, max_length=1024)] | None = None
 
 
 class History(RoomRef):

@@ -19,6 +19,9 @@ class Fanout(Protocol):
         self, room_id: str, event: str, data: dict, skip_sid: str | None = None
     ) -> None: ...
 
+    async def to_users(self, user_ids: list[str], event: str, data: dict) -> None:
+        """Every connection of each of ``user_ids``, on every instance, joined or not."""
+
 
 class PresenceAnnouncer(Protocol):
     """Tells every socket that follows a user about that user's transition."""

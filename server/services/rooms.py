@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 from server.core import metrics
@@ -45,6 +46,13 @@ def direct_members(room_id: str) -> tuple[str, str] | None:
     return found[0] if len(found) == 1 else None
 
 
+#: Rooms whose member lists ``members_recent`` keeps at most (oldest dropped first).
+MEMBERS_REMEMBERED = 10_000
+
+#: The token role that may delete any message, anywhere.
+ADMIN_ROLE = "admin"
+
+
 def missing(room_id: str) -> ChatError:
     """The one answer for a room that does not exist or that the caller may not see."""
     return ChatError("not_found", f"room {room_id!r} does not exist")
@@ -68,6 +76,7 @@ class RoomService:
         creates: Quota | None = None,
         member_changes: Quota | None = None,
         on_members: MembersChanged | None = None,
+        members_ttl: float = 5.0,
     ) -> None:
         self.store = store
         self.moderation = moderation
@@ -77,10 +86,28 @@ class RoomService:
         self.member_changes = member_changes
         #: told (room, users, added) after every membership change (webhooks)
         self.on_members = on_members
+        self.members_ttl = members_ttl
+        self._members: dict[str, tuple[float, list[str]]] = {}  # room -> (expiry, members)
 
     async def members_changed(self, room_id: str, users: list[str], added: bool) -> None:
+        self._members.pop(room_id, None)
         if self.on_members is not None and users:
             await self.on_members(room_id, users, added)
+
+    async def members_recent(self, room_id: str) -> list[str]:
+        """The room's members, remembered for ``members_ttl`` seconds: for deliveries that
+        tolerate it (``room:activity``), never for an access check. This instance forgets a
+        room's list when it changes the membership; another instance's change shows within
+        the TTL. Saves a store read (Firestore: one per member) on most sends."""
+        now = time.monotonic()
+        held = self._members.get(room_id)
+        if held is not None and held[0] > now:
+            return held[1]
+        members = await self.store.list_members(room_id)
+        self._members[room_id] = (now + self.members_ttl, members)
+        while len(self._members) > MEMBERS_REMEMBERED:
+            self._members.pop(next(iter(self._members)))
+        return members
 
     def _check_direct(self, who: Identity, room_id: str) -> None:
         """A direct room id names its users: anyone else is refused, whether it exists or not."""
@@ -206,13 +233,37 @@ class RoomService:
             other = pair[1] if pair[0] == who.user_id else pair[0]
             await self.moderation.check_direct(who.user_id, other)
 
-    async def may_send(self, who: Identity, room_id: str) -> None:
+    async def may_send(self, who: Identity, room_id: str) -> Room:
         """Membership of private rooms is re-checked at send (a removal may be in flight);
         bans, mutes and blocks are checked on every send."""
         room = await self._existing(room_id)
         await self._check_sanctions(who, room_id, joining=False)
         if room.kind == "private" and not who.is_system:
             await self._require_member(who, room)
+        return room
+
+    async def visible(self, who: Identity, room_id: str, *, admin_sees_all: bool = False) -> Room:
+        """The room if ``who`` may read it; a room they may not read answers exactly like a
+        room that does not exist (``not_found``). ``admin_sees_all``: a token with the admin
+        role sees every room."""
+        if admin_sees_all and who.role == ADMIN_ROLE:
+            return await self._existing(room_id)
+        return await self._visible(who, room_id)
+
+    async def may_change(self, who: Identity, room_id: str) -> Room:
+        """``visible``, and the sanctions that stop a send (ban, mute, block) stop an edit
+        or a reaction too."""
+        room = await self._visible(who, room_id)
+        await self._check_sanctions(who, room_id, joining=False)
+        return room
+
+    @staticmethod
+    def readers(room: Room, members: list[str], user_ids: list[str]) -> list[str]:
+        """Those of ``user_ids`` who may read ``room`` (anyone for public rooms)."""
+        if room.kind == "public":
+            return user_ids
+        allowed = set(members)
+        return [u for u in user_ids if u in allowed]
 
     async def create(self, who: Identity, request: CreateRoom) -> Room:
         if request.room.startswith("dm:"):

@@ -13,12 +13,14 @@ from datetime import datetime
 
 from server.core.models import (
     AddResult,
+    ChangeResult,
     Message,
     MessageDraft,
     OutboxEntry,
     OutboxItem,
     Room,
     SanctionKey,
+    Unread,
     UserRecord,
 )
 
@@ -95,6 +97,65 @@ class Store(ABC):
     @abstractmethod
     async def messages_before(self, room_id: str, before: int | None, limit: int) -> list[Message]:
         """The ``limit`` messages closest below ``before`` (latest when None), ascending."""
+
+    @abstractmethod
+    async def get_messages(self, room_id: str, ids: list[str]) -> dict[str, Message]:
+        """The messages of ``room_id`` among ``ids`` (tombstones included), by id."""
+
+    # changes: each one that happens bumps the room's change seq by exactly one and
+    # stamps the message with it, atomically (the seq is dense per room).
+    @abstractmethod
+    async def change_seq(self, room_id: str) -> int:
+        """The room's change seq: how many changes it has had (0 for none)."""
+
+    @abstractmethod
+    async def changes_after(self, room_id: str, after: int, limit: int) -> list[Message]:
+        """Up to ``limit`` messages whose ``change_seq`` is above ``after``, ascending by it."""
+
+    @abstractmethod
+    async def edit_message(
+        self, room_id: str, message_id: str, text: str, mentions: tuple[str, ...], at: datetime
+    ) -> ChangeResult:
+        """Replace the text (revision + 1, ``edited_at``); unchanged when the text is the same,
+        refused ``"deleted"`` on a tombstone."""
+
+    @abstractmethod
+    async def delete_message(self, room_id: str, message_id: str, at: datetime) -> ChangeResult:
+        """Make the message a tombstone: erase its text, mentions and reactions (their
+        records too); unchanged when it already is one."""
+
+    @abstractmethod
+    async def add_reaction(
+        self, room_id: str, message_id: str, user_id: str, emoji: str, max_distinct: int
+    ) -> ChangeResult:
+        """One reaction per (message, user, emoji): unchanged when it exists, refused
+        ``"deleted"`` on a tombstone and ``"full"`` when ``emoji`` would be the message's
+        ``max_distinct + 1``-th distinct emoji."""
+
+    @abstractmethod
+    async def remove_reaction(
+        self, room_id: str, message_id: str, user_id: str, emoji: str
+    ) -> ChangeResult:
+        """Remove the user's reaction; unchanged when there is none."""
+
+    @abstractmethod
+    async def my_reactions(
+        self, room_id: str, user_id: str, message_ids: list[str]
+    ) -> dict[str, frozenset[str]]:
+        """The emojis ``user_id`` reacted with, for those of ``message_ids`` that have any."""
+
+    # the room list
+    @abstractmethod
+    async def user_rooms(self, user_id: str) -> list[tuple[Room, Message | None]]:
+        """Every room ``user_id`` is a member of, with its last message (None when empty)."""
+
+    @abstractmethod
+    async def unread(
+        self, room_id: str, user_id: str, cap: int, marker: int | None = None
+    ) -> Unread:
+        """The read marker, the messages after it that are not deleted and not the user's
+        own, and the user's mentions after it in messages not deleted; counts stop at ``cap``.
+        A caller that knows the marker passes it (the store then does not read it)."""
 
     # read markers
     @abstractmethod

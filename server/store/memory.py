@@ -9,12 +9,14 @@ from datetime import datetime
 from server.core.errors import SeqTaken
 from server.core.models import (
     AddResult,
+    ChangeResult,
     Message,
     MessageDraft,
     OutboxEntry,
     OutboxItem,
     Room,
     SanctionKey,
+    Unread,
     UserRecord,
     message_id,
     utcnow,
@@ -37,6 +39,8 @@ class MemoryStore(Store):
         self._outbox: dict[int, list] = {}
         self._outbox_keys: set[tuple[str, str]] = set()
         self._outbox_pos = 0
+        self._reactions: dict[str, dict[str, set[str]]] = {}  # message -> emoji -> users
+        self._change_seqs: dict[str, int] = {}
 
     async def ping(self) -> None:
         return None
@@ -119,6 +123,116 @@ class MemoryStore(Store):
             else bisect.bisect_left(messages, before, key=lambda m: m.seq)
         )
         return messages[max(0, end - limit) : end]
+
+    async def get_messages(self, room_id: str, ids: list[str]) -> dict[str, Message]:
+        found = (self._by_id.get(mid) for mid in ids)
+        return {m.id: m for m in found if m is not None and m.room == room_id}
+
+    async def change_seq(self, room_id: str) -> int:
+        return self._change_seqs.get(room_id, 0)
+
+    async def changes_after(self, room_id: str, after: int, limit: int) -> list[Message]:
+        changed = [m for m in self._messages.get(room_id, []) if m.change_seq > after]
+        return sorted(changed, key=lambda m: m.change_seq)[:limit]
+
+    def _find(self, room_id: str, mid: str) -> Message | None:
+        message = self._by_id.get(mid)
+        return message if message is not None and message.room == room_id else None
+
+    def _change(self, message: Message, **fields: object) -> ChangeResult:
+        """Store ``message`` with ``fields`` and the room's next change seq."""
+        change = self._change_seqs.get(message.room, 0) + 1
+        self._change_seqs[message.room] = change
+        emojis = self._reactions.get(message.id, {})
+        counts = tuple(sorted((e, len(users)) for e, users in emojis.items()))
+        fields = {"reactions": counts, **fields}
+        updated = replace(message, change_seq=change, **fields)  # type: ignore[arg-type]
+        room_messages = self._messages[message.room]
+        index = bisect.bisect_left(room_messages, message.seq, key=lambda m: m.seq)
+        room_messages[index] = updated
+        self._by_id[message.id] = updated
+        return ChangeResult(updated, changed=True)
+
+    async def edit_message(
+        self, room_id: str, message_id: str, text: str, mentions: tuple[str, ...], at: datetime
+    ) -> ChangeResult:
+        message = self._find(room_id, message_id)
+        if message is None or message.deleted:
+            return ChangeResult(message, False, "deleted" if message else None)
+        if message.text == text:
+            return ChangeResult(message, changed=False)
+        return self._change(
+            message, text=text, mentions=mentions, edited_at=at, revision=message.revision + 1
+        )
+
+    async def delete_message(self, room_id: str, message_id: str, at: datetime) -> ChangeResult:
+        message = self._find(room_id, message_id)
+        if message is None or message.deleted:
+            return ChangeResult(message, changed=False)
+        self._reactions.pop(message_id, None)
+        return self._change(message, text="", mentions=(), deleted_at=at)
+
+    async def add_reaction(
+        self, room_id: str, message_id: str, user_id: str, emoji: str, max_distinct: int
+    ) -> ChangeResult:
+        message = self._find(room_id, message_id)
+        if message is None or message.deleted:
+            return ChangeResult(message, False, "deleted" if message else None)
+        emojis = self._reactions.setdefault(message_id, {})
+        if user_id in emojis.get(emoji, ()):
+            return ChangeResult(message, changed=False)
+        if emoji not in emojis and len(emojis) >= max_distinct:
+            return ChangeResult(message, False, "full")
+        emojis.setdefault(emoji, set()).add(user_id)
+        return self._change(message)
+
+    async def remove_reaction(
+        self, room_id: str, message_id: str, user_id: str, emoji: str
+    ) -> ChangeResult:
+        message = self._find(room_id, message_id)
+        emojis = self._reactions.get(message_id, {})
+        if message is None or user_id not in emojis.get(emoji, ()):
+            return ChangeResult(message, changed=False)
+        emojis[emoji].discard(user_id)
+        if not emojis[emoji]:
+            del emojis[emoji]
+        return self._change(message)
+
+    async def my_reactions(
+        self, room_id: str, user_id: str, message_ids: list[str]
+    ) -> dict[str, frozenset[str]]:
+        mine = {}
+        for mid in message_ids:
+            emojis = self._reactions.get(mid, {}) if self._find(room_id, mid) else {}
+            chosen = frozenset(e for e, users in emojis.items() if user_id in users)
+            if chosen:
+                mine[mid] = chosen
+        return mine
+
+    async def user_rooms(self, user_id: str) -> list[tuple[Room, Message | None]]:
+        found: list[tuple[Room, Message | None]] = []
+        for room in self._rooms.values():
+            if user_id in self._members.get(room.id, ()):
+                messages = self._messages.get(room.id)
+                found.append((room, messages[-1] if messages else None))
+        return found
+
+    async def unread(
+        self, room_id: str, user_id: str, cap: int, marker: int | None = None
+    ) -> Unread:
+        if marker is None:
+            marker = self._markers.get((room_id, user_id), 0)
+        messages = self._messages.get(room_id, [])
+        start = bisect.bisect_right(messages, marker, key=lambda m: m.seq)
+        unread = mentions = 0
+        for message in messages[start:]:
+            if message.deleted or message.sender_id == user_id:
+                continue
+            unread += 1
+            mentions += user_id in message.mentions
+            if unread >= cap and mentions >= cap:
+                break
+        return Unread(marker, min(unread, cap), min(mentions, cap))
 
     async def set_read_marker(self, room_id: str, user_id: str, seq: int) -> int:
         key = (room_id, user_id)

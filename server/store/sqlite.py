@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import threading
 from collections import deque
@@ -31,12 +32,14 @@ from server.core import metrics
 from server.core.errors import SeqTaken, StoreUnavailable
 from server.core.models import (
     AddResult,
+    ChangeResult,
     Message,
     MessageDraft,
     OutboxEntry,
     OutboxItem,
     Room,
     SanctionKey,
+    Unread,
     UserRecord,
     message_id,
     utcnow,
@@ -77,9 +80,43 @@ CREATE TABLE IF NOT EXISTS read_markers (
 CREATE TABLE IF NOT EXISTS users (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, last_seen TEXT
 );
+CREATE TABLE IF NOT EXISTS reactions (
+    message_id TEXT NOT NULL, emoji TEXT NOT NULL, user TEXT NOT NULL,
+    PRIMARY KEY (message_id, emoji, user)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mentions (
+    room TEXT NOT NULL, user TEXT NOT NULL, seq INTEGER NOT NULL, message_id TEXT NOT NULL,
+    PRIMARY KEY (room, user, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS room_changes (
+    room TEXT PRIMARY KEY, change_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS members_by_user ON members (user, room);
 """
 
-MESSAGE_COLUMNS = "id, room, seq, sender_id, sender_name, text, client_id, created_at"
+#: Columns added after the first release; ``start`` adds those an older file lacks.
+ADDED_MESSAGE_COLUMNS = {
+    "reply_to": "TEXT",
+    "mentions": "TEXT NOT NULL DEFAULT '[]'",
+    "edited_at": "TEXT",
+    "revision": "INTEGER NOT NULL DEFAULT 0",
+    "deleted_at": "TEXT",
+    "change_seq": "INTEGER NOT NULL DEFAULT 0",
+    "reactions": "TEXT NOT NULL DEFAULT '[]'",
+}
+CHANGES_INDEX = (
+    "CREATE INDEX IF NOT EXISTS messages_changes ON messages (room, change_seq) "
+    "WHERE change_seq > 0"
+)
+
+MESSAGE_COLUMNS = (
+    "id, room, seq, sender_id, sender_name, text, client_id, created_at, "
+    "reply_to, mentions, edited_at, revision, deleted_at, change_seq, reactions"
+)
+
+
+def _time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
 
 
 def _message(row: tuple) -> Message:
@@ -92,6 +129,45 @@ def _message(row: tuple) -> Message:
         text=row[5],
         client_id=row[6],
         created_at=datetime.fromisoformat(row[7]),
+        reply_to=row[8],
+        mentions=tuple(json.loads(row[9])),
+        edited_at=_time(row[10]),
+        revision=row[11],
+        deleted_at=_time(row[12]),
+        change_seq=row[13],
+        reactions=tuple((emoji, count) for emoji, count in json.loads(row[14])),
+    )
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Create what is missing: tables, then the message columns of later releases."""
+    conn.executescript(SCHEMA)
+    present = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+    for column, decl in ADDED_MESSAGE_COLUMNS.items():
+        if column not in present:
+            conn.execute(f"ALTER TABLE messages ADD COLUMN {column} {decl}")
+    conn.execute(CHANGES_INDEX)
+
+
+def _index_mentions(
+    conn: sqlite3.Connection,
+    room: str,
+    seq: int,
+    mid: str,
+    mentions: tuple[str, ...],
+    sender_id: str,
+) -> None:
+    """The rows that count a user's unread mentions (the sender's own are not counted)."""
+    conn.executemany(
+        "INSERT OR IGNORE INTO mentions (room, user, seq, message_id) VALUES (?, ?, ?, ?)",
+        [(room, user, seq, mid) for user in mentions if user != sender_id],
+    )
+
+
+def _unindex_mentions(conn: sqlite3.Connection, message: Message) -> None:
+    conn.executemany(
+        "DELETE FROM mentions WHERE room = ? AND user = ? AND seq = ?",
+        [(message.room, user, message.seq) for user in message.mentions],
     )
 
 
@@ -384,7 +460,7 @@ class SQLiteStore(Store):
 
     def _open_with_schema(self) -> sqlite3.Connection:
         conn = self._open()
-        conn.executescript(SCHEMA)
+        _migrate(conn)
         return conn
 
     async def start(self) -> None:
@@ -531,7 +607,9 @@ class SQLiteStore(Store):
             chosen = last_seq(conn) + 1 if seq is None else seq
             try:
                 conn.execute(
-                    f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO messages (id, room, seq, sender_id, sender_name, text, "
+                    "client_id, created_at, reply_to, mentions) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         mid,
                         draft.room,
@@ -541,6 +619,8 @@ class SQLiteStore(Store):
                         draft.text,
                         draft.client_id,
                         now.isoformat(),
+                        draft.reply_to,
+                        json.dumps(draft.mentions),
                     ),
                 )
             except sqlite3.IntegrityError as exc:
@@ -550,6 +630,8 @@ class SQLiteStore(Store):
                 if row is not None:  # the same client_id again: the stored message
                     return _message(row), False
                 raise SeqTaken(draft.room, last_seq(conn)) from exc
+            if draft.mentions:
+                _index_mentions(conn, draft.room, chosen, mid, draft.mentions, draft.sender_id)
             message = draft.stored(chosen, now)
             if draft.outgoing is not None:  # in the same transaction as the message
                 body = draft.outgoing.render(message)
@@ -593,6 +675,185 @@ class SQLiteStore(Store):
             (room_id, bound, limit),
         )
         return [_message(r) for r in reversed(rows)]
+
+    async def get_messages(self, room_id: str, ids: list[str]) -> dict[str, Message]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = await self._fetchall(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND id IN ({marks})",
+            (room_id, *ids),
+        )
+        return {row[0]: _message(row) for row in rows}
+
+    async def change_seq(self, room_id: str) -> int:
+        row = await self._fetchone("SELECT change_seq FROM room_changes WHERE room = ?", (room_id,))
+        return row[0] if row else 0
+
+    async def changes_after(self, room_id: str, after: int, limit: int) -> list[Message]:
+        rows = await self._fetchall(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND change_seq > ? "
+            "ORDER BY change_seq LIMIT ?",
+            (room_id, after, limit),
+        )
+        return [_message(r) for r in rows]
+
+    async def _change(
+        self,
+        room_id: str,
+        mid: str,
+        decide: Callable[[sqlite3.Connection, Message], ChangeResult | dict],
+    ) -> ChangeResult:
+        """One transaction: read the message, let ``decide`` refuse (a ChangeResult) or
+        write its side records and name the columns to set (a dict); then stamp the
+        message with the room's next change seq and its reaction counts."""
+
+        def work(conn: sqlite3.Connection) -> ChangeResult:
+            row = conn.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND id = ?", (room_id, mid)
+            ).fetchone()
+            if row is None:
+                return ChangeResult(None, changed=False)
+            decided = decide(conn, _message(row))
+            if isinstance(decided, ChangeResult):
+                return decided
+            (change,) = conn.execute(
+                "INSERT INTO room_changes (room, change_seq) VALUES (?, 1) ON CONFLICT (room) "
+                "DO UPDATE SET change_seq = change_seq + 1 RETURNING change_seq",
+                (room_id,),
+            ).fetchone()
+            counts = conn.execute(
+                "SELECT emoji, COUNT(*) FROM reactions WHERE message_id = ? "
+                "GROUP BY emoji ORDER BY emoji",
+                (mid,),
+            ).fetchall()
+            columns = {**decided, "change_seq": change, "reactions": json.dumps(counts)}
+            assignments = ", ".join(f"{name} = ?" for name in columns)
+            conn.execute(
+                f"UPDATE messages SET {assignments} WHERE id = ?", (*columns.values(), mid)
+            )
+            updated = conn.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (mid,)
+            ).fetchone()
+            return ChangeResult(_message(tuple(updated)), changed=True)
+
+        return await self._in_writer(work)
+
+    async def edit_message(
+        self, room_id: str, message_id: str, text: str, mentions: tuple[str, ...], at: datetime
+    ) -> ChangeResult:
+        def decide(conn: sqlite3.Connection, message: Message) -> ChangeResult | dict:
+            if message.deleted:
+                return ChangeResult(message, False, "deleted")
+            if message.text == text:
+                return ChangeResult(message, changed=False)
+            _unindex_mentions(conn, message)
+            _index_mentions(conn, room_id, message.seq, message.id, mentions, message.sender_id)
+            return {
+                "text": text,
+                "mentions": json.dumps(mentions),
+                "edited_at": at.isoformat(),
+                "revision": message.revision + 1,
+            }
+
+        return await self._change(room_id, message_id, decide)
+
+    async def delete_message(self, room_id: str, message_id: str, at: datetime) -> ChangeResult:
+        def decide(conn: sqlite3.Connection, message: Message) -> ChangeResult | dict:
+            if message.deleted:
+                return ChangeResult(message, changed=False)
+            _unindex_mentions(conn, message)
+            conn.execute("DELETE FROM reactions WHERE message_id = ?", (message.id,))
+            return {"text": "", "mentions": "[]", "deleted_at": at.isoformat()}
+
+        return await self._change(room_id, message_id, decide)
+
+    async def add_reaction(
+        self, room_id: str, message_id: str, user_id: str, emoji: str, max_distinct: int
+    ) -> ChangeResult:
+        def decide(conn: sqlite3.Connection, message: Message) -> ChangeResult | dict:
+            if message.deleted:
+                return ChangeResult(message, False, "deleted")
+            emojis = dict(message.reactions)
+            if emoji not in emojis and len(emojis) >= max_distinct:
+                return ChangeResult(message, False, "full")
+            added = conn.execute(
+                "INSERT OR IGNORE INTO reactions (message_id, emoji, user) VALUES (?, ?, ?)",
+                (message.id, emoji, user_id),
+            )
+            return {} if added.rowcount == 1 else ChangeResult(message, changed=False)
+
+        return await self._change(room_id, message_id, decide)
+
+    async def remove_reaction(
+        self, room_id: str, message_id: str, user_id: str, emoji: str
+    ) -> ChangeResult:
+        def decide(conn: sqlite3.Connection, message: Message) -> ChangeResult | dict:
+            removed = conn.execute(
+                "DELETE FROM reactions WHERE message_id = ? AND emoji = ? AND user = ?",
+                (message.id, emoji, user_id),
+            )
+            return {} if removed.rowcount == 1 else ChangeResult(message, changed=False)
+
+        return await self._change(room_id, message_id, decide)
+
+    async def my_reactions(
+        self, room_id: str, user_id: str, message_ids: list[str]
+    ) -> dict[str, frozenset[str]]:
+        if not message_ids:
+            return {}
+        marks = ",".join("?" * len(message_ids))
+        rows = await self._fetchall(
+            "SELECT r.message_id, r.emoji FROM reactions r JOIN messages m ON m.id = r.message_id "
+            f"WHERE m.room = ? AND r.user = ? AND r.message_id IN ({marks})",
+            (room_id, user_id, *message_ids),
+        )
+        mine: dict[str, set[str]] = {}
+        for mid, emoji in rows:
+            mine.setdefault(mid, set()).add(emoji)
+        return {mid: frozenset(emojis) for mid, emojis in mine.items()}
+
+    async def user_rooms(self, user_id: str) -> list[tuple[Room, Message | None]]:
+        columns = ", ".join(f"m.{c.strip()}" for c in MESSAGE_COLUMNS.split(","))
+        rows = await self._fetchall(
+            f"SELECT r.id, r.kind, r.name, r.owner, r.created_at, {columns} "
+            "FROM members mb JOIN rooms r ON r.id = mb.room "
+            "LEFT JOIN messages m ON m.room = r.id "
+            "AND m.seq = (SELECT MAX(seq) FROM messages WHERE room = r.id) "
+            "WHERE mb.user = ?",
+            (user_id,),
+        )
+        return [
+            (
+                Room(row[0], row[1], row[2], row[3], datetime.fromisoformat(row[4])),
+                _message(row[5:]) if row[5] is not None else None,
+            )
+            for row in rows
+        ]
+
+    async def unread(
+        self, room_id: str, user_id: str, cap: int, marker: int | None = None
+    ) -> Unread:
+        def work(conn: sqlite3.Connection) -> Unread:
+            marker_seq = marker
+            if marker_seq is None:
+                found = conn.execute(
+                    "SELECT seq FROM read_markers WHERE room = ? AND user = ?", (room_id, user_id)
+                ).fetchone()
+                marker_seq = found[0] if found else 0
+            unread = conn.execute(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE room = ? AND seq > ? "
+                "AND deleted_at IS NULL AND sender_id != ? LIMIT ?)",
+                (room_id, marker_seq, user_id, cap),
+            ).fetchone()[0]
+            mentions = conn.execute(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM mentions WHERE room = ? AND user = ? "
+                "AND seq > ? LIMIT ?)",
+                (room_id, user_id, marker_seq, cap),
+            ).fetchone()[0]
+            return Unread(marker_seq, unread, mentions)
+
+        return await self._call(self._reader, work)
 
     async def set_read_marker(self, room_id: str, user_id: str, seq: int) -> int:
         await self._write(

@@ -11,7 +11,8 @@ def room_channel(room_id: str) -> str:
 
 
 def user_channel(user_id: str) -> str:
-    """Every socket of ``user_id`` on this instance: the index that eviction uses."""
+    """Every socket of ``user_id``: eviction's index, and per-user events (mentions,
+    room activity, read sync) emitted to it reach the user's sockets on every instance."""
     return f"user:{user_id}"
 
 

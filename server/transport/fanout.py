@@ -50,6 +50,14 @@ class Fanout:
             event, data, room=room_channel(room_id), skip_sid=skip_sid, namespace=NAMESPACE
         )
 
+    async def to_users(self, user_ids: list[str], event: str, data: dict) -> None:
+        """One emit to the per-user rooms of ``user_ids``: every instance delivers it once
+        to each of their sockets (a socket of two listed users still gets one copy)."""
+        if user_ids:
+            await self.sio.emit(
+                event, data, to=[user_channel(u) for u in user_ids], namespace=NAMESPACE
+            )
+
     async def to_local_sid(self, sid: str, event: str, data: dict) -> None:
         """One socket of this instance: no round trip through Redis."""
         await self.sio.emit(event, data, to=sid, namespace=NAMESPACE, ignore_queue=True)

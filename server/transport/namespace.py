@@ -22,16 +22,23 @@ from server.core import metrics
 from server.core.errors import ChatError, StoreUnavailable
 from server.core.models import iso_from_epoch
 from server.core.state import InstanceState
+from server.services.changes import ChangeService
+from server.services.inbox import InboxService
 from server.services.messages import MessageService
 from server.services.payloads import (
     ChangeMembers,
+    Changes,
     CreateRoom,
+    EditMessage,
     History,
     JoinRoom,
+    ListRooms,
     MarkRead,
     MembersPage,
+    MessageRef,
     Payload,
     PresenceUsers,
+    React,
     RefreshToken,
     RoomRef,
     SendMessage,
@@ -63,6 +70,8 @@ class ChatNamespace(socketio.AsyncNamespace):
         verifier: TokenVerifier,
         rooms: RoomService,
         messages: MessageService,
+        changes: ChangeService,
+        inbox: InboxService,
         presence: PresenceService,
         fanout: Fanout,
         typing: TypingTimers,
@@ -76,6 +85,8 @@ class ChatNamespace(socketio.AsyncNamespace):
         self.verifier = verifier
         self.rooms = rooms
         self.messages = messages
+        self.changes = changes
+        self.inbox = inbox
         self.presence = presence
         self.fanout = fanout
         self.typing_timers = typing
@@ -172,12 +183,21 @@ class ChatNamespace(socketio.AsyncNamespace):
         await self.enter_room(conn.sid, room_channel(room.id))
         conn.joined.add(room.id)
         last_seq, missed, has_more = await self.messages.missed(room.id, request.since)
-        return {
+        user = conn.identity.user_id
+        ack = {
             "room": room.to_wire(),
             "last_seq": last_seq,
-            "missed": [m.to_wire() for m in missed],
+            "missed": await self.messages.views.render(room.id, missed, user),
             "has_more": has_more,
         }
+        changes: list[dict] = []
+        if request.changes_since is None:
+            changes_more, cursor = False, await self.changes.current(room.id)
+        else:
+            changes, changes_more, cursor = await self.changes.since(
+                room.id, request.changes_since, request.since, user
+            )
+        return {**ack, "change_seq": cursor, "changes": changes, "changes_has_more": changes_more}
 
     async def room_leave(self, conn: Connection, request: RoomRef) -> dict:
         await self.typing_timers.stop(conn, request.room, "leave")
@@ -215,12 +235,30 @@ class ChatNamespace(socketio.AsyncNamespace):
 
     async def message_send(self, conn: Connection, request: SendMessage) -> dict:
         self._require_joined(conn, request.room)
-        message = await self.messages.send(conn.identity, conn.sid, request)
-        return {"message": message.to_wire()}
+        return {"message": await self.messages.send(conn.identity, conn.sid, request)}
 
     async def message_history(self, conn: Connection, request: History) -> dict:
         messages, has_more = await self.messages.history(conn.identity, request)
-        return {"messages": [m.to_wire() for m in messages], "has_more": has_more}
+        views = await self.messages.views.render(request.room, messages, conn.identity.user_id)
+        return {"messages": views, "has_more": has_more}
+
+    async def message_edit(self, conn: Connection, request: EditMessage) -> dict:
+        return {"message": await self.changes.edit(conn.identity, request)}
+
+    async def message_delete(self, conn: Connection, request: MessageRef) -> dict:
+        return {"message": await self.changes.delete(conn.identity, request)}
+
+    async def reaction_add(self, conn: Connection, request: React) -> dict:
+        return {"message": await self.changes.react(conn.identity, request, add=True)}
+
+    async def reaction_remove(self, conn: Connection, request: React) -> dict:
+        return {"message": await self.changes.react(conn.identity, request, add=False)}
+
+    async def message_changes(self, conn: Connection, request: Changes) -> dict:
+        return await self.changes.changes(conn.identity, request)
+
+    async def rooms_list(self, conn: Connection, request: ListRooms) -> dict:
+        return await self.inbox.list_rooms(conn.identity, request)
 
     async def message_read(self, conn: Connection, request: MarkRead) -> dict:
         seq = await self.messages.mark_read(conn.identity, request)
@@ -265,6 +303,12 @@ ROUTES: dict[str, tuple[type[Payload], Handler]] = {
     "message:send": (SendMessage, ChatNamespace.message_send),
     "message:history": (History, ChatNamespace.message_history),
     "message:read": (MarkRead, ChatNamespace.message_read),
+    "message:edit": (EditMessage, ChatNamespace.message_edit),
+    "message:delete": (MessageRef, ChatNamespace.message_delete),
+    "message:changes": (Changes, ChatNamespace.message_changes),
+    "reaction:add": (React, ChatNamespace.reaction_add),
+    "reaction:remove": (React, ChatNamespace.reaction_remove),
+    "rooms:list": (ListRooms, ChatNamespace.rooms_list),
     "typing": (Typing, ChatNamespace.typing),
     "presence:subscribe": (PresenceUsers, ChatNamespace.presence_subscribe),
     "presence:unsubscribe": (PresenceUsers, ChatNamespace.presence_unsubscribe),

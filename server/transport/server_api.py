@@ -190,7 +190,8 @@ async def post_message(
     message, created = await context(request).admin.post(
         who, SendMessage(room=room, text=body.text, client_id=client_id)
     )
-    return ok(key, message=message.to_wire(), created=created)
+    [view] = await context(request).admin.render(room, [message])
+    return ok(key, message=view, created=created)
 
 
 @router.get("/rooms/{room}/messages", summary="Read history, paged like message:history")
@@ -204,7 +205,8 @@ async def read_history(
 ) -> dict:
     request_model = History(room=room, before=before, after=after, limit=limit)
     messages, has_more = await context(request).admin.history(request_model)
-    return ok(key, messages=[m.to_wire() for m in messages], has_more=has_more)
+    views = await context(request).admin.render(room, messages)
+    return ok(key, messages=views, has_more=has_more)
 
 
 @router.post("/rooms", summary="Create a room with members (idempotent for the same owner)")

@@ -1,34 +1,12 @@
 // Two socket.io-client users chat in one room; prints everything they saw as JSON.
 // Input (argv[2], JSON): {url, room, alice: {token, transports}, bob: {token, transports}}
-const { io } = require("socket.io-client");
+const lib = require("./lib");
 
 const input = JSON.parse(process.argv[2]);
 const QUIET_MS = 300;
 
-function connect(who) {
-  return new Promise((resolve, reject) => {
-    const socket = io(`${input.url}/chat`, {
-      auth: { token: who.token }, transports: who.transports, reconnection: false, forceNew: true,
-    });
-    const seen = {};
-    socket.onAny((event, data) => { (seen[event] = seen[event] || []).push(data); });
-    socket.once("session", (session) => resolve({ socket, seen, session }));
-    socket.once("connect_error", (err) => reject(new Error(`connect_error ${err.message}`)));
-  });
-}
-
-function waitFor(client, event, count = 1, ms = 5000) {
-  return new Promise((resolve, reject) => {
-    const started = Date.now();
-    const poll = () => {
-      const got = client.seen[event] || [];
-      if (got.length >= count) return resolve(got);
-      if (Date.now() - started > ms) return reject(new Error(`timeout waiting for ${event}`));
-      setTimeout(poll, 10);
-    };
-    poll();
-  });
-}
+const connect = (who) => lib.connect(input.url, who);
+const { waitFor } = lib;
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 

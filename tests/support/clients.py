@@ -22,11 +22,13 @@ class ChatClient:
         self.name = name
         self.sio = socketio.AsyncClient(reconnection=False)
         self.events: dict[str, list[Any]] = defaultdict(list)
+        self.log: list[tuple[str, Any]] = []  # every event, in arrival order
         self._arrived = asyncio.Event()
         self.sio.on("*", self._record, namespace=NAMESPACE)
 
     async def _record(self, event: str, data: Any = None) -> None:
         self.events[event].append(data)
+        self.log.append((event, data))
         self._arrived.set()
 
     async def connect(

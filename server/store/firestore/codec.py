@@ -64,6 +64,11 @@ def member_record(user_id: str, joined_at: datetime) -> dict[str, Any]:
     return {"user": user_id, "joined_at": joined_at}
 
 
+def membership_record(joined_at: datetime) -> dict[str, Any]:
+    """``users/{user}/rooms/{room}``: mirrors ``rooms/{room}/members/{user}``."""
+    return {"joined_at": joined_at}
+
+
 # ---------------------------------------------------------------- rooms/{room}/messages/{id}
 
 
@@ -78,6 +83,8 @@ def message_record(draft: MessageDraft, seq: int, now: datetime, write_id: str) 
         "client_id": draft.client_id,
         "created_at": now,
         "write_id": write_id,
+        "reply_to": draft.reply_to,
+        "mentions": list(draft.mentions),
     }
 
 
@@ -92,7 +99,37 @@ def message_from(snapshot: Any) -> Message:
         text=data["text"],
         client_id=data["client_id"],
         created_at=utc(data["created_at"]) or utcnow(),
+        reply_to=data.get("reply_to"),
+        mentions=tuple(data.get("mentions") or ()),
+        edited_at=utc(data.get("edited_at")),
+        revision=int(data.get("revision", 0)),
+        deleted_at=utc(data.get("deleted_at")),
+        change_seq=int(data.get("change_seq", 0)),
+        reactions=tuple(sorted((str(e), int(c)) for e, c in (data.get("reactions") or {}).items())),
     )
+
+
+def message_changes(changes: dict[str, Any]) -> dict[str, Any]:
+    """The document fields of changed ``Message`` fields (an edit, a deletion, reactions)."""
+    record = dict(changes)
+    if "mentions" in record:
+        record["mentions"] = list(record["mentions"])
+    if "reactions" in record:
+        record["reactions"] = dict(record["reactions"])
+    return record
+
+
+# ---------------------------------------------------------------- changes and reactions
+
+
+def change_seq_of(snapshot: Any) -> int:
+    """``rooms/{room}/counters/changes``: the room's change seq, 0 before the first."""
+    return int(fields(snapshot).get("change_seq", 0))
+
+
+def reaction_record(message_id: str, emoji: str, user_id: str) -> dict[str, Any]:
+    """``rooms/{room}/reactions/{key}``: one user's reaction with one emoji to one message."""
+    return {"message_id": message_id, "emoji": emoji, "user": user_id}
 
 
 def write_id_of(snapshot: Any) -> str | None:

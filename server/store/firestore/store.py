@@ -6,10 +6,15 @@ Data model (all ids are strings)::
     rooms/{room}                        {kind, name, owner, created_at}  written once
     rooms/{room}/members/{user}         {user, joined_at}
     rooms/{room}/messages/{message_id}  {room, seq, sender_id, sender_name, text,
-                                         client_id, created_at, write_id}
+                                         client_id, created_at, write_id, reply_to,
+                                         mentions, edited_at?, revision?, deleted_at?,
+                                         change_seq?, reactions?: {emoji: count}}
     rooms/{room}/seqs/{seq}             {message_id}                uniqueness guard of seq
     rooms/{room}/read_markers/{user}    {seq, updated_at}
+    rooms/{room}/counters/changes       {change_seq}                the room's change seq
+    rooms/{room}/reactions/{key}        {message_id, emoji, user}
     users/{user}                        {name, last_seen}
+    users/{user}/rooms/{room}           {joined_at}                 mirror of members/{user}
 
 ``message_id`` is a hash of (room, sender, client_id): repeated sends map to the same
 document, and ``create()`` refuses a second one, which makes sends idempotent; the ids are
@@ -32,9 +37,11 @@ process). Field names live in :mod:`.codec`; library overrides in :mod:`.overrid
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -46,10 +53,12 @@ from google.cloud.firestore_v1.base_query import FieldFilter
 from server.core.errors import SeqTaken, StoreUnavailable
 from server.core.models import (
     AddResult,
+    ChangeResult,
     Message,
     MessageDraft,
     Room,
     SanctionKey,
+    Unread,
     UserRecord,
     message_id,
     utcnow,
@@ -64,6 +73,11 @@ from server.store.firestore.overrides import Client, Transaction
 T = TypeVar("T")
 
 BATCH_LIMIT = 500  # writes per commit
+UNREAD_PAGE = 200  # documents per page when counting unread messages and mentions
+
+#: What an edit, deletion or reaction change decides inside its transaction: a refusal
+#: (a ChangeResult), or the changed Message fields and the side writes to add.
+Decision = ChangeResult | tuple[dict[str, Any], Callable[[AsyncTransaction], None] | None]
 GUARD_CONFLICTS_PER_ATTEMPT = 4
 
 
@@ -176,6 +190,10 @@ class FirestoreStore(Store):
     def _user(self, user_id: str) -> Any:
         return self.client.collection("users").document(user_id)
 
+    def _membership(self, user_id: str, room_id: str) -> Any:
+        """``users/{user}/rooms/{room}``: the mirror of a member document, for the room list."""
+        return self._user(user_id).collection("rooms").document(room_id)
+
     async def _read(self, what: str, ref: Any, decode: Callable[[Any], T]) -> T:
         """One document read: ``decode(snapshot)`` (the snapshot says whether it exists)."""
 
@@ -271,7 +289,7 @@ class FirestoreStore(Store):
         """One commit, no transaction: ``create()`` of the room document first, so an
         existing room fails the commit before any member is written."""
         ref = self._room(room.id)
-        member_ids = sorted(set(members))[: BATCH_LIMIT - 1]
+        member_ids = sorted(set(members))[: (BATCH_LIMIT - 1) // 2]
         now = utcnow()
         what = f"create_room({room.id!r})"
 
@@ -282,6 +300,7 @@ class FirestoreStore(Store):
                 batch.set(ref, codec.room_record(room), merge=True)
             for uid in member_ids:
                 batch.set(ref.collection("members").document(uid), codec.member_record(uid, now))
+                batch.set(self._membership(uid, room.id), codec.membership_record(now))
 
         async def op(timeout: float) -> Room | None:
             batch = self.client.batch()
@@ -306,29 +325,33 @@ class FirestoreStore(Store):
     async def _member_batches(
         self, what: str, room_id: str, user_ids: list[str], write: Callable[..., Any]
     ) -> None:
-        """Apply ``write(batch, member_ref, user_id)`` to every user, BATCH_LIMIT per commit."""
+        """Apply ``write(batch, ref, user_id, mirror)`` to every user's member document
+        (``mirror=False``) and to its mirror under ``users/`` (for the room list), at most
+        BATCH_LIMIT writes per commit."""
         unique = sorted(set(user_ids))
-        for start in range(0, len(unique), BATCH_LIMIT):
-            chunk = unique[start : start + BATCH_LIMIT]
+        per_commit = BATCH_LIMIT // 2
+        for start in range(0, len(unique), per_commit):
+            chunk = unique[start : start + per_commit]
 
             def writes(batch: AsyncWriteBatch, chunk: list[str] = chunk) -> None:
                 for uid in chunk:
-                    write(batch, self._in_room(room_id, "members", uid), uid)
+                    write(batch, self._in_room(room_id, "members", uid), uid, False)
+                    write(batch, self._membership(uid, room_id), uid, True)
 
             await self._commit(f"{what}({room_id!r})", writes)
 
     async def add_members(self, room_id: str, user_ids: list[str]) -> None:
         now = utcnow()
-        await self._member_batches(
-            "add_members",
-            room_id,
-            user_ids,
-            lambda batch, ref, uid: batch.set(ref, codec.member_record(uid, now), merge=True),
-        )
+
+        def write(batch: AsyncWriteBatch, ref: Any, uid: str, mirror: bool) -> None:
+            record = codec.membership_record(now) if mirror else codec.member_record(uid, now)
+            batch.set(ref, record, merge=True)
+
+        await self._member_batches("add_members", room_id, user_ids, write)
 
     async def remove_members(self, room_id: str, user_ids: list[str]) -> None:
         await self._member_batches(
-            "remove_members", room_id, user_ids, lambda batch, ref, uid: batch.delete(ref)
+            "remove_members", room_id, user_ids, lambda batch, ref, uid, mirror: batch.delete(ref)
         )
 
     async def is_member(self, room_id: str, user_id: str) -> bool:
@@ -575,7 +598,281 @@ class FirestoreStore(Store):
         )
         return rows[::-1]
 
-    # ------------------------------------------------------------------ read markers
+    async def get_messages(self, room_id: str, ids: list[str]) -> dict[str, Message]:
+        unique = list(dict.fromkeys(ids))
+        if not unique:
+            return {}
+        refs = [self._in_room(room_id, "messages", mid) for mid in unique]
+
+        async def op(timeout: float) -> dict[str, Message]:
+            found: dict[str, Message] = {}
+            async for snapshot in self.client.get_all(refs, retry=None, timeout=timeout):
+                if snapshot.exists:
+                    found[snapshot.id] = codec.message_from(snapshot)
+            return found
+
+        return await self.calls(f"get_messages({room_id!r}, {len(unique)} ids)", op)
+
+    # ------------------------------------------------------------------ changes
+
+    def _changes(self, room_id: str) -> Any:
+        return self._in_room(room_id, "counters", "changes")
+
+    def _reaction(self, room_id: str, message_id: str, user_id: str, emoji: str) -> Any:
+        """One document per (message, emoji, user): its id says which, so no query finds it."""
+        key = f"{message_id}\x00{emoji}\x00{user_id}".encode()
+        return self._in_room(room_id, "reactions", hashlib.blake2b(key, digest_size=16).hexdigest())
+
+    async def change_seq(self, room_id: str) -> int:
+        return await self._read(
+            f"change_seq({room_id!r})", self._changes(room_id), codec.change_seq_of
+        )
+
+    async def changes_after(self, room_id: str, after: int, limit: int) -> list[Message]:
+        query = (
+            self._messages(room_id)
+            .where(filter=FieldFilter("change_seq", ">", after))
+            .order_by("change_seq")
+            .limit(limit)
+        )
+        return await self._query(f"changes_after({room_id!r}, {after})", query, codec.message_from)
+
+    async def _change(
+        self,
+        what: str,
+        room_id: str,
+        message_id: str,
+        decide: Callable[[AsyncTransaction, float, Message], Awaitable[Decision]],
+    ) -> ChangeResult:
+        """One transaction: read the message, let ``decide`` refuse or name the changes;
+        then the room's change counter + 1, the message with it, and the side writes.
+
+        Every change of a room writes its ``counters/changes`` document, so the room's
+        changes are dense and ordered (about one sustained change per second per room in
+        production, like the room document of allocating sends)."""
+        ref = self._in_room(room_id, "messages", message_id)
+        counter = self._changes(room_id)
+
+        async def body(transaction: AsyncTransaction, timeout: float) -> ChangeResult:
+            snapshot = await ref.get(transaction=transaction, retry=None, timeout=timeout)
+            if not snapshot.exists:
+                return ChangeResult(None, changed=False)
+            message = codec.message_from(snapshot)
+            decided = await decide(transaction, timeout, message)
+            if isinstance(decided, ChangeResult):
+                return decided
+            changes, side_writes = decided
+            current = await counter.get(transaction=transaction, retry=None, timeout=timeout)
+            change = codec.change_seq_of(current) + 1
+            transaction.set(counter, {"change_seq": change})
+            if side_writes is not None:
+                side_writes(transaction)
+            changes = {**changes, "change_seq": change}
+            transaction.update(ref, codec.message_changes(changes))
+            return ChangeResult(replace(message, **changes), changed=True)
+
+        return await self._transact(what, ("changes", room_id), body)
+
+    async def edit_message(
+        self, room_id: str, message_id: str, text: str, mentions: tuple[str, ...], at: datetime
+    ) -> ChangeResult:
+        async def decide(
+            transaction: AsyncTransaction, timeout: float, message: Message
+        ) -> Decision:
+            if message.deleted:
+                return ChangeResult(message, False, "deleted")
+            if message.text == text:
+                return ChangeResult(message, changed=False)
+            changes = {
+                "text": text,
+                "mentions": mentions,
+                "edited_at": at,
+                "revision": message.revision + 1,
+            }
+            return changes, None
+
+        return await self._change(f"edit_message({room_id!r})", room_id, message_id, decide)
+
+    async def delete_message(self, room_id: str, message_id: str, at: datetime) -> ChangeResult:
+        async def decide(
+            transaction: AsyncTransaction, timeout: float, message: Message
+        ) -> Decision:
+            if message.deleted:
+                return ChangeResult(message, changed=False)
+            return {"text": "", "mentions": (), "reactions": (), "deleted_at": at}, None
+
+        result = await self._change(f"delete_message({room_id!r})", room_id, message_id, decide)
+        if result.message is not None:  # also on a repeat: finishes an interrupted erase
+            await self._erase_reactions(room_id, message_id)
+        return result
+
+    async def _erase_reactions(self, room_id: str, message_id: str) -> None:
+        """Delete a tombstone's reaction documents (its counts were erased with it)."""
+        query = (
+            self._room(room_id)
+            .collection("reactions")
+            .where(filter=FieldFilter("message_id", "==", message_id))
+            .limit(BATCH_LIMIT)
+        )
+        what = f"erase_reactions({room_id!r})"
+        while True:
+            refs = await self._query(what, query, lambda s: s.reference)
+
+            def writes(batch: AsyncWriteBatch, refs: list[Any] = refs) -> None:
+                for ref in refs:
+                    batch.delete(ref)
+
+            if refs:
+                await self._commit(what, writes)
+            if len(refs) < BATCH_LIMIT:
+                return
+
+    async def add_reaction(
+        self, room_id: str, message_id: str, user_id: str, emoji: str, max_distinct: int
+    ) -> ChangeResult:
+        reaction = self._reaction(room_id, message_id, user_id, emoji)
+
+        async def decide(
+            transaction: AsyncTransaction, timeout: float, message: Message
+        ) -> Decision:
+            if message.deleted:
+                return ChangeResult(message, False, "deleted")
+            held = await reaction.get(transaction=transaction, retry=None, timeout=timeout)
+            if held.exists:
+                return ChangeResult(message, changed=False)
+            counts = dict(message.reactions)
+            if emoji not in counts and len(counts) >= max_distinct:
+                return ChangeResult(message, False, "full")
+            counts[emoji] = counts.get(emoji, 0) + 1
+            record = codec.reaction_record(message_id, emoji, user_id)
+            return {"reactions": tuple(sorted(counts.items()))}, lambda t: t.create(
+                reaction, record
+            )
+
+        return await self._change(f"add_reaction({room_id!r})", room_id, message_id, decide)
+
+    async def remove_reaction(
+        self, room_id: str, message_id: str, user_id: str, emoji: str
+    ) -> ChangeResult:
+        reaction = self._reaction(room_id, message_id, user_id, emoji)
+
+        async def decide(
+            transaction: AsyncTransaction, timeout: float, message: Message
+        ) -> Decision:
+            held = await reaction.get(transaction=transaction, retry=None, timeout=timeout)
+            if not held.exists:
+                return ChangeResult(message, changed=False)
+            counts = dict(message.reactions)
+            counts[emoji] = counts.get(emoji, 1) - 1
+            if counts[emoji] <= 0:
+                del counts[emoji]
+            return {"reactions": tuple(sorted(counts.items()))}, lambda t: t.delete(reaction)
+
+        return await self._change(f"remove_reaction({room_id!r})", room_id, message_id, decide)
+
+    async def my_reactions(
+        self, room_id: str, user_id: str, message_ids: list[str]
+    ) -> dict[str, frozenset[str]]:
+        """Two batched reads, no query: the messages (their emojis), then the documents of
+        this user's possible reactions, whose ids are known."""
+        messages = await self.get_messages(room_id, message_ids)
+        candidates = {
+            self._reaction(room_id, mid, user_id, emoji).id: (mid, emoji)
+            for mid, message in messages.items()
+            for emoji, _ in message.reactions
+        }
+        if not candidates:
+            return {}
+        refs = [self._in_room(room_id, "reactions", key) for key in candidates]
+
+        async def op(timeout: float) -> dict[str, frozenset[str]]:
+            mine: dict[str, set[str]] = {}
+            async for snapshot in self.client.get_all(refs, retry=None, timeout=timeout):
+                if snapshot.exists:
+                    mid, emoji = candidates[snapshot.id]
+                    mine.setdefault(mid, set()).add(emoji)
+            return {mid: frozenset(emojis) for mid, emojis in mine.items()}
+
+        return await self.calls(f"my_reactions({room_id!r})", op)
+
+    # ------------------------------------------------------------------ the room list
+
+    async def user_rooms(self, user_id: str) -> list[tuple[Room, Message | None]]:
+        """The user's ``users/{user}/rooms`` mirrors (written with every membership change),
+        the rooms in one batched read, then each room's last message (one small query per
+        room, concurrently)."""
+        mirrors = self._user(user_id).collection("rooms")
+        room_ids = await self._query(f"user_rooms({user_id!r})", mirrors, lambda s: s.id)
+        if not room_ids:
+            return []
+        refs = [self._room(rid) for rid in room_ids]
+
+        async def op(timeout: float) -> list[Room]:
+            found = []
+            async for snapshot in self.client.get_all(refs, retry=None, timeout=timeout):
+                room = codec.room_from(snapshot)
+                if room is not None:
+                    found.append(room)
+            return found
+
+        rooms = await self.calls(f"user_rooms({user_id!r}) rooms", op)
+        lasts = await asyncio.gather(*(self.messages_before(r.id, None, 1) for r in rooms))
+        return [(room, last[0] if last else None) for room, last in zip(rooms, lasts, strict=True)]
+
+    async def unread(
+        self, room_id: str, user_id: str, cap: int, marker: int | None = None
+    ) -> Unread:
+        """Counts by paging through the documents after the marker (seq and sender only)
+        until ``cap`` are counted. Unread mentions use the composite index (mentions
+        array-contains, seq) of firestore.indexes.json."""
+        if marker is None:
+            marker = await self.get_read_marker(room_id, user_id)
+        messages = self._messages(room_id)
+
+        def later(after: int) -> Any:
+            return messages.where(filter=FieldFilter("seq", ">", after))
+
+        def mentioned(after: int) -> Any:
+            return later(after).where(filter=FieldFilter("mentions", "array_contains", user_id))
+
+        unread = await self._count_after(
+            f"unread({room_id!r})",
+            later,
+            marker,
+            lambda data: data.get("deleted_at") is None and data.get("sender_id") != user_id,
+            cap,
+        )
+        mentions = await self._count_after(
+            f"unread_mentions({room_id!r})",
+            mentioned,
+            marker,
+            lambda data: data.get("sender_id") != user_id,
+            cap,
+        )
+        return Unread(marker, unread, mentions)
+
+    async def _count_after(
+        self,
+        what: str,
+        query_after: Callable[[int], Any],
+        after: int,
+        keep: Callable[[dict[str, Any]], bool],
+        cap: int,
+    ) -> int:
+        count = 0
+        while count < cap:
+            query = (
+                query_after(after)
+                .order_by("seq")
+                .select(["seq", "sender_id", "deleted_at"])
+                .limit(UNREAD_PAGE)
+            )
+            rows = await self._query(what, query, codec.fields)
+            count += sum(1 for data in rows if keep(data))
+            if len(rows) < UNREAD_PAGE:
+                break
+            after = int(rows[-1]["seq"])
+        return min(count, cap)
 
     async def set_read_marker(self, room_id: str, user_id: str, seq: int) -> int:
         return (await self.advance_read_marker(room_id, user_id, seq))[1]
