@@ -21,7 +21,7 @@ function waitFor(client, event, count = 1, ms = 10000) {
     const started = Date.now();
     const poll = () => {
       const got = client.seen[event] || [];
-      if (got.length >= count) return resolve(got);
+      if (got.length >= count) return resolve(got.slice()); // what had arrived by then
       if (Date.now() - started > ms) return reject(new Error(`timeout waiting for ${event}`));
       setTimeout(poll, 10);
     };
