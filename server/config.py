@@ -20,6 +20,7 @@ from urllib.parse import quote
 from dynaconf import Dynaconf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from server.core import workers
 from server.resources import SETTINGS_FILE
 
 ENV_SWITCH = "CHAT_ENV"
@@ -54,6 +55,11 @@ class Settings(BaseModel):
     REDIS_PUBSUB_URL: str = ""
     REDIS_KEY_PREFIX: str = "chat:"
     REDIS_TIMEOUT: float = Field(5.0, gt=0)
+    REDIS_PASSWORD_FILE: str = ""
+    REDIS_IAM_AUTH: Literal["", "elasticache", "memorydb"] = ""
+    REDIS_IAM_CACHE_NAME: str = ""
+    REDIS_IAM_REGION: str = ""
+    REDIS_CREDENTIALS_RENEW_AFTER: float = Field(600, gt=0, lt=900)
 
     WS_GRACE_PERIOD: float = Field(60, ge=0)
     WS_HEARTBEAT_INTERVAL: float = Field(25, gt=0)
@@ -246,6 +252,22 @@ class Settings(BaseModel):
                 "webhooks keep their outbox in SQLite or memory; the Firestore store has no "
                 "outbox yet: unset WEBHOOK_URLS or use STORE=sqlite"
             )
+        if (self.REDIS_PASSWORD_FILE or self.REDIS_IAM_AUTH) and (
+            self.REDIS_PASSWORD or "@" in self.REDIS_URL or "@" in self.REDIS_PUBSUB_URL
+        ):
+            raise ValueError(
+                "REDIS_PASSWORD_FILE / REDIS_IAM_AUTH replace the password: leave REDIS_PASSWORD "
+                "empty and put no credentials in REDIS_URL or REDIS_PUBSUB_URL"
+            )
+        if self.REDIS_PASSWORD_FILE and self.REDIS_IAM_AUTH:
+            raise ValueError("set REDIS_PASSWORD_FILE or REDIS_IAM_AUTH, not both")
+        if self.REDIS_IAM_AUTH and not (
+            self.REDIS_USERNAME and self.REDIS_IAM_CACHE_NAME and self.REDIS_IAM_REGION
+        ):
+            raise ValueError(
+                "REDIS_IAM_AUTH needs REDIS_USERNAME (the IAM-enabled user), REDIS_IAM_CACHE_NAME "
+                "(replication group or cluster name) and REDIS_IAM_REGION"
+            )
         if self.REDIS_CLUSTER and not self.redis_configured:
             raise ValueError("REDIS_CLUSTER=true needs REDIS_URL or REDIS_HOST")
         if self.WS_HEARTBEAT_INTERVAL >= 300:
@@ -271,7 +293,9 @@ class Settings(BaseModel):
             return ""
         scheme = "rediss" if self.REDIS_SSL else "redis"
         auth = ""
-        if self.REDIS_USERNAME or self.REDIS_PASSWORD:
+        if self.redis_credentials_rotate:
+            auth = ""  # the credential provider authenticates every connection
+        elif self.REDIS_USERNAME or self.REDIS_PASSWORD:
             auth = f"{quote(self.REDIS_USERNAME, safe='')}:{quote(self.REDIS_PASSWORD, safe='')}@"
         query = (
             f"?ssl_ca_certs={quote(self.REDIS_SSL_CA_CERTS, safe='/')}"
@@ -279,6 +303,11 @@ class Settings(BaseModel):
             else ""
         )
         return f"{scheme}://{auth}{self.REDIS_HOST}:{self.REDIS_PORT}/{self.REDIS_DB}{query}"
+
+    @property
+    def redis_credentials_rotate(self) -> bool:
+        """Credentials come from a file or an IAM token, made again when they get old."""
+        return bool(self.REDIS_PASSWORD_FILE or self.REDIS_IAM_AUTH)
 
     @property
     def pubsub_url(self) -> str:
@@ -305,6 +334,9 @@ def published_secrets() -> set[str]:
 
 
 def _default_instance_id() -> str:
+    supervisor = workers.supervisor_pid()
+    if supervisor is not None:  # workers of one uvicorn: one instance, one id
+        return f"{socket.gethostname()}-{supervisor}"
     return f"{socket.gethostname()}-{os.getpid()}-{_INSTANCE_SUFFIX}"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from server.auth import DevTokens, TokenVerifier
 from server.bus.connection import RedisConfig
+from server.bus.credentials import RenewingCredentials, iam_token, password_file
 from server.config import Settings
 from server.core import metrics
 from server.services.webhooks import Endpoint
@@ -66,6 +67,26 @@ def dev_tokens(settings: Settings) -> tuple[DevTokens | None, str]:
     return minter, ""
 
 
+def redis_credentials(settings: Settings) -> RenewingCredentials | None:
+    """A provider for rotating credentials (IAM token or password file), else None."""
+    if settings.REDIS_IAM_AUTH:
+        make = iam_token(
+            settings.REDIS_IAM_AUTH,
+            settings.REDIS_IAM_CACHE_NAME,
+            settings.REDIS_USERNAME,
+            settings.REDIS_IAM_REGION,
+        )
+        return RenewingCredentials(
+            settings.REDIS_USERNAME, make, settings.REDIS_CREDENTIALS_RENEW_AFTER
+        )
+    if settings.REDIS_PASSWORD_FILE:
+        # Read at every new connection: a rotated file is used at once.
+        return RenewingCredentials(
+            settings.REDIS_USERNAME, password_file(settings.REDIS_PASSWORD_FILE), 0
+        )
+    return None
+
+
 def redis_config(settings: Settings) -> RedisConfig:
     return RedisConfig(
         url=settings.redis_url,
@@ -73,6 +94,7 @@ def redis_config(settings: Settings) -> RedisConfig:
         cluster=settings.REDIS_CLUSTER,
         timeout=settings.REDIS_TIMEOUT,
         key_prefix=settings.REDIS_KEY_PREFIX,
+        credentials=redis_credentials(settings),
     )
 
 

@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from server.config import Settings, load_settings
 from server.core.logs import configure_logging
+from server.core.workers import member_id
 from server.node import Node
 from server.transport import server_api
 from server.transport.http import router
@@ -27,7 +28,7 @@ def create_app(settings: Settings | None = None) -> Any:
     configure_logging(
         settings.LOG_LEVEL,
         settings.LOG_FORMAT,
-        settings.instance_id,
+        member_id(settings.instance_id),
         settings.LOG_LIBRARY_ERRORS_PER_MINUTE,
     )
     node = Node(settings)
@@ -61,6 +62,8 @@ def create_app(settings: Settings | None = None) -> Any:
     server_api.install(api, node.server_api)
     api.mount("/static", StaticFiles(directory=node.http.demo_dir), name="static")
     asgi = socketio.ASGIApp(node.sio, other_asgi_app=api, socketio_path="socket.io")
+    if node.sessions is not None:  # polling and upgrades reaching another process
+        asgi = node.sessions.wrap(asgi)
     return RefuseWhileDraining(asgi, node.state)
 
 

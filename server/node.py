@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import Awaitable
 
 import structlog
 
@@ -23,7 +24,8 @@ from server.bus.manager import LocalManager
 from server.bus.redis_bus import RedisBus
 from server.bus.refusals import RedisRefusals
 from server.bus.seq import RedisSeqAllocator
-from server.config import Settings
+from server.config import ConfigError, Settings
+from server.core import metrics, workers
 from server.core.clientip import ClientAddress
 from server.core.jsoncodec import OrjsonCodec
 from server.core.models import iso
@@ -60,10 +62,21 @@ from server.transport.indicators import TypingTimers
 from server.transport.lifecycle import Drainer
 from server.transport.namespace import ChatNamespace
 from server.transport.server_api import ServerApiContext
+from server.transport.sessions import RoutedChatSocketServer, SessionRouter, new_route_tag
 
 log = structlog.get_logger(__name__)
 
 MAX_PRESENCE_SUBSCRIPTIONS = 5000
+STOP_STEP_TIMEOUT = 5.0
+
+
+async def _bounded(step: str, work: Awaitable[object]) -> None:
+    try:
+        await asyncio.wait_for(work, STOP_STEP_TIMEOUT)
+    except TimeoutError:
+        log.warning("server.stop_step_timed_out", step=step, seconds=STOP_STEP_TIMEOUT)
+    except Exception as exc:
+        log.warning("server.stop_step_failed", step=step, error=str(exc))
 
 
 def tune_garbage_collector() -> None:
@@ -80,15 +93,27 @@ class Node:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.state = InstanceState(settings.instance_id, __version__)
+        instance = settings.instance_id
+        self.state = InstanceState(workers.member_id(instance), __version__, instance=instance)
         self.store = build_store(settings)
         self.bus = (
-            RedisBus(redis_config(settings), self.state.instance_id, settings.WS_HEARTBEAT_INTERVAL)
+            RedisBus(
+                redis_config(settings),
+                self.state.instance_id,
+                settings.WS_HEARTBEAT_INTERVAL,
+                instance=instance,
+                owner=workers.owner_token(),
+            )
             if settings.redis_configured
             else None
         )
+        self._sole_worker = workers.SoleWorkerLock()
         manager = self.bus.manager() if self.bus else LocalManager()
-        self.sio = ChatSocketServer(
+        route_tag = new_route_tag()
+        # With Redis, sessions carry their owner's route tag and any process serves them.
+        server_class = RoutedChatSocketServer if self.bus else ChatSocketServer
+        self.sio = server_class(
+            **({"route_tag": route_tag} if self.bus else {}),
             namespace=NAMESPACE,
             connect_timeout=settings.WS_CONNECT_TIMEOUT,
             max_backlog_packets=settings.WS_MAX_BACKLOG_PACKETS,
@@ -98,13 +123,25 @@ class Node:
             # Empty: same origin only (clients without an Origin header, like apps, always pass).
             cors_allowed_origins=settings.CORS_ORIGINS or None,
             ping_interval=settings.WS_HEARTBEAT_INTERVAL,
-            ping_timeout=max(5.0, settings.WS_HEARTBEAT_INTERVAL),
+            ping_timeout=max(5.0, settings.WS_HEARTBEAT_INTERVAL),  # = ping_timeout below
             max_http_buffer_size=settings.MAX_FRAME_BYTES,
             json=OrjsonCodec,
             logger=False,
             engineio_logger=False,
         )
-        self.registry = ConnectionRegistry()
+        ping_timeout = max(5.0, settings.WS_HEARTBEAT_INTERVAL)
+        self.sessions = (
+            SessionRouter(
+                self.bus.pubsub_client(),
+                settings.REDIS_KEY_PREFIX,
+                route_tag,
+                request_timeout=settings.WS_HEARTBEAT_INTERVAL + ping_timeout + 5,
+                max_body=settings.MAX_FRAME_BYTES,
+            )
+            if self.bus
+            else None
+        )
+        self.registry = ConnectionRegistry(worker=self.state.instance_id)
         self.fanout = Fanout(self.sio, self.registry)
         manager.control_handler = self.fanout.on_control
         self.webhooks = Webhooks(self.store, webhook_endpoints(settings), self._online)
@@ -254,10 +291,22 @@ class Node:
             self.bus.redis, self.bus.keys, self.store.last_seq, self.settings.SEQ_KEY_TTL
         )
 
+    def _refuse_workers_without_redis(self) -> None:
+        """Several workers of one instance share rooms and presence through Redis only."""
+        if self.bus is None and not self._sole_worker.acquire():
+            raise ConfigError(
+                "uvicorn --workers N needs Redis: without it each worker would be a separate "
+                "server behind the same port (its own rooms, presence and sessions). Set "
+                "REDIS_URL or REDIS_HOST, or run one worker."
+            )
+
     async def start(self) -> None:
         try:
+            self._refuse_workers_without_redis()
             await self.store.start()
             await self.presence.start()
+            if self.sessions is not None:
+                await self.sessions.start()
         except Exception as exc:
             log.error("server.start_failed", error=str(exc), error_type=type(exc).__name__)
             await self._close_backends()
@@ -281,25 +330,33 @@ class Node:
         log.info(
             "server.started",
             instance_id=self.state.instance_id,
+            instance=self.state.instance_name,
             store=self.settings.STORE,
             redis=self.bus is not None,
             version=self.state.version,
         )
 
     async def stop(self) -> None:
+        """Stop every part in order; a step that hangs is abandoned after ``STOP_STEP_TIMEOUT``
+        seconds and logged, so that a SIGTERM always ends the process."""
+        metrics.worker_exiting()
+        self._sole_worker.release()
         if getattr(self, "_sampler", None) is not None:
             self._sampler.cancel()
-        for sid in self.registry.sids():
-            await self.admission.disconnect(sid)
-        await self.dispatcher.close()
-        await self.presence.close()
-        await self.sio.shutdown()
+
+        async def goodbyes() -> None:
+            for sid in self.registry.sids():
+                await self.admission.disconnect(sid)
+
+        await _bounded("disconnect", goodbyes())
+        await _bounded("dispatcher", self.dispatcher.close())
+        await _bounded("presence", self.presence.close())
+        await _bounded("socketio", self.sio.shutdown())
+        if self.sessions is not None:
+            await _bounded("sessions", self.sessions.stop())
         if self.bus is not None:
-            try:
-                await self.bus.registry.deregister()
-            except Exception as exc:
-                log.warning("registry.deregister_failed", error=str(exc))
-        await self._close_backends()
+            await _bounded("deregister", self.bus.registry.deregister())
+        await _bounded("backends", self._close_backends())
 
     async def _close_backends(self) -> None:
         if self.bus is not None:

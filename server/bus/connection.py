@@ -35,16 +35,22 @@ class RedisConfig:
     cluster: bool = False
     timeout: float = 5.0
     key_prefix: str = "chat:"
+    #: A redis-py ``CredentialProvider`` (server/bus/credentials.py) when the password
+    #: rotates; None when the URL carries the credentials.
+    credentials: Any = None
 
 
 def client_options(config: RedisConfig) -> dict[str, Any]:
     """Timeouts and retries shared by every client we build."""
-    return {
+    options: dict[str, Any] = {
         "socket_timeout": config.timeout,
         "socket_connect_timeout": config.timeout,
         "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2),
         "health_check_interval": 15,
     }
+    if config.credentials is not None:
+        options["credential_provider"] = config.credentials
+    return options
 
 
 def create_redis(config: RedisConfig) -> RedisClient:

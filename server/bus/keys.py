@@ -6,9 +6,10 @@ Redis Cluster slot. Presence is spread over ``PRESENCE_BUCKETS`` tags by user id
 ==============================  =========  ===========================================
 key                             type       holds
 ==============================  =========  ===========================================
-{P:instances}:all               zset       instance id → last heartbeat (ms)
-{P:instances}:info:<id>         string     JSON of the instance (connections, started)
+{P:instances}:all               zset       member id → last heartbeat (ms)
+{P:instances}:info:<id>         string     JSON of the member (instance, connections, started)
 {P:instances}:conns:<id>        hash       connection id → user id, per instance
+{P:instances}:owner:<INSTANCE>  string     owner token (host:supervisor pid) of an INSTANCE_ID
 {Pp<b>}:online                  hash       user id → live connection count
 {Pp<b>}:grace                   zset       user id → grace deadline (ms)
 {Pp<b>}:seen                    hash       user id → last_seen (ISO 8601)
@@ -35,9 +36,13 @@ class Keys:
         self.instances = f"{tag}:all"
         self._info = f"{tag}:info:"
         self._conns = f"{tag}:conns:"
+        self._owner = f"{tag}:owner:"
 
     def instance_info(self, instance_id: str) -> str:
         return self._info + instance_id
+
+    def instance_owner(self, instance: str) -> str:
+        return self._owner + instance
 
     def instance_conns(self, instance_id: str) -> str:
         return self._conns + instance_id

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socketio
 
 from server.bus.cluster_manager import RedisClusterManager
-from server.bus.connection import RedisConfig, client_options, create_redis
+from server.bus.connection import RedisClient, RedisConfig, client_options, create_redis
 from server.bus.keys import Keys
 from server.bus.redis_manager import RedisManager
 from server.bus.registry import InstanceRegistry
@@ -20,11 +20,20 @@ class RedisBus:
     pub/sub connections on ``config.pubsub_url``.
     """
 
-    def __init__(self, config: RedisConfig, instance_id: str, heartbeat_interval: float) -> None:
+    def __init__(
+        self,
+        config: RedisConfig,
+        instance_id: str,
+        heartbeat_interval: float,
+        instance: str | None = None,
+        owner: str | None = None,
+    ) -> None:
         self.config = config
         self.redis = create_redis(config)
         self.keys = Keys(config.key_prefix)
-        self.registry = InstanceRegistry(self.redis, self.keys, instance_id, heartbeat_interval)
+        self.registry = InstanceRegistry(
+            self.redis, self.keys, instance_id, heartbeat_interval, instance=instance, owner=owner
+        )
         self.channel = f"{config.key_prefix}socketio"
 
     def manager(self) -> socketio.AsyncManager:
@@ -33,6 +42,10 @@ class RedisBus:
         options.pop("retry")  # the manager's Delivery retries; redis-py's would stack on it
         manager_class = RedisClusterManager if self.config.cluster else RedisManager
         return manager_class(self.config.pubsub_url, channel=self.channel, redis_options=options)
+
+    def pubsub_client(self) -> RedisClient:
+        """A client of the pub/sub Redis (the state Redis unless REDIS_PUBSUB_URL is set)."""
+        return create_redis(self.config, url=self.config.pubsub_url)
 
     async def ping(self) -> None:
         with metrics.timed(metrics.REDIS_LATENCY, "ping"):

@@ -1,9 +1,15 @@
-"""Instance registry: heartbeats, live instances and their figures, dead-instance claims.
+"""Instance registry: heartbeats, live members and their figures, dead-member claims.
 
-Each instance writes ``info:<id>`` (expires after 3 heartbeats) and its score in
-``all`` every ``WS_HEARTBEAT_INTERVAL``. An instance whose score is older than three
-intervals is dead; exactly one live instance claims it (ZREM wins once) and reaps its
-connections through presence.
+A *member* is one process: the instance itself, or one worker of ``uvicorn --workers N``
+(``<INSTANCE_ID>/p<pid>``, server/core/workers.py). Each member writes ``info:<member>``
+(expires after 3 heartbeats) and its score in ``all`` every ``WS_HEARTBEAT_INTERVAL``. A
+member whose score is older than three intervals is dead; exactly one live member claims
+it (ZREM wins once) and reaps its connections through presence. So a SIGKILLed worker is
+reaped like a lost machine, while its siblings carry on.
+
+``owner:<INSTANCE_ID>`` holds the instance's owner token (host and supervisor pid): the
+workers of one instance share it, and a process elsewhere that claims the same
+``INSTANCE_ID`` is refused (:class:`DuplicateInstance`) while it is held.
 """
 
 from __future__ import annotations
@@ -19,11 +25,20 @@ from server.bus.keys import Keys
 MISSED_HEARTBEATS = 3
 # Scripts touch keys of the ``{P:instances}`` tag only, so they work on Redis Cluster.
 REGISTER = """
+local holder = redis.call('GET', KEYS[3])
+if holder and holder ~= ARGV[7] then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 and ARGV[4] == '1' then return 0 end
+redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 local added = redis.call('ZADD', KEYS[1], ARGV[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 if added == 1 and ARGV[4] == '0' then return 2 end
+return 1
+"""
+DEREGISTER = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+if redis.call('GET', KEYS[3]) == ARGV[2] then redis.call('DEL', KEYS[3]) end
 return 1
 """
 
@@ -38,21 +53,32 @@ class InstanceInfo:
     connections: int
     started_at: float
     heartbeat_at: float
+    instance: str = ""
 
 
 class InstanceRegistry:
-    """This instance's heartbeats, the live instances, and claims on dead ones.
-
-    ``redis`` is the state client (it decodes replies to ``str``).
+    """``instance_id`` is this member's id; ``instance`` the ``INSTANCE_ID`` it belongs to
+    (the same when the instance runs one process) and ``owner`` the token its workers share.
     """
 
-    def __init__(self, redis: RedisClient, keys: Keys, instance_id: str, interval: float) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        keys: Keys,
+        instance_id: str,
+        interval: float,
+        instance: str | None = None,
+        owner: str | None = None,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.instance_id = instance_id
+        self.instance = instance or instance_id
+        self.owner = owner or instance_id
         self.interval = interval
         self.started_at = time.time()
         self._register = redis.register_script(REGISTER)
+        self._deregister = redis.register_script(DEREGISTER)
 
     @property
     def dead_after_ms(self) -> int:
@@ -73,13 +99,18 @@ class InstanceRegistry:
         info = json.dumps(
             {
                 "id": self.instance_id,
+                "instance": self.instance,
                 "connections": connections,
                 "started_at": self.started_at,
                 "heartbeat_at": now,
             }
         )
         ok = await self._register(
-            keys=[self.keys.instances, self.keys.instance_info(self.instance_id)],
+            keys=[
+                self.keys.instances,
+                self.keys.instance_info(self.instance_id),
+                self.keys.instance_owner(self.instance),
+            ],
             args=[
                 int(now * 1000),
                 info,
@@ -87,19 +118,27 @@ class InstanceRegistry:
                 "1" if first else "0",
                 self.instance_id,
                 self.keep_ms,
+                self.owner,
             ],
         )
         if not ok:
             raise DuplicateInstance(
-                f"another live instance holds INSTANCE_ID={self.instance_id!r}; give each instance "
+                f"another live instance holds INSTANCE_ID={self.instance!r}; give each instance "
                 f"its own id (or leave INSTANCE_ID empty), or wait {self.dead_after_ms / 1000:.0f}s "
                 "for the old one to expire"
             )
         return ok == 2
 
     async def deregister(self) -> None:
-        await self.redis.zrem(self.keys.instances, self.instance_id)
-        await self.redis.delete(self.keys.instance_info(self.instance_id))
+        """Leave the registry; the owner key goes too unless a sibling worker holds it on."""
+        await self._deregister(
+            keys=[
+                self.keys.instances,
+                self.keys.instance_info(self.instance_id),
+                self.keys.instance_owner(self.instance),
+            ],
+            args=[self.instance_id, self.owner],
+        )
 
     async def live(self) -> list[InstanceInfo]:
         cutoff = int(time.time() * 1000) - self.dead_after_ms
@@ -115,6 +154,7 @@ class InstanceRegistry:
                         int(data["connections"]),
                         float(data["started_at"]),
                         float(data["heartbeat_at"]),
+                        str(data.get("instance") or instance_id),
                     )
                 )
         return result

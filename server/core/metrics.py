@@ -1,19 +1,54 @@
-"""Prometheus metrics of one instance (served at /metrics)."""
+"""Prometheus metrics of one instance (served at /metrics).
+
+Under ``uvicorn --workers N`` every worker writes its values to the directory in
+``PROMETHEUS_MULTIPROC_DIR`` (server/core/workers.py) and :func:`exposition` merges them,
+so one scrape covers the whole instance: counters and histograms are summed over every
+worker (dead ones included: counters never go back), ``chat_connections`` is summed over
+live workers, ``chat_worker_connections`` keeps one series per live worker, and the
+cluster-wide gauges (the same value sampled by each worker) show the most recent sample.
+In a single process nothing of this applies and the default registry is served.
+"""
 
 from __future__ import annotations
 
 import inspect
+import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
-CONNECTIONS = Gauge("chat_connections", "Socket.IO connections on this instance")
+CONNECTIONS = Gauge(
+    "chat_connections", "Socket.IO connections on this instance", multiprocess_mode="livesum"
+)
+WORKER_CONNECTIONS = Gauge(
+    "chat_worker_connections",
+    "Socket.IO connections per worker process of this instance (uvicorn --workers)",
+    ["worker"],
+    multiprocess_mode="livesum",
+)
 # The set of live instances is the "deployment" in the code; the metric names are documented
 # interfaces and keep their historical "cluster" wording.
-DEPLOYMENT_CONNECTIONS = Gauge("chat_cluster_connections", "Connections on every live instance")
-ONLINE_USERS = Gauge("chat_online_users", "Users online on every instance (grace periods included)")
+DEPLOYMENT_CONNECTIONS = Gauge(
+    "chat_cluster_connections", "Connections on every live instance", multiprocess_mode="mostrecent"
+)
+ONLINE_USERS = Gauge(
+    "chat_online_users",
+    "Users online on every instance (grace periods included)",
+    multiprocess_mode="mostrecent",
+)
 MESSAGES_RECEIVED = Counter(
     "chat_messages_received_total", "Messages stored from senders on this instance"
 )
@@ -101,7 +136,56 @@ LOG_LINES_DROPPED = Counter(
     "chat_log_lines_dropped_total",
     "Library error lines not written (over LOG_LIBRARY_ERRORS_PER_MINUTE)",
 )
-REDIS_MEMORY = Gauge("chat_redis_used_memory_bytes", "Redis used_memory from INFO (sampled)")
+REDIS_MEMORY = Gauge(
+    "chat_redis_used_memory_bytes",
+    "Redis used_memory from INFO (sampled)",
+    multiprocess_mode="mostrecent",
+)
+SESSIONS_FORWARDED = Counter(
+    "chat_sessions_forwarded_total",
+    "Engine.IO requests for a session owned by another process, carried through Redis "
+    "(polling, websocket tunnel, or no_owner: the owner is gone)",
+    ["kind"],
+)
+REDIS_CREDENTIALS_RENEWED = Counter(
+    "chat_redis_credentials_renewed_total",
+    "Redis secrets made or read again (IAM tokens, rotated password files)",
+)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LIVE_FILE = re.compile(r"^gauge_live\w+_(\d+)\.db$")
+
+
+def _forget_dead_workers(path: str) -> None:
+    """Drop the live gauges of workers that are gone (a SIGKILLed worker never says so)."""
+    for entry in Path(path).iterdir():
+        match = _LIVE_FILE.match(entry.name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, path)
+        except PermissionError:
+            pass
+
+
+def exposition() -> bytes:
+    """The text of /metrics: this process, or every worker of the instance merged."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return generate_latest(REGISTRY)
+    _forget_dead_workers(path)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path)
+    return generate_latest(registry)
+
+
+def worker_exiting() -> None:
+    """A worker stopping on its own removes its live gauges at once."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        multiprocess.mark_process_dead(os.getpid(), path)
 
 
 @contextmanager

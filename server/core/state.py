@@ -12,7 +12,15 @@ class InstanceState:
     Invariant: once ``draining`` is true it never goes back to false in this process.
     """
 
+    #: This process's id in the cluster: the ``INSTANCE_ID``, or with ``uvicorn --workers N``
+    #: one worker's ``<INSTANCE_ID>/p<pid>``.
     instance_id: str
     version: str
     draining: bool = False
     in_flight: int = 0
+    #: The ``INSTANCE_ID`` shared by the workers of one instance (empty: ``instance_id``).
+    instance: str = ""
+
+    @property
+    def instance_name(self) -> str:
+        return self.instance or self.instance_id

@@ -37,6 +37,9 @@ class InstanceFigures(Protocol):
     @property
     def heartbeat_at(self) -> float: ...
 
+    @property
+    def instance(self) -> str: ...
+
 
 class Figures:
     """Counts what is connected here and across every live instance.
@@ -69,6 +72,7 @@ class Figures:
             instances = [
                 {
                     "id": self.state.instance_id,
+                    "instance": self.state.instance_name,
                     "connections": local,
                     "last_heartbeat": iso(utcnow()),
                 }
@@ -77,6 +81,7 @@ class Figures:
             instances = [
                 {
                     "id": info.id,
+                    "instance": info.instance,
                     "connections": info.connections,
                     "last_heartbeat": iso(datetime.fromtimestamp(info.heartbeat_at, UTC)),
                 }
@@ -85,6 +90,7 @@ class Figures:
         figures: dict[str, Any] = {
             "instance": {
                 "id": self.state.instance_id,
+                "instance": self.state.instance_name,
                 "version": self.state.version,
                 "connections": local,
                 "in_flight": self.state.in_flight,
@@ -103,8 +109,11 @@ class Figures:
     async def sample(self) -> None:
         figures = await self.collect()
         deployment = figures["cluster"]  # the documented key; see the module docstring
+        mine = [i for i in deployment["instances"] if i["instance"] == self.state.instance_name]
         self.summary = {
             "instances": len(deployment["instances"]),
+            "instance_workers": len(mine),
+            "instance_connections": sum(i["connections"] for i in mine),
             "connections": deployment["connections"],
             "online_users": deployment["online_users"],
             "sampled_at": iso(utcnow()),

@@ -64,6 +64,7 @@ class Health:
         body = {
             "status": status,
             "instance_id": self.state.instance_id,
+            "instance": self.state.instance_name,
             "version": self.state.version,
             "checks": checks,
             "connections": self.figures.local_connections(),

@@ -58,10 +58,11 @@ class Connection:
 class ConnectionRegistry:
     """The admitted sockets of this instance, by sid, with counts per user and per address."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: str = "") -> None:
         self.by_sid: dict[str, Connection] = {}
         self.per_user: Counter[str] = Counter()
         self.per_ip: Counter[str] = Counter()
+        self._worker_gauge = metrics.WORKER_CONNECTIONS.labels(worker or "main")
 
     def __len__(self) -> int:
         return len(self.by_sid)
@@ -73,7 +74,7 @@ class ConnectionRegistry:
         self.by_sid[conn.sid] = conn
         self.per_user[conn.identity.user_id] += 1
         self.per_ip[conn.ip_key] += 1
-        metrics.CONNECTIONS.set(len(self.by_sid))
+        self._count_changed()
 
     def remove(self, sid: str) -> Connection | None:
         conn = self.by_sid.pop(sid, None)
@@ -84,8 +85,12 @@ class ConnectionRegistry:
                 handle.cancel()
             _decrement(self.per_user, conn.identity.user_id)
             _decrement(self.per_ip, conn.ip_key)
-        metrics.CONNECTIONS.set(len(self.by_sid))
+        self._count_changed()
         return conn
+
+    def _count_changed(self) -> None:
+        metrics.CONNECTIONS.set(len(self.by_sid))
+        self._worker_gauge.set(len(self.by_sid))
 
     def sids(self) -> list[str]:
         return list(self.by_sid)

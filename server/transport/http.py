@@ -14,10 +14,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, BaseModel, Field
 
 from server.auth import AuthError, DevTokens, TokenVerifier, bearer_token
+from server.core import metrics
 from server.core.ids import USER_ID_PATTERN, not_reserved
 from server.core.text import check_name
 from server.services.figures import Figures
@@ -97,7 +97,7 @@ async def metrics_text(request: Request) -> Response:
         given = bearer_token(request.headers.get("authorization")) or ""
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise HTTPException(401, "metrics need Authorization: Bearer <METRICS_TOKEN>")
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
 
 @router.get("/", include_in_schema=False)

@@ -63,6 +63,8 @@ class ServerProcess:
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    #: ``uvicorn --workers N`` when above 1 (the supervisor is ``proc``).
+    workers: int = 1
 
     @property
     def url(self) -> str:
@@ -101,6 +103,13 @@ class ServerProcess:
                 "--no-access-log",
                 "--timeout-graceful-shutdown",
                 "5",
+                # uvicorn kills a worker that misses a 5 s health ping: too short for a
+                # worker importing the app on a loaded test machine.
+                *(
+                    ["--workers", str(self.workers), "--timeout-worker-healthcheck", "60"]
+                    if self.workers > 1
+                    else []
+                ),
             ],
             cwd=ROOT,
             env=env,
