@@ -53,10 +53,13 @@ def client_options(config: RedisConfig) -> dict[str, Any]:
     return options
 
 
-def create_redis(config: RedisConfig) -> RedisClient:
-    """The state client of ``config.url``, with the shared options; replies are ``str``."""
-    url = config.url
-    options: dict[str, Any] = {**client_options(config), "decode_responses": True}
+def create_redis(
+    config: RedisConfig, url: str | None = None, decode_responses: bool = True
+) -> RedisClient:
+    """A client of ``url`` (default: the state Redis, ``config.url``) with the shared
+    options; replies are ``str`` unless ``decode_responses`` is False."""
+    url = url or config.url
+    options: dict[str, Any] = {**client_options(config), "decode_responses": decode_responses}
     if config.cluster:
         options.pop("health_check_interval")
         return RedisCluster.from_url(url, **options)

@@ -44,8 +44,9 @@ class RedisBus:
         return manager_class(self.config.pubsub_url, channel=self.channel, redis_options=options)
 
     def pubsub_client(self) -> RedisClient:
-        """A client of the pub/sub Redis (the state Redis unless REDIS_PUBSUB_URL is set)."""
-        return create_redis(self.config, url=self.config.pubsub_url)
+        """A client of the pub/sub Redis (the state Redis unless REDIS_PUBSUB_URL is set);
+        replies are bytes."""
+        return create_redis(self.config, url=self.config.pubsub_url, decode_responses=False)
 
     async def ping(self) -> None:
         with metrics.timed(metrics.REDIS_LATENCY, "ping"):
