@@ -31,6 +31,11 @@ from tests.test_multi_instance import cluster_env
 pytestmark = pytest.mark.timeout(600)
 
 
+@pytest.fixture(scope="session")
+def node_client(js_node_client):  # noqa: F811 - the suite's fixture, by its own name
+    return js_node_client
+
+
 @dataclass
 class Front:
     url: str
