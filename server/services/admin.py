@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from server.core.models import SYSTEM_USER_ID, Identity, Message, Room, SanctionKey
+from server.core.models import SYSTEM_USER_ID, Identity, Message, Room, SanctionKey, SanctionKind
 from server.services.messages import MessageService
 from server.services.moderation import Moderation
 from server.services.payloads import CreateRoom, History, SendMessage
@@ -91,8 +91,8 @@ class Admin:
         await self.rooms.readable(SYSTEM, room_id)
         await self.moderation.set(SanctionKey("mute", room_id, user_id), until)
 
-    async def lift(self, kind: str, scope: str, user_id: str) -> None:
-        await self.moderation.lift(SanctionKey(kind, scope, user_id))  # type: ignore[arg-type]
+    async def lift(self, kind: SanctionKind, scope: str, user_id: str) -> None:
+        await self.moderation.lift(SanctionKey(kind, scope, user_id))
 
     async def block(self, user_id: str, other: str) -> None:
         """``user_id`` blocks ``other``: direct messages between them are refused both ways."""

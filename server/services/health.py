@@ -47,9 +47,10 @@ class Health:
 
     async def report(self) -> tuple[dict, bool]:
         """The health document and whether the instance should receive traffic."""
-        names = [name for name, check in self.checks.items() if check is not None]
+        enabled = {name: check for name, check in self.checks.items() if check is not None}
+        names = list(enabled)
         results = await asyncio.gather(
-            *(timed_check(name, self.checks[name], self.timeout) for name in names)  # type: ignore[arg-type]
+            *(timed_check(name, check, self.timeout) for name, check in enabled.items())
         )
         checks: dict[str, dict] = dict(zip(names, results, strict=True))
         for name, check in self.checks.items():

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from server.core import metrics
-from server.core.errors import ChatError
+from server.core.errors import ChatError, ErrorCode
 from server.core.ids import is_user_id
 from server.core.models import Identity, Room, RoomKind
 from server.core.refusals import Quota
@@ -58,9 +58,9 @@ def missing(room_id: str) -> ChatError:
     return ChatError("not_found", f"room {room_id!r} does not exist")
 
 
-def refuse(limit: str, code: str, message: str) -> ChatError:
+def refuse(limit: str, code: ErrorCode, message: str) -> ChatError:
     metrics.LIMIT_REFUSALS.labels(limit).inc()
-    return ChatError(code, message)  # type: ignore[arg-type]
+    return ChatError(code, message)
 
 
 class RoomService:
