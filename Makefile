@@ -77,6 +77,7 @@ lint: install
 	$(UV) run --frozen ruff check server tests bench
 	$(UV) run --frozen ruff format --check server tests bench
 	$(UV) run --frozen lint-imports
+	$(UV) run --frozen mypy
 
 format: install
 	$(UV) run --frozen ruff format server tests bench

@@ -142,6 +142,7 @@ class InstanceRegistry:
 
     async def live(self) -> list[InstanceInfo]:
         cutoff = int(time.time() * 1000) - self.dead_after_ms
+        # the client decodes replies (decode_responses=True); redis-py's types cannot know
         ids = cast(list[str], await self.redis.zrangebyscore(self.keys.instances, cutoff, "+inf"))
         result = []
         for instance_id in ids:
@@ -162,6 +163,7 @@ class InstanceRegistry:
     async def claim_dead(self) -> list[str]:
         """Ids of instances that stopped heartbeating; each is returned to exactly one caller."""
         cutoff = int(time.time() * 1000) - self.dead_after_ms
+        # the client decodes replies (decode_responses=True); redis-py's types cannot know
         stale = cast(
             list[str],
             await self.redis.zrangebyscore(

@@ -199,6 +199,7 @@ class RedisPresence(Presence):
         now = int(time.time() * 1000)
         for bucket in range(PRESENCE_BUCKETS):
             online, grace, seen = self.keys.presence(bucket)
+            # the client decodes replies (decode_responses=True); redis-py's types cannot know
             due = cast(
                 list[str], await self.redis.zrangebyscore(grace, "-inf", now, start=0, num=200)
             )
@@ -214,6 +215,7 @@ class RedisPresence(Presence):
     async def _reap(self, instance_id: str) -> None:
         """Close the connections of an instance that stopped heartbeating."""
         conns_key = self.keys.instance_conns(instance_id)
+        # the client decodes replies (decode_responses=True); redis-py's types cannot know
         conns = cast(dict[str, str], await self.redis.hgetall(conns_key))
         now = utcnow()
         deadline = int((now.timestamp() + self.grace) * 1000)
