@@ -42,6 +42,10 @@ install-system:
 # Headless Chromium for the demo page test (the same rules).
 install-browser:
 	tests/support/install_system.sh chromium:chromium
+	@# Emoji glyphs for the demo page's reactions in screenshots (the tests do not need them).
+	@fc-list 2>/dev/null | grep -qi "color emoji" || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends fonts-noto-color-emoji >/dev/null 2>&1 \
+	  || echo "install-browser: fonts-noto-color-emoji not installed: emoji show as boxes in screenshots"; }
 
 run: install
 	$(UV) run --frozen uvicorn server.main:app --host $(HOST) --port $(PORT) $(UVICORN_FLAGS)

@@ -10,9 +10,10 @@ const GROUP_GAP_MS = 5 * 60 * 1000;
 const S = {
   socket: null, me: null, instance: null, token: null, tokenExp: 0, devTokens: false,
   rooms: new Map(), current: null, views: new Map(), replyTo: null,
-  typists: new Map(), typingSentAt: 0, typingStop: null, members: new Map(),
-  readTimer: null, visible: new Set(), refreshTimer: null,
+  typists: new Map(), typingSentAt: 0, typingStop: null, members: new Map(), followed: new Set(),
+  readTimer: null, visible: new Set(), refreshTimer: null, membersTimer: null,
 };
+const MEMBERS_POLL_MS = 5000;  // public rooms announce no joins: the pane re-reads its list
 window.chat = S;  // for the browser tests and the curious
 
 // ------------------------------------------------------------------ helpers
@@ -98,9 +99,9 @@ function connect(token) {
   socket.on("connect_error", (err) => {
     const code = err.data && err.data.code;
     report("login-error", code ? `refused: ${code}` : err);
-    banner(socket.active ? "reconnecting" : "offline");
+    banner(willRetry(socket) ? "reconnecting" : "offline");
   });
-  socket.on("disconnect", () => banner(socket.active ? "reconnecting" : "offline"));
+  socket.on("disconnect", () => banner(willRetry(socket) ? "reconnecting" : "offline"));
   socket.io.on("reconnect_attempt", () => banner("reconnecting"));
   socket.on("session:closed", (data) => report("sidebar-error", `closed by the server: ${data.reason}`));
   socket.on("auth:expired", () => report("sidebar-error", "your token expired"));
@@ -122,6 +123,14 @@ function connect(token) {
   });
 }
 
+/** Whether socket.io-client will try again by itself after a lost or refused connection. */
+function willRetry(socket) {
+  return socket.active && socket.io.reconnection() && navigator.onLine !== false;
+}
+
+window.addEventListener("offline", () => banner("offline"));
+window.addEventListener("online", () => S.socket && !S.socket.connected && banner("reconnecting"));
+
 async function onSession(session) {
   S.me = session.user;
   S.instance = session.instance_id;
@@ -133,6 +142,7 @@ async function onSession(session) {
   $("app").hidden = false;
   scheduleRefresh();
   for (const v of S.views.values()) v.joined = false;  // a new connection joined nothing
+  S.followed = new Set();  // nor follows anyone's presence
   await loadRooms();
   if (S.current) await openRoom(S.current);  // recovers what it missed: since, changes_since
 }
@@ -339,7 +349,16 @@ function applyUpdate(m, d) {
   return { ...m, text: d.text, mentions: d.mentions, edited_at: d.edited_at, revision: d.revision };
 }
 
+function forgetPreview(room, id) {
+  const entry = S.rooms.get(room);
+  if (entry && entry.last_message && entry.last_message.id === id) {
+    entry.last_message = { ...entry.last_message, deleted: true, text: "" };
+    renderRooms();
+  }
+}
+
 function applyDelete(m) {
+  forgetPreview(m.room, m.id);
   return { ...m, deleted: true, text: "", mentions: [], reactions: [] };
 }
 
@@ -369,12 +388,17 @@ function onPresence({ user, status }) {
 }
 
 async function loadMembers(room) {
+  clearTimeout(S.membersTimer);
+  S.membersTimer = setTimeout(() => {
+    if (S.current === room && S.socket.connected) loadMembers(room);
+  }, MEMBERS_POLL_MS);
   try {
     const { members } = await call("room:members", { room });
     S.members = new Map(members.map((m) => [m.id, m.status]));
     renderMembers();
-    const ids = members.map((m) => m.id).slice(0, 500);
+    const ids = members.map((m) => m.id).filter((id) => !S.followed.has(id)).slice(0, 500);
     if (ids.length) {
+      ids.forEach((id) => S.followed.add(id));
       const { presence } = await call("presence:subscribe", { users: ids });
       for (const [id, p] of Object.entries(presence)) S.members.set(id, p.status);
       renderMembers();
@@ -422,11 +446,10 @@ function messageItem(v, m) {
     item.append(el("div", { class: "quote" },
       `${m.reply_to.sender.name}: ${m.reply_to.deleted ? "(deleted)" : m.reply_to.text}`));
   }
-  item.append(
-    el("span", { class: "text" }, m.deleted ? "message deleted" : textWithMentions(m)),
-    m.edited_at && !m.deleted ? el("span", { class: "edited" }, " (edited)") : null,
-    el("time", { class: "time", datetime: m.created_at }, new Date(m.created_at).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })),
-  );
+  item.append(el("span", { class: "text" }, m.deleted ? "message deleted" : textWithMentions(m)));
+  if (m.edited_at && !m.deleted) item.append(el("span", { class: "edited" }, " (edited)"));
+  item.append(el("time", { class: "time", datetime: m.created_at },
+    new Date(m.created_at).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })));
   if (m.failed) {
     item.append(" ", el("button", { class: "link", type: "button", onclick: () => retry(v, m.client_id) }, "retry"));
   }

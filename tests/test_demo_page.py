@@ -126,6 +126,7 @@ async def test_two_browsers_on_two_instances_chat_edit_delete_react_and_reply(br
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     await alice.screenshot(path=str(ARTIFACTS / "demo-desktop.png"))
     await alice.set_viewport_size({"width": 390, "height": 844})
+    await alice.wait_for_timeout(500)  # the sidebar slides out of view
     await alice.screenshot(path=str(ARTIFACTS / "demo-phone.png"))
     assert await alice.is_visible("#toggle-sidebar")
     await alice.click("#toggle-sidebar")
