@@ -142,11 +142,19 @@ def _message(row: tuple) -> Message:
 def _migrate(conn: sqlite3.Connection) -> None:
     """Create what is missing: tables, then the message columns of later releases."""
     conn.executescript(SCHEMA)
-    present = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
-    for column, decl in ADDED_MESSAGE_COLUMNS.items():
-        if column not in present:
-            conn.execute(f"ALTER TABLE messages ADD COLUMN {column} {decl}")
-    conn.execute(CHANGES_INDEX)
+    # Processes sharing the file may start together: one at a time reads the columns and
+    # adds the missing ones (two adding the same column would fail the second start).
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        present = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+        for column, decl in ADDED_MESSAGE_COLUMNS.items():
+            if column not in present:
+                conn.execute(f"ALTER TABLE messages ADD COLUMN {column} {decl}")
+        conn.execute(CHANGES_INDEX)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _index_mentions(
