@@ -179,7 +179,14 @@ class Node:
             allocator=self._allocator(),
             outgoing=self.webhooks.for_message if self.webhooks.enabled else None,
         )
-        self.changes = ChangeService(self.store, self.rooms, self.messages, self.fanout, limits)
+        self.changes = ChangeService(
+            self.store,
+            self.rooms,
+            self.messages,
+            self.fanout,
+            limits,
+            on_changed=self.webhooks.message_changed if self.webhooks.enabled else None,
+        )
         self.dispatcher = Dispatcher(
             self.store,
             self.webhooks,

@@ -178,6 +178,46 @@ async def test_an_event_refused_too_often_is_dead_and_counted_and_its_room_moves
         server.stop()
 
 
+async def test_edits_and_deletions_follow_their_message_in_order(tmp_path, uid):
+    receiver = await Receiver(free_port()).start()
+    server = ServerProcess(hook_env(receiver.url, tmp_path)).start()
+    try:
+        room = uid("room")
+        client = await ChatClient(uid("erin")).connect(server.url)
+        assert (await client.call("room:join", {"room": room}))["ok"] is True
+        sent = (await send(client, room, "first draft"))["message"]
+        edit = await client.call("message:edit", {"room": room, "id": sent["id"], "text": "final"})
+        assert edit["ok"] is True
+        again = await client.call("message:edit", {"room": room, "id": sent["id"], "text": "final"})
+        assert again["ok"] is True  # changes nothing: no second event
+        assert (await client.call("message:delete", {"room": room, "id": sent["id"]}))["ok"]
+
+        def in_room(received):
+            return [
+                r.event
+                for r in received
+                if r.event["type"].startswith("message.")
+                and r.event["data"]["message"]["room"] == room
+            ]
+
+        await receiver.wait_until(lambda got: len(in_room(got)) >= 3, timeout=30)
+        await asyncio.sleep(1.0)
+        events = in_room(receiver.received)
+        assert [e["type"] for e in events] == [
+            "message.created",
+            "message.updated",
+            "message.deleted",
+        ]
+        assert events[1]["data"]["message"]["text"] == "final"
+        assert events[1]["data"]["message"]["revision"] == 1
+        assert events[2]["data"]["message"]["deleted_at"]
+        assert len({e["id"] for e in events}) == 3
+        await client.disconnect()
+    finally:
+        await receiver.stop()
+        server.stop()
+
+
 def test_bad_webhook_configuration_is_refused_at_start():
     from server.config import ConfigError, load_settings
 

@@ -18,7 +18,7 @@ above ``since`` come in ``missed`` in their current state instead.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -51,8 +51,11 @@ class ChangeService:
         messages: MessageService,
         fanout: Fanout,
         limits: ContentLimits,
+        on_changed: Callable[[str, Message], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
+        #: told ("updated" | "deleted", message) once per stored edit or deletion (webhooks)
+        self.on_changed = on_changed
         self.rooms = rooms
         self.messages = messages
         self.fanout = fanout
@@ -116,6 +119,8 @@ class ChangeService:
             )
             added = [u for u in message.mentions if u not in current.mentions]
             await self.messages.notify_mentioned(message, added, wire)
+            if self.on_changed is not None:
+                await self.on_changed("updated", message)
         return wire
 
     async def delete(self, who: Identity, request: MessageRef) -> dict:
@@ -148,6 +153,8 @@ class ChangeService:
                     "change_seq": message.change_seq,
                 },
             )
+            if self.on_changed is not None:
+                await self.on_changed("deleted", message)
         return await self.views.one(message, who.user_id)
 
     async def react(self, who: Identity, request: React, add: bool) -> dict:

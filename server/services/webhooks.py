@@ -108,16 +108,37 @@ class Webhooks:
 
         return Outgoing(f"evt_msg_{draft.message_id}", self.names, render)
 
-    async def record(self, kind: str, ordering: str, data: dict) -> None:
-        """Record an event that is not a new message (members, presence)."""
+    async def record(
+        self, kind: str, ordering: str, data: dict, event_id: str | None = None
+    ) -> None:
+        """Record an event that is not a new message; a given ``event_id`` is recorded once."""
         if not self.enabled:
             return
-        event_id = f"evt_{uuid.uuid4().hex}"
+        event_id = event_id or f"evt_{uuid.uuid4().hex}"
         body = event_body(event_id, kind, data)
         await self.store.outbox_add(
             [OutboxEntry(event_id, name, ordering, body) for name in self.names]
         )
         self.recorded.set()
+
+    async def message_changed(self, kind: str, message: Message) -> None:
+        """``message.updated`` or ``message.deleted``; one id per change (its change seq)."""
+        data: dict = {"id": message.id, "room": message.room, "seq": message.seq}
+        if kind == "updated":
+            data.update(
+                text=message.text,
+                mentions=list(message.mentions),
+                edited_at=iso(message.edited_at),
+                revision=message.revision,
+            )
+        else:
+            data["deleted_at"] = iso(message.deleted_at)
+        await self.record(
+            f"message.{kind}",
+            message.room,
+            {"message": data},
+            event_id=f"evt_chg_{message.id}_{message.change_seq}",
+        )
 
     async def members_changed(self, room_id: str, users: list[str], added: bool) -> None:
         if users:
