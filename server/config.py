@@ -55,6 +55,7 @@ class Settings(BaseModel):
     REDIS_PUBSUB_URL: str = ""
     REDIS_KEY_PREFIX: str = "chat:"
     REDIS_TIMEOUT: float = Field(5.0, gt=0)
+    REDIS_MAX_CONNECTIONS: int = Field(200, ge=4, le=100_000)
     REDIS_PASSWORD_FILE: str = ""
     REDIS_IAM_AUTH: Literal["", "elasticache", "memorydb"] = ""
     REDIS_IAM_CACHE_NAME: str = ""

@@ -98,6 +98,7 @@ def redis_config(settings: Settings) -> RedisConfig:
         cluster=settings.REDIS_CLUSTER,
         timeout=settings.REDIS_TIMEOUT,
         key_prefix=settings.REDIS_KEY_PREFIX,
+        max_connections=settings.REDIS_MAX_CONNECTIONS,
         credentials=redis_credentials(settings),
     )
 

@@ -106,6 +106,7 @@ class RedisClusterManager(AsyncPubSubManager, ControlEvents):
         no candidate answers (e.g. the only known node hangs) this raises at once.
         """
         options = dict(self.redis_options)
+        options.pop("max_connections", None)  # per node, unbounded by default in RedisCluster
         startup = list(options.pop("startup_nodes", None) or [])
         startup += [ClusterNode(host, port) for host, port in self._known_nodes]
         if startup:

@@ -35,6 +35,9 @@ class RedisConfig:
     cluster: bool = False
     timeout: float = 5.0
     key_prefix: str = "chat:"
+    #: connections per client pool; past it a command waits up to ``timeout`` for one
+    #: (redis-py's default pool refuses the 101st with "Too many connections")
+    max_connections: int = 200
     #: A redis-py ``CredentialProvider`` (server/bus/credentials.py) when the password
     #: rotates; None when the URL carries the credentials.
     credentials: Any = None
@@ -47,6 +50,7 @@ def client_options(config: RedisConfig) -> dict[str, Any]:
         "socket_connect_timeout": config.timeout,
         "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2),
         "health_check_interval": 15,
+        "max_connections": config.max_connections,
     }
     if config.credentials is not None:
         options["credential_provider"] = config.credentials
@@ -62,6 +66,7 @@ def create_redis(
     options: dict[str, Any] = {**client_options(config), "decode_responses": decode_responses}
     if config.cluster:
         options.pop("health_check_interval")
+        options.pop("max_connections")  # per node, unbounded by default in RedisCluster
         return RedisCluster.from_url(url, **options)
     if urlparse(url).scheme in {"redis+sentinel", "valkey+sentinel"}:
         sentinels, service, connection = parse_redis_sentinel_url(url)
@@ -70,5 +75,16 @@ def create_redis(
             sentinel_kwargs={"socket_timeout": config.timeout},
             **{**options, **connection},
         )
+        # redis-py has no blocking Sentinel pool: the bound refuses past max_connections.
         return sentinel.master_for(service)  # configuration insists on a service name
-    return aioredis.Redis.from_url(url, **options)
+    return blocking_client(url, options)
+
+
+def blocking_client(url: str, options: dict[str, Any]) -> aioredis.Redis:
+    """A client whose pool makes a command wait for a free connection (up to the socket
+    timeout) instead of failing when all ``max_connections`` are busy: a burst of
+    publishes or presence updates queues up rather than dropping messages."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, timeout=options.get("socket_timeout") or 5.0, **options
+    )
+    return aioredis.Redis.from_pool(pool)

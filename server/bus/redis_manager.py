@@ -6,15 +6,19 @@ then a silent drop; a listener that backs off up to 60 s). Connecting, the Senti
 lookup of the current master and the message format stay python-socketio's: the
 pub/sub client gets bytes (``decode_responses`` off), which its ``_listen`` expects.
 
-Override points used: ``_publish`` and ``_redis_listen_with_retries``.
+Override points used: ``_publish``, ``_redis_listen_with_retries`` and ``_redis_connect``
+(outside Sentinel, the client's pool waits for a free connection instead of refusing the
+101st concurrent publish: redis-py's default pool raises "Too many connections").
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlparse
 
 import socketio
 
+from server.bus.connection import blocking_client
 from server.bus.delivery import Delivery
 from server.bus.manager import ControlEvents
 
@@ -40,6 +44,14 @@ class RedisManager(socketio.AsyncRedisManager, ControlEvents):
     ) -> None:
         super().__init__(url=url, channel=channel, **options)
         self.delivery = delivery or Delivery(channel)
+
+    def _redis_connect(self) -> None:
+        if urlparse(self.redis_url).scheme in {"redis+sentinel", "valkey+sentinel"}:
+            super()._redis_connect()
+            return
+        self.redis = blocking_client(self.redis_url, dict(self.redis_options))
+        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self.connected = True
 
     async def _publish(self, data: Any) -> bool:
         payload = self.json.dumps(data)
