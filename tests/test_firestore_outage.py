@@ -93,25 +93,32 @@ async def test_stalled_backend_hits_the_deadline(fs, emulator, uid):
     assert later.created and later.message.seq == 2
 
 
+class LoseFirstCommitAnswer:
+    """The first batch commit applies its writes, then raises ``error`` instead of answering;
+    later commits answer. ``lost`` counts the answers lost."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+        from google.cloud.firestore_v1.async_batch import AsyncWriteBatch
+
+        original = AsyncWriteBatch.commit
+        self.lost = 0
+
+        async def commit_then_lose_answer(batch, *args, **kwargs):
+            result = await original(batch, *args, **kwargs)
+            if self.lost == 0:
+                self.lost += 1
+                raise error
+            return result
+
+        monkeypatch.setattr(AsyncWriteBatch, "commit", commit_then_lose_answer)
+
+
 async def test_lost_commit_answer_is_retried_idempotently(fs, uid, monkeypatch):
     """A group commit that applied but whose answer was lost: the retry reports the message."""
-    from google.cloud.firestore_v1.async_batch import AsyncWriteBatch
-
-    original = AsyncWriteBatch.commit
-    lost = 0
-
-    async def commit_then_lose_answer(self, *args, **kwargs):
-        nonlocal lost
-        result = await original(self, *args, **kwargs)
-        if lost == 0:
-            lost += 1
-            raise gexc.DeadlineExceeded("answer lost")
-        return result
-
-    monkeypatch.setattr(AsyncWriteBatch, "commit", commit_then_lose_answer)
+    lose = LoseFirstCommitAnswer(monkeypatch, gexc.DeadlineExceeded("answer lost"))
     room = uid("r")
     first = await fs.add_message(draft(room, "c1"))
-    assert lost == 1
+    assert lose.lost == 1
     assert first.created and first.message.seq == 1
     second = await fs.add_message(draft(room, "c2"))
     assert second.message.seq == 2
@@ -120,23 +127,12 @@ async def test_lost_commit_answer_is_retried_idempotently(fs, uid, monkeypatch):
 
 
 async def test_lost_batch_answer_on_explicit_seq_is_retried_idempotently(fs, uid, monkeypatch):
-    from google.cloud.firestore_v1.async_batch import AsyncWriteBatch
-
-    original = AsyncWriteBatch.commit
-    lost = 0
-
-    async def commit_then_lose_answer(self, *args, **kwargs):
-        nonlocal lost
-        result = await original(self, *args, **kwargs)
-        if lost == 0:
-            lost += 1
-            raise gexc.ServiceUnavailable("connection reset after commit")
-        return result
-
-    monkeypatch.setattr(AsyncWriteBatch, "commit", commit_then_lose_answer)
+    lose = LoseFirstCommitAnswer(
+        monkeypatch, gexc.ServiceUnavailable("connection reset after commit")
+    )
     room = uid("r")
     added = await fs.add_message(draft(room, "c1"), seq=7)
-    assert lost == 1 and added.created and added.message.seq == 7
+    assert lose.lost == 1 and added.created and added.message.seq == 7
     assert await fs.last_seq(room) == 7
 
 
