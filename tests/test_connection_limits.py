@@ -6,16 +6,13 @@ second address (192.0.2.2) besides loopback, so two client addresses are real pe
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import httpx
 import pytest
 import socketio
 
 from server.core.clientip import ClientAddress, limit_key
 from server.core.refusals import RefusalCounter
-from tests.support.clients import NAMESPACE, ChatClient, metric_values
+from tests.support.clients import NAMESPACE, ChatClient, metrics_of, until
 from tests.support.servers import ServerProcess, key_prefix, make_token, start_all
 
 OTHER_ADDRESS = "192.0.2.2"
@@ -56,18 +53,6 @@ def refused_with(result: dict, code: str) -> None:
     assert result["code"] == code, result
 
 
-async def metrics_of(url: str) -> dict[str, float]:
-    async with httpx.AsyncClient(timeout=10) as http:
-        return metric_values((await http.get(f"{url}/metrics")).text)
-
-
-async def wait_until(predicate, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.1)
-
-
 # --- one instance -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def capped():
@@ -105,7 +90,7 @@ async def test_connections_capped_per_user(capped, uid):
                 admitted.append(result)
             return result["ok"]
 
-        await wait_until(admitted_again)
+        await until(admitted_again, "a free slot for the user", timeout=15)
         figures = await metrics_of(url)
         assert figures['chat_connections_refused_total{reason="user_connection_limit"}'] >= 1
     finally:
@@ -121,7 +106,7 @@ async def test_connections_capped_per_address(capped, uid):
         async with httpx.AsyncClient(timeout=10) as http:
             return (await http.get(f"{local_url}/api/health")).json()["connections"] == 0
 
-    await wait_until(local_count)
+    await until(local_count, "no connections left", timeout=15)
     admitted = [await attempt(local_url, make_token(uid("a"))) for _ in range(5)]
     try:
         assert all(result["ok"] for result in admitted)
@@ -261,7 +246,7 @@ async def test_user_cap_counts_every_instance(pair, uid):
                 await result["client"].disconnect()
             return result["ok"]
 
-        await wait_until(admitted_on_second)
+        await until(admitted_on_second, "a free slot on the second instance", timeout=15)
     finally:
         for client in clients:
             await client.disconnect()

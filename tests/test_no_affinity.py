@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import httpx
 import pytest
 
 from tests.support.balancer import RoundRobinBalancer
-from tests.support.clients import metric_values
+from tests.support.clients import metrics_of
 from tests.support.servers import ServerProcess, key_prefix, make_token
 
 # Collected again here, through the balancer (the token-expiry test is left out: a 2 s
@@ -110,10 +109,9 @@ async def test_js_every_token_source_on_polling(server, node_client, uid):
 async def test_requests_were_forwarded(server):
     """The runs above did cross processes: some requests reached a non-owner."""
     forwarded = 0.0
-    async with httpx.AsyncClient(timeout=5) as http:
-        for instance in server.instances:
-            values = metric_values((await http.get(f"{instance.url}/metrics")).text)
-            forwarded += sum(
-                v for k, v in values.items() if k.startswith("chat_sessions_forwarded_total")
-            )
+    for instance in server.instances:
+        values = await metrics_of(instance.url)
+        forwarded += sum(
+            v for k, v in values.items() if k.startswith("chat_sessions_forwarded_total")
+        )
     assert forwarded > 0

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
 import redis as redis_sync
 
-from tests.support.clients import ChatClient, metric_values, send
+from tests.support.clients import ChatClient, metrics_of, send
 from tests.support.redis_servers import RedisServer
 from tests.support.servers import ServerProcess, key_prefix, start_all
 from tests.test_multi_instance import cluster_env
@@ -94,8 +93,7 @@ async def test_password_rotates_during_a_conversation(acl_redis, tmp_path, uid):
         # The instances reconnected as the ACL user, with the new password.
         users = admin.execute_command("CLIENT", "LIST").decode()
         assert "user=chat" in users
-        async with httpx.AsyncClient(timeout=5) as http:
-            values = metric_values((await http.get(f"{instances[0].url}/metrics")).text)
+        values = await metrics_of(instances[0].url)
         assert values["chat_redis_credentials_renewed_total"] >= 2
     finally:
         for client in clients:

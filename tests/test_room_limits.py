@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 
 from server.bus.keys import Keys
 from server.bus.seq import RedisSeqAllocator
-from tests.support.clients import QUIET, ChatClient, error_code, metric_values, send
+from tests.support.clients import QUIET, ChatClient, error_code, metrics_of, send
 from tests.support.servers import ServerProcess, key_prefix
 
 
@@ -42,8 +41,7 @@ def on_limits(limits, clients):
 
 
 async def metric(url: str, name: str) -> float:
-    async with httpx.AsyncClient(timeout=10) as http:
-        return metric_values((await http.get(f"{url}/metrics")).text).get(name, 0.0)
+    return (await metrics_of(url)).get(name, 0.0)
 
 
 def code_of(ack: dict) -> str | None:

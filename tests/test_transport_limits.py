@@ -17,7 +17,7 @@ import aiohttp
 import httpx
 import pytest
 
-from tests.support.clients import ChatClient, metric_values
+from tests.support.clients import ChatClient, metric_values, until
 from tests.support.servers import ServerProcess, make_token
 
 CONNECT_TIMEOUT = 1.5
@@ -56,19 +56,6 @@ def rss_kb(server: ServerProcess) -> int:
     raise AssertionError("no VmRSS")
 
 
-async def until(condition, timeout: float = 20.0, step: float = 0.1) -> bool:
-    """Poll ``condition()`` (sync or async) until true or the deadline passes."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return True
-        await asyncio.sleep(step)
-    return False
-
-
 class Raw:
     """A websocket speaking Engine.IO by hand; ``frames`` collects what the server sent."""
 
@@ -81,7 +68,7 @@ class Raw:
         self.session = aiohttp.ClientSession()
         self.ws = await self.session.ws_connect(self.url)
         self._reader = asyncio.get_running_loop().create_task(self._read())
-        assert await until(lambda: self.frames, 10)
+        await until(lambda: self.frames, "the OPEN packet", timeout=10)
         assert str(self.frames[0]).startswith("0{")
         return self
 
@@ -99,7 +86,11 @@ class Raw:
 
     async def connect_chat(self) -> None:
         await self.ws.send_str("40/chat," + json.dumps({"token": make_token("raw-user")}))
-        assert await until(lambda: any(str(f).startswith("40/chat,{") for f in self.frames), 10)
+        await until(
+            lambda: any(str(f).startswith("40/chat,{") for f in self.frames),
+            "the namespace CONNECT",
+            timeout=10,
+        )
 
     async def wait_closed(self, timeout: float = 20.0) -> bool:
         try:
@@ -121,8 +112,10 @@ async def test_only_chat_namespace_can_be_connected(limited, namespace):
         connect = "40" if namespace == "/" else f"40{namespace},"
         await raw.ws.send_str(connect + json.dumps({"token": make_token("ns-user")}))
         prefix = "44" if namespace == "/" else f"44{namespace},"
-        assert await until(lambda: any(str(f).startswith(prefix) for f in raw.frames), 10), (
-            raw.frames
+        await until(
+            lambda: any(str(f).startswith(prefix) for f in raw.frames),
+            f"a {prefix!r} frame",
+            timeout=10,
         )
         assert not any(str(f).startswith("40") for f in raw.frames[1:]), raw.frames
         # the same session may still connect /chat
@@ -163,7 +156,11 @@ async def test_binary_attachments_close_the_connection(limited, case):
                     break
                 await asyncio.sleep(0.05)
             assert await raw.wait_closed(10), "the server kept a connection that sent binary"
-        assert await until(lambda: closed_count(limited, "binary_refused") >= before + 1, 10)
+        await until(
+            lambda: closed_count(limited, "binary_refused") >= before + 1,
+            "the binary_refused close counted",
+            timeout=10,
+        )
         assert (await bystander.call("room:join", {"room": "bin-room"}))["ok"] is True
     finally:
         await bystander.disconnect()
@@ -185,7 +182,7 @@ async def test_binary_over_polling_closes_the_session(limited):
             answer = await http.get("/socket.io/", params=params)
             return answer.status_code == 400 or answer.text.startswith("1")
 
-        assert await until(session_gone, 10)
+        await until(session_gone, "the session closed", timeout=10)
 
 
 # --- sessions that never connect /chat ------------------------------------------------------
@@ -197,7 +194,10 @@ async def test_session_without_chat_is_closed_after_the_deadline(limited):
         # the session that connected /chat in time stays
         assert not member.closed.is_set()
         await member.ws.send_str('42/chat,5["room:join",{"room":"deadline-room"}]')
-        assert await until(lambda: any(str(f).startswith("43/chat,5") for f in member.frames))
+        await until(
+            lambda: any(str(f).startswith("43/chat,5") for f in member.frames),
+            "the ack of the member's join",
+        )
     assert closed_count(limited, "connect_timeout") >= before + 1
 
 
@@ -214,7 +214,7 @@ async def test_polling_session_without_chat_is_closed(limited):
                 return False
             return answer.status_code == 400 or answer.text.startswith("1")
 
-        assert await until(session_gone, CONNECT_TIMEOUT + 15)
+        await until(session_gone, "the session closed", timeout=CONNECT_TIMEOUT + 15)
 
 
 # --- bounded backlog --------------------------------------------------------------------------
@@ -278,9 +278,11 @@ async def test_parked_sockets_are_disconnected_and_memory_stays_flat(limited, ui
 
         await asyncio.gather(*(flood(s, per_sender) for s in senders))
         expected_parked = len(parked) + (1 if transport == "polling" else 0)
-        assert await until(
-            lambda: closed_count(limited, "backlog_exceeded") >= before + expected_parked, 30
-        ), closed_count(limited, "backlog_exceeded") - before
+        await until(
+            lambda: closed_count(limited, "backlog_exceeded") >= before + expected_parked,
+            f"{expected_parked} backlog_exceeded closes",
+            timeout=30,
+        )
         # a reading client got everything, in order per sender
         total = per_sender * len(senders)
         got = await reader.wait_for("message:new", total, timeout=60)

@@ -7,6 +7,7 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
+import httpx
 import socketio
 
 from tests.support.servers import GRACE, ServerProcess, make_token
@@ -108,17 +109,28 @@ async def connect_and_close(url: str, user: str) -> None:
 
 
 async def until(check, what: str, timeout: float = 20, interval: float = 0.1):
-    """Await ``check()`` until it returns something true (returned); fail after ``timeout``."""
+    """Call ``check()`` (sync or async) until it returns something true (returned); fail
+    after ``timeout``."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while not (result := await check()):
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(interval)
-    return result
 
 
 def parse_iso(text: str) -> float:
     """An ISO 8601 UTC time of the protocol ("…Z") → POSIX seconds."""
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+async def metrics_of(url: str) -> dict[str, float]:
+    """The Prometheus figures of the instance at ``url``."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        return metric_values((await http.get(f"{url}/metrics")).text)
 
 
 def metric_values(text: str) -> dict[str, float]:
