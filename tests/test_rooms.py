@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.support.clients import QUIET, error_code, send
+from tests.support.clients import QUIET, error_code, first_join_ack, send
 
 
 # --- public rooms -------------------------------------------------------------------------
@@ -15,16 +15,7 @@ async def test_public_room_created_on_first_join(clients, uid):
     alice, bob = await clients(uid("alice")), await clients(uid("bob"))
     assert error_code(await alice.call("message:history", {"room": room})) == "not_found"
     first = await alice.call("room:join", {"room": room})
-    assert first == {
-        "ok": True,
-        "room": {"id": room, "kind": "public", "name": room},
-        "last_seq": 0,
-        "missed": [],
-        "has_more": False,
-        "change_seq": 0,
-        "changes": [],
-        "changes_has_more": False,
-    }
+    assert first == first_join_ack(room)
     second = await bob.call("room:join", {"room": room})
     assert second == first
     assert (await alice.call("message:history", {"room": room})) == {

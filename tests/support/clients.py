@@ -183,6 +183,20 @@ async def attempt(
             await sio.disconnect()
 
 
+def first_join_ack(room: str) -> dict:
+    """The ``room:join`` ack of a public room that has no messages and no changes yet."""
+    return {
+        "ok": True,
+        "room": {"id": room, "kind": "public", "name": room},
+        "last_seq": 0,
+        "missed": [],
+        "has_more": False,
+        "change_seq": 0,
+        "changes": [],
+        "changes_has_more": False,
+    }
+
+
 def refused(code: str) -> dict:
     return {"ok": False, "error": {"message": "unauthorized", "data": {"code": code}}}
 
