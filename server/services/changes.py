@@ -19,6 +19,7 @@ above ``since`` come in ``missed`` in their current state instead.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 
@@ -81,6 +82,24 @@ class ChangeService:
         unconfirmed = self._unconfirmed.forget(key)
         return result, result.changed or (unconfirmed and result.refused is None)
 
+    async def _announce(
+        self, kind: str, event: str, room_id: str, message: Message, **fields: Any
+    ) -> None:
+        """Count a change of ``kind`` and send ``event`` to the room: where the message
+        stands (room, id, seq, change_seq) plus ``fields``."""
+        metrics.MESSAGE_CHANGES.labels(kind).inc()
+        await self.fanout.to_room(
+            room_id,
+            event,
+            {
+                "room": room_id,
+                "id": message.id,
+                "seq": message.seq,
+                "change_seq": message.change_seq,
+                **fields,
+            },
+        )
+
     async def edit(self, who: Identity, request: EditMessage) -> dict:
         text = clean_text(request.text, self.limits)
         mentioned = parse_mentions(text, self.limits)
@@ -102,20 +121,15 @@ class ChangeService:
         assert message is not None
         wire = await self.views.one(message, who.user_id)
         if broadcast:
-            metrics.MESSAGE_CHANGES.labels("edit").inc()
-            await self.fanout.to_room(
-                room.id,
+            await self._announce(
+                "edit",
                 "message:updated",
-                {
-                    "room": room.id,
-                    "id": message.id,
-                    "seq": message.seq,
-                    "text": message.text,
-                    "mentions": list(message.mentions),
-                    "edited_at": iso(message.edited_at),
-                    "revision": message.revision,
-                    "change_seq": message.change_seq,
-                },
+                room.id,
+                message,
+                text=message.text,
+                mentions=list(message.mentions),
+                edited_at=iso(message.edited_at),
+                revision=message.revision,
             )
             added = [u for u in message.mentions if u not in current.mentions]
             await self.messages.notify_mentioned(message, added, wire)
@@ -141,17 +155,8 @@ class ChangeService:
         message = result.message
         assert message is not None
         if broadcast:
-            metrics.MESSAGE_CHANGES.labels("delete").inc()
-            await self.fanout.to_room(
-                room.id,
-                "message:deleted",
-                {
-                    "room": room.id,
-                    "id": message.id,
-                    "seq": message.seq,
-                    "deleted_at": iso(message.deleted_at),
-                    "change_seq": message.change_seq,
-                },
+            await self._announce(
+                "delete", "message:deleted", room.id, message, deleted_at=iso(message.deleted_at)
             )
             if self.on_changed is not None:
                 await self.on_changed("deleted", message)
@@ -180,20 +185,15 @@ class ChangeService:
         message = result.message
         assert message is not None
         if broadcast:
-            metrics.MESSAGE_CHANGES.labels("reaction_add" if add else "reaction_remove").inc()
-            await self.fanout.to_room(
-                room.id,
+            await self._announce(
+                "reaction_add" if add else "reaction_remove",
                 "message:reactions",
-                {
-                    "room": room.id,
-                    "id": message.id,
-                    "seq": message.seq,
-                    "change_seq": message.change_seq,
-                    "user": who.user_id,
-                    "emoji": emoji,
-                    "reacted": add,
-                    "reactions": reactions_wire(message.reactions, None),
-                },
+                room.id,
+                message,
+                user=who.user_id,
+                emoji=emoji,
+                reacted=add,
+                reactions=reactions_wire(message.reactions, None),
             )
         return await self.views.one(message, who.user_id)
 
