@@ -109,6 +109,22 @@ def _decode(data: bytes) -> tuple[dict, bytes]:
     return orjson.loads(head), body
 
 
+def _tunnel_frame(kind: str, ident: str, message: dict) -> tuple[dict, bytes]:
+    """The tunnel header and body of the ASGI websocket frame ``message`` (``bytes`` or
+    ``text``); ``bin`` marks a binary frame."""
+    data = message.get("bytes")
+    if data is not None:
+        return {"k": kind, "id": ident, "bin": 1}, data
+    return {"k": kind, "id": ident}, (message.get("text") or "").encode()
+
+
+def _asgi_frame(event: str, header: dict, body: bytes) -> dict:
+    """The ASGI ``event`` (websocket.send or websocket.receive) of a tunnelled frame."""
+    if header.get("bin"):
+        return {"type": event, "bytes": body}
+    return {"type": event, "text": body.decode()}
+
+
 def _sid_in(query: bytes) -> str:
     """The ``sid`` parameter of a query string, '' when there is none."""
     start = query.find(b"sid=")
@@ -381,10 +397,7 @@ class SessionRouter:
             while True:
                 frame, data = await inbox.get()
                 if frame["k"] == "wss":
-                    if frame.get("bin"):
-                        await send({"type": "websocket.send", "bytes": data})
-                    else:
-                        await send({"type": "websocket.send", "text": data.decode()})
+                    await send(_asgi_frame("websocket.send", frame, data))
                 elif frame["k"] == "wsc":
                     if not frame.get("client_gone"):
                         with contextlib.suppress(Exception):
@@ -404,13 +417,7 @@ class SessionRouter:
             while True:
                 message = await receive()
                 if message["type"] == "websocket.receive":
-                    if message.get("bytes") is not None:
-                        await self._publish(
-                            owner, {"k": "wsi", "id": ident, "bin": 1}, message["bytes"]
-                        )
-                    else:
-                        text = (message.get("text") or "").encode()
-                        await self._publish(owner, {"k": "wsi", "id": ident}, text)
+                    await self._publish(owner, *_tunnel_frame("wsi", ident, message))
                 elif message["type"] == "websocket.disconnect":
                     await self._publish(
                         owner,
@@ -440,9 +447,7 @@ class SessionRouter:
             frame, data = await inbox.get()
             if frame.get("close"):
                 return {"type": "websocket.disconnect", "code": frame.get("code", 1000)}
-            if frame.get("bin"):
-                return {"type": "websocket.receive", "bytes": data}
-            return {"type": "websocket.receive", "text": data.decode()}
+            return _asgi_frame("websocket.receive", frame, data)
 
         async def send(message: dict) -> None:
             nonlocal closed
@@ -453,13 +458,7 @@ class SessionRouter:
                 if kind == "websocket.accept":
                     await self._publish(back, {"k": "wsa", "id": ident})
                 elif kind == "websocket.send":
-                    if message.get("bytes") is not None:
-                        await self._publish(
-                            back, {"k": "wss", "id": ident, "bin": 1}, message["bytes"]
-                        )
-                    else:
-                        text = (message.get("text") or "").encode()
-                        await self._publish(back, {"k": "wss", "id": ident}, text)
+                    await self._publish(back, *_tunnel_frame("wss", ident, message))
                 elif kind == "websocket.close":
                     closed = True
                     await self._publish(
