@@ -11,7 +11,7 @@ import pytest
 import socketio
 
 from server import __version__
-from tests.support.clients import NAMESPACE, ChatClient, metric_values
+from tests.support.clients import NAMESPACE, ChatClient, metric_values, until
 from tests.support.redis_servers import RedisServer
 from tests.support.servers import TEST_SECRET, ServerProcess, key_prefix
 
@@ -35,10 +35,10 @@ async def connections(http, url: str) -> int:
 
 
 async def wait_connections(http, url: str, expected: int, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while (count := await connections(http, url)) != expected:
-        assert time.monotonic() < deadline, f"connections stayed {count}, expected {expected}"
-        await asyncio.sleep(0.05)
+    async def reached() -> bool:
+        return await connections(http, url) == expected
+
+    await until(reached, f"{expected} connections", timeout=timeout, interval=0.05)
 
 
 # --- health ---------------------------------------------------------------------------------

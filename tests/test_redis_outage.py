@@ -33,14 +33,13 @@ async def health(url: str) -> tuple[int, dict]:
 
 
 async def wait_health(url: str, want: int, timeout: float = 20) -> dict:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
+    """The health document once ``url`` answers with status ``want``."""
+
+    async def answered() -> dict | None:
         code, body = await health(url)
-        if code == want:
-            return body
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{url}: wanted {want}, still {code} {body}")
-        await asyncio.sleep(0.2)
+        return body if code == want else None
+
+    return await until(answered, f"{url} to answer {want}", timeout=timeout, interval=0.2)
 
 
 async def test_redis_restart_mid_conversation(outage_pair, uid):
