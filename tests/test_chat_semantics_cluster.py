@@ -10,8 +10,7 @@ import pytest
 from tests import test_multi_instance
 from tests.support.clients import ChatClient
 from tests.support.roomstate import RoomState
-from tests.support.servers import ServerProcess, key_prefix, start_all
-from tests.test_multi_instance import cluster_env
+from tests.support.servers import ServerProcess, cluster_env, key_prefix, start_all
 
 
 @pytest.fixture(scope="module")

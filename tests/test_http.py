@@ -72,7 +72,16 @@ async def test_health_shape_without_redis(server, http):
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"status", "instance_id", "version", "checks", "connections", "cluster"}
+    assert set(body) == {
+        "status",
+        "instance_id",
+        "instance",
+        "version",
+        "checks",
+        "connections",
+        "cluster",
+    }
+    assert body["instance"] == body["instance_id"]  # one process: the instance is its member
     assert body["status"] == "healthy"
     assert isinstance(body["instance_id"], str) and body["instance_id"]
     assert body["version"] == __version__

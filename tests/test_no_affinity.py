@@ -13,7 +13,7 @@ import pytest
 
 from tests.support.balancer import RoundRobinBalancer
 from tests.support.clients import metrics_of
-from tests.support.servers import ServerProcess, key_prefix, make_token
+from tests.support.servers import ServerProcess, cluster_env, key_prefix, make_token
 
 # Collected again here, through the balancer (the token-expiry test is left out: a 2 s
 # token is often expired before four loaded processes have admitted it).
@@ -24,7 +24,6 @@ from tests.test_js_client import (  # noqa: F401
     test_js_chat_between_two_clients,
     test_js_token_sources,
 )
-from tests.test_multi_instance import cluster_env
 
 # Four uvicorn processes start slowly on a loaded machine.
 pytestmark = pytest.mark.timeout(600)

@@ -11,27 +11,56 @@ import httpx
 import pytest
 
 from tests.support.clients import ChatClient, metric_values, send
-from tests.support.servers import ServerProcess, key_prefix
-from tests.test_multi_instance import cluster_env
+from tests.support.servers import ServerProcess, cluster_env, key_prefix
 
 # Two workers start slowly on a loaded machine.
 pytestmark = pytest.mark.timeout(400)
 
 
+async def all_workers_registered(url: str, workers: int, timeout: float = 120) -> None:
+    """Wait until every worker has started and registered (health counts them)."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=5) as http:
+        while True:
+            try:
+                cluster = (await http.get(f"{url}/api/health")).json().get("cluster") or {}
+            except httpx.HTTPError:
+                cluster = {}
+            if cluster.get("instance_workers", 0) >= workers:
+                return
+            assert time.monotonic() < deadline, f"workers never all registered: {cluster}"
+            await asyncio.sleep(0.2)
+
+
 async def clients_on_every_worker(
-    url: str, uid, workers: int, limit: int = 40
+    url: str, uid, workers: int, rounds: int = 8, per_round: int = 10
 ) -> dict[str, ChatClient]:
-    """Connect users until one sits on each worker (the kernel picks the worker)."""
+    """Connect users until one sits on each worker (the kernel picks the worker).
+
+    Connections open concurrently and stay open while more are made: an idle worker that
+    wins every accept of one-at-a-time connects never lets the other one take a turn.
+    """
+    await all_workers_registered(url, workers)
     by_worker: dict[str, ChatClient] = {}
-    for _ in range(limit):
-        client = await ChatClient(uid("u")).connect(url)
-        member = client.events["session"][0]["instance_id"]
-        if member in by_worker:
+    spare: list[ChatClient] = []
+    try:
+        for _ in range(rounds):
+            made = await asyncio.gather(
+                *(ChatClient(uid("u")).connect(url) for _ in range(per_round))
+            )
+            for client in made:
+                member = client.events["session"][0]["instance_id"]
+                if member in by_worker:
+                    spare.append(client)
+                else:
+                    by_worker[member] = client
+            if len(by_worker) == workers:
+                return by_worker
+    finally:
+        for client in spare:
             await client.disconnect()
-        else:
-            by_worker[member] = client
-        if len(by_worker) == workers:
-            return by_worker
+    for client in by_worker.values():
+        await client.disconnect()
     raise AssertionError(f"connections reached only {sorted(by_worker)}")
 
 
