@@ -90,6 +90,8 @@ async def test_health_shape_without_redis(server, http):
     # Without Redis the figures are this instance's own (docs/protocol.md says null).
     assert body["cluster"] is None or set(body["cluster"]) == {
         "instances",
+        "instance_workers",
+        "instance_connections",
         "connections",
         "online_users",
         "sampled_at",
