@@ -20,6 +20,7 @@ import structlog
 
 from server import __version__
 from server.auth import ApiKeys
+from server.bus.ledger import DeliveryLedger
 from server.bus.manager import LocalManager
 from server.bus.redis_bus import RedisBus
 from server.bus.refusals import RedisRefusals
@@ -53,6 +54,7 @@ from server.services.moderation import SANCTION, Moderation
 from server.services.presence import PresenceService
 from server.services.rooms import RoomService
 from server.services.webhooks import Dispatcher, Webhooks
+from server.transport.catchup import CatchUp
 from server.transport.channels import NAMESPACE
 from server.transport.connections import Admission, ConnectionRegistry
 from server.transport.engine import ChatSocketServer
@@ -108,7 +110,8 @@ class Node:
             else None
         )
         self._sole_worker = workers.SoleWorkerLock()
-        manager = self.bus.manager() if self.bus else LocalManager()
+        bus_manager = self.bus.manager() if self.bus else None
+        manager = bus_manager or LocalManager()
         route_tag = new_route_tag()
         # With Redis, sessions carry their owner's route tag and any process serves them.
         server_class = RoutedChatSocketServer if self.bus else ChatSocketServer
@@ -213,6 +216,7 @@ class Node:
             events_burst=settings.RATE_LIMIT_EVENTS_BURST,
         )
         typing = TypingTimers(self.messages, settings.TYPING_TIMEOUT)
+        ledger = DeliveryLedger()
         self.fanout.on_evicted = lambda conn, room: typing.stop(conn, room, "evicted")
         self.sio.register_namespace(
             ChatNamespace(
@@ -229,8 +233,14 @@ class Node:
                 typing=typing,
                 max_presence_subscriptions=MAX_PRESENCE_SUBSCRIPTIONS,
                 max_joined_rooms=settings.MAX_JOINED_ROOMS,
+                ledger=ledger if bus_manager is not None else None,
             )
         )
+        if bus_manager is not None:
+            # What other instances publish while this one is not subscribed is read back
+            # from the store once it is again (server/transport/catchup.py).
+            bus_manager.ledger = ledger
+            bus_manager.delivery.on_resubscribed = CatchUp(self.sio, ledger, self.messages).run
         self.drainer = Drainer(self.sio, self.registry, self.state, settings.SHUTDOWN_TIMEOUT)
         self.figures = Figures(
             self.state,

@@ -21,6 +21,11 @@ what differs (how to send once, how to subscribe once) and it supplies the polic
   A listener that stops silently leaves an instance deaf to every other one:
   https://github.com/miguelgrinberg/python-socketio/issues/1581
 * ``subscribed`` (an :class:`asyncio.Event`) is set exactly while a subscription is live.
+* **After a lost subscription, before the first message of the new one**, the listener
+  awaits ``on_resubscribed()`` (when set): what was published meanwhile never reached
+  this instance, and the hook hands it over from the store (``server/transport/catchup.py``).
+  Messages published after the new subscription wait in its socket until it returns, so
+  nothing overtakes what it hands over. Its errors are logged, never raised.
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ class Delivery:
         self.listener_reconnects = 0
         #: set while the listener is subscribed
         self.subscribed = asyncio.Event()
+        #: awaited after every subscription that follows a lost one (see the module doc)
+        self.on_resubscribed: Callable[[], Awaitable[Any]] | None = None
 
     async def publish(
         self,
@@ -126,6 +133,7 @@ class Delivery:
         after every successful subscription. Cancellation closes the pub/sub and propagates.
         """
         failures = 0  # since the last successful subscription
+        lost = False  # a subscription was live once and ended
         while True:
             pubsub = None
             try:
@@ -137,10 +145,14 @@ class Delivery:
                     channel=self.channel,
                     reconnects=self.listener_reconnects,
                 )
+                if lost:
+                    lost = False
+                    await self._after_gap()
                 async for item in messages(pubsub):
                     yield item
                 raise SubscriptionLost("subscription ended")
             except Exception as exc:
+                lost = lost or self.subscribed.is_set()
                 self.subscribed.clear()
                 self.listener_reconnects += 1
                 metrics.BUS_LISTENER_RESUBSCRIBES.inc()
@@ -159,6 +171,20 @@ class Delivery:
                 self.subscribed.clear()
                 await close_quietly(pubsub)
                 raise
+
+    async def _after_gap(self) -> None:
+        if self.on_resubscribed is None:
+            return
+        try:
+            await self.on_resubscribed()
+        except Exception as exc:
+            log.error(
+                "bus.catch_up_failed",
+                channel=self.channel,
+                error=describe(exc),
+                impact="messages published while this instance was not subscribed did not "
+                "reach its sockets live; clients get them from history or when they rejoin",
+            )
 
     def listen_delay(self, failures: int) -> float:
         """Seconds to wait after ``failures`` failed attempts since the last subscription."""

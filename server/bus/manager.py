@@ -18,6 +18,7 @@ from typing import Any
 import socketio
 import structlog
 
+from server.bus.ledger import DeliveryLedger
 from server.core import metrics
 
 log = structlog.get_logger(__name__)
@@ -31,10 +32,13 @@ class ControlEvents(socketio.AsyncManager):
 
     Each instance handles each control event once (a failing handler is logged, never
     raised), and no client ever receives one. ``message:new`` deliveries to local
-    sockets are counted in ``chat_messages_delivered_total``.
+    sockets are counted in ``chat_messages_delivered_total``; with a ``ledger``, each
+    message reaches them once, however it arrives (live, or caught up after a lost
+    subscription: ``server/bus/ledger.py``).
     """
 
     control_handler: ControlHandler | None = None
+    ledger: DeliveryLedger | None = None
 
     async def emit(
         self,
@@ -54,6 +58,15 @@ class ControlEvents(socketio.AsyncManager):
                 except Exception:
                     log.exception("bus.control_event_failed", control_event=event)
             return None
+        if event == "message:new" and self.ledger is not None and isinstance(data, dict):
+            room_id, seq = data.get("room"), data.get("seq")
+            if (
+                isinstance(room_id, str)
+                and isinstance(seq, int)
+                and not self.ledger.first_delivery(room_id, seq)
+            ):
+                metrics.DUPLICATES_SKIPPED.inc()
+                return 0
         delivered = await super().emit(
             event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, to=to, **kwargs
         )

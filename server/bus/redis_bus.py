@@ -3,8 +3,6 @@ and the Socket.IO manager that carries emits between instances."""
 
 from __future__ import annotations
 
-import socketio
-
 from server.bus.cluster_manager import RedisClusterManager
 from server.bus.connection import RedisClient, RedisConfig, client_options, create_redis
 from server.bus.keys import Keys
@@ -36,7 +34,7 @@ class RedisBus:
         )
         self.channel = f"{config.key_prefix}socketio"
 
-    def manager(self) -> socketio.AsyncManager:
+    def manager(self) -> RedisManager | RedisClusterManager:
         """The Socket.IO manager for this topology: Redis Cluster, or one Redis."""
         options = client_options(self.config)
         options.pop("retry")  # the manager's Delivery retries; redis-py's would stack on it

@@ -84,6 +84,14 @@ BUS_LISTENER_RESUBSCRIBES = Counter(
     "chat_bus_listener_resubscribes_total",
     "Times the pub/sub listener lost its subscription and subscribed again",
 )
+BUS_CAUGHT_UP = Counter(
+    "chat_bus_caught_up_messages_total",
+    "Messages read from the store and handed to local sockets after a lost subscription",
+)
+DUPLICATES_SKIPPED = Counter(
+    "chat_bus_duplicate_deliveries_skipped_total",
+    "message:new emits not handed to local sockets because the message already was",
+)
 STORE_LATENCY = Histogram("chat_store_seconds", "Store call latency", ["op"])
 STORE_BATCH = Histogram(
     "chat_store_batch_calls",

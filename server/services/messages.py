@@ -191,6 +191,13 @@ class MessageService:
         )
         return last_seq, messages, has_more
 
+    async def after(self, room_id: str, after: int, limit: int) -> list[dict]:
+        """Up to ``limit`` messages of ``room_id`` after seq ``after``, oldest first, as
+        ``message:new`` carries them (no viewer's own reactions)."""
+        return await self.views.render(
+            room_id, await self.store.messages_after(room_id, after, limit), None
+        )
+
     async def history(self, who: Identity, request: History) -> tuple[list[Message], bool]:
         await self.rooms.readable(who, request.room)
         if request.before is not None and request.after is not None:

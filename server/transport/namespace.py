@@ -18,6 +18,7 @@ import socketio
 import structlog
 
 from server.auth import AuthError, TokenVerifier
+from server.bus.ledger import DeliveryLedger
 from server.core import metrics
 from server.core.errors import ChatError, StoreUnavailable
 from server.core.models import iso_from_epoch
@@ -77,6 +78,7 @@ class ChatNamespace(socketio.AsyncNamespace):
         typing: TypingTimers,
         max_presence_subscriptions: int,
         max_joined_rooms: int,
+        ledger: DeliveryLedger | None = None,
     ) -> None:
         super().__init__(NAMESPACE)
         self.state = state
@@ -92,6 +94,8 @@ class ChatNamespace(socketio.AsyncNamespace):
         self.typing_timers = typing
         self.max_presence_subscriptions = max_presence_subscriptions
         self.max_joined_rooms = max_joined_rooms
+        #: what this instance delivered, for catching up after a lost subscription
+        self.ledger = ledger
 
     # --- the guard ------------------------------------------------------------------------
     async def trigger_event(self, event: str, *args: Any) -> Any:
@@ -183,6 +187,8 @@ class ChatNamespace(socketio.AsyncNamespace):
         await self.enter_room(conn.sid, room_channel(room.id))
         conn.joined.add(room.id)
         last_seq, missed, has_more = await self.messages.missed(room.id, request.since)
+        if self.ledger is not None:
+            self.ledger.joined(room.id, last_seq)
         user = conn.identity.user_id
         ack = {
             "room": room.to_wire(),
