@@ -164,7 +164,7 @@ class Node:
             members_page=settings.ROOM_MEMBERS_PAGE,
             creates=Quota(settings.ROOM_CREATES_PER_HOUR, hour),
             member_changes=Quota(settings.MEMBER_CHANGES_PER_HOUR, hour),
-            on_members=self.webhooks.members_changed if self.webhooks.enabled else None,
+            member_events=self.webhooks.for_members if self.webhooks.enabled else None,
         )
         limits = ContentLimits(
             max_length=settings.MAX_MESSAGE_LENGTH,
@@ -188,7 +188,7 @@ class Node:
             self.messages,
             self.fanout,
             limits,
-            on_changed=self.webhooks.message_changed if self.webhooks.enabled else None,
+            outgoing=self.webhooks.for_change if self.webhooks.enabled else None,
         )
         self.dispatcher = Dispatcher(
             self.store,

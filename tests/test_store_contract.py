@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
 
 from server.core.errors import SeqTaken
-from server.core.models import MessageDraft, Room, Unread
+from server.core.models import MessageDraft, OutboxEntry, OutboxItem, Outgoing, Room, Unread
 
 
 def draft(room: str, client_id: str, text: str = "hi", sender: str = "alice") -> MessageDraft:
@@ -176,11 +177,33 @@ async def test_sanctions_are_put_replaced_read_and_deleted(store, uid):
     assert await store.get_sanctions([SanctionKey("ban", uid("r"), user)]) == {}
 
 
-async def test_the_outbox_hands_out_each_queue_in_order_one_at_a_time(store, uid):
-    from server.core.models import OutboxEntry
+# --- the webhook outbox ----------------------------------------------------------------------
+# The Firestore emulator is shared by the whole test session: every check looks at the
+# queues of its own rooms only.
 
-    if not store.supports_outbox:
-        pytest.skip("this store keeps no webhook outbox (webhooks refused at start)")
+DRAIN_AT = 10_000.0
+
+
+async def drain(store, ordering: str) -> list[OutboxEntry]:
+    """Deliver every entry of ``ordering``'s queues, heads first, and return them in order."""
+    delivered: list[OutboxEntry] = []
+    for _ in range(20):
+        claimed = await store.outbox_claim("drain", now=DRAIN_AT, lease=1.0, limit=1000)
+        mine = [i for i in claimed if i.entry.ordering == ordering]
+        if not mine:
+            return delivered
+        assert len({i.entry.endpoint for i in mine}) == len(mine)  # one head per queue
+        for item in mine:
+            assert await store.outbox_finish(item, "drain", delivered=True) is True
+            delivered.append(item.entry)
+    raise AssertionError(f"the queues of {ordering!r} do not empty")
+
+
+async def test_every_store_keeps_an_outbox(store):
+    assert store.supports_outbox
+
+
+async def test_the_outbox_hands_out_each_queue_in_order_one_at_a_time(store, uid):
     room_a, room_b = uid("a"), uid("b")
     entries = [
         OutboxEntry(uid("e"), "0", room_a, "a1"),
@@ -189,30 +212,33 @@ async def test_the_outbox_hands_out_each_queue_in_order_one_at_a_time(store, uid
     ]
     await store.outbox_add(entries)
     await store.outbox_add(entries[:1])  # the same event again: ignored
-    claimed = await store.outbox_claim("one", now=100.0, lease=10.0, limit=10)
-    mine = [i for i in claimed if i.entry.ordering in (room_a, room_b)]
+
+    def ours(items: list[OutboxItem]) -> list[OutboxItem]:
+        return [i for i in items if i.entry.ordering in (room_a, room_b)]
+
+    mine = ours(await store.outbox_claim("one", now=100.0, lease=10.0, limit=1000))
     assert [i.entry.body for i in mine] == ["a1", "b1"]  # heads only: a2 waits for a1
-    assert await store.outbox_claim("two", now=105.0, lease=10.0, limit=10) == []  # leased
+    assert ours(await store.outbox_claim("two", now=105.0, lease=10.0, limit=1000)) == []
     a1 = next(i for i in mine if i.entry.body == "a1")
     b1 = next(i for i in mine if i.entry.body == "b1")
     assert await store.outbox_finish(a1, "two", delivered=True) is False  # not its lease
     assert await store.outbox_finish(a1, "one", delivered=True) is True
     assert await store.outbox_finish(b1, "one", delivered=False, next_at=200.0) is True
-    again = await store.outbox_claim("two", now=106.0, lease=10.0, limit=10)
-    assert [i.entry.body for i in again if i.entry.ordering in (room_a, room_b)] == ["a2"]
-    later = await store.outbox_claim("two", now=300.0, lease=10.0, limit=10)
+    again = await store.outbox_claim("two", now=106.0, lease=10.0, limit=1000)
+    assert [i.entry.body for i in ours(again)] == ["a2"]
+    later = await store.outbox_claim("two", now=300.0, lease=10.0, limit=1000)
     retried = [i for i in later if i.entry.ordering == room_b]
     assert [(i.entry.body, i.attempts) for i in retried] == [("b1", 1)]
     assert await store.outbox_finish(retried[0], "two", delivered=False, dead=True) is True
+    assert await store.outbox_finish(retried[0], "two", delivered=True) is False  # settled
     counts = await store.outbox_counts()
     assert counts["dead"] >= 1 and counts["pending"] >= 1  # a2 is still leased, pending
+    # A dead entry no longer holds up its queue; nothing else is left in it.
+    assert [e.body for e in await drain(store, room_a)] == ["a2"]
+    assert await drain(store, room_b) == []
 
 
 async def test_a_new_message_records_its_outgoing_events_in_the_same_write(store, uid):
-    from server.core.models import Outgoing
-
-    if not store.supports_outbox:
-        pytest.skip("this store keeps no webhook outbox (webhooks refused at start)")
     room = uid("r")
     outgoing = Outgoing(uid("evt"), ("0", "1"), lambda m: f"{m.room}#{m.seq}")
     first = draft(room, "c1")
@@ -223,9 +249,73 @@ async def test_a_new_message_records_its_outgoing_events_in_the_same_write(store
         MessageDraft(first.room, first.sender_id, first.sender_name, first.text, "c1", outgoing)
     )
     assert stored.created and not repeat.created
-    claimed = await store.outbox_claim("x", now=1.0, lease=5.0, limit=100)
+    claimed = await store.outbox_claim("x", now=1.0, lease=5.0, limit=1000)
     bodies = sorted((i.entry.endpoint, i.entry.body) for i in claimed if i.entry.ordering == room)
     assert bodies == [("0", f"{room}#1"), ("1", f"{room}#1")]  # once per endpoint, not twice
+    for item in claimed:
+        if item.entry.ordering == room:
+            assert await store.outbox_finish(item, "x", delivered=True) is True
+    assert await drain(store, room) == []
+
+
+async def test_messages_sent_together_record_their_events_in_seq_order(store, uid):
+    room = uid("r")
+    outgoing = Outgoing(lambda m: f"evt_{m.id}", ("0",), lambda m: str(m.seq))
+    sends = [store.add_message(replace(draft(room, f"c{i}"), outgoing=outgoing)) for i in range(8)]
+    stored = await asyncio.gather(*sends)
+    assert sorted(a.message.seq for a in stored) == list(range(1, 9))
+    assert [e.body for e in await drain(store, room)] == [str(n) for n in range(1, 9)]
+
+
+def change_events(kind: str) -> Outgoing:
+    return Outgoing(
+        lambda m: f"evt_{kind}_{m.id}_{m.change_seq}",
+        ("0",),
+        lambda m: f"{kind}:{m.seq}:{m.change_seq}:{m.revision}:{m.text}",
+    )
+
+
+async def test_edits_and_deletions_record_their_events_with_the_change(store, uid):
+    rid = uid("r")
+    m1, m2, _ = await three_messages(store, rid)
+    edited = await store.edit_message(rid, m2.id, "new", (), WHEN, change_events("upd"))
+    same = await store.edit_message(rid, m2.id, "new", (), WHEN, change_events("upd"))
+    deleted = await store.delete_message(rid, m1.id, WHEN, change_events("del"))
+    again = await store.delete_message(rid, m1.id, WHEN, change_events("del"))
+    refused = await store.edit_message(rid, m1.id, "back", (), WHEN, change_events("upd"))
+    react = await store.add_reaction(rid, m2.id, "bob", "👍", 20)
+    assert edited.changed and deleted.changed and react.changed
+    assert not same.changed and not again.changed and refused.refused == "deleted"
+    entries = await drain(store, rid)  # one event per stored edit or deletion, in order
+    assert [(e.event_id, e.endpoint, e.body) for e in entries] == [
+        (f"evt_upd_{m2.id}_1", "0", "upd:2:1:1:new"),
+        (f"evt_del_{m1.id}_2", "0", "del:1:2:0:"),
+    ]
+
+
+async def test_membership_changes_record_their_events_with_the_change(store, uid):
+    rid = uid("r")
+
+    def event(body: str) -> list[OutboxEntry]:
+        event_id = uid("evt")
+        return [OutboxEntry(event_id, endpoint, rid, body) for endpoint in ("0", "1")]
+
+    room = Room(id=rid, kind="private", name=rid, owner="alice")
+    created, added, removed = event("created"), event("added"), event("removed")
+    assert (await store.create_room(room, ["alice"], created))[1] is True
+    taken = Room(id=rid, kind="public", name="x")  # another creator: the room exists
+    assert (await store.create_room(taken, ["eve"], event("not created")))[1] is False
+    await store.add_members(rid, ["bob", "carol"], added)
+    await store.add_members(rid, ["bob"], added)  # the same event again: recorded once
+    await store.remove_members(rid, ["bob"], removed)
+    assert await store.list_members(rid) == ["alice", "carol"]
+    entries = await drain(store, rid)
+    for endpoint in ("0", "1"):
+        assert [(e.event_id, e.body) for e in entries if e.endpoint == endpoint] == [
+            (created[0].event_id, "created"),
+            (added[0].event_id, "added"),
+            (removed[0].event_id, "removed"),
+        ]
 
 
 # --- edits, deletions, reactions, replies, mentions, the room list -------------------------

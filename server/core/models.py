@@ -251,16 +251,23 @@ class SanctionKey:
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """Webhook events a stored message asks for: one outbox row per endpoint.
+    """Webhook events a message write asks for: one outbox entry per endpoint.
 
-    ``render(message)`` makes the event's body once the store knows the message's seq and
-    time; the store calls it inside the transaction that stores the message, so the event
-    exists exactly when the message does.
+    The store calls :meth:`entries` inside the transaction that creates, edits or deletes
+    the message, once it knows the message's seq, time and change seq, so the event exists
+    exactly when the change does. ``event_id`` is the id itself, or made from the stored
+    message (a change's id names its change seq); ``render(message)`` makes the body.
     """
 
-    event_id: str
+    event_id: str | Callable[[Message], str]
     endpoints: tuple[str, ...]
     render: Callable[[Message], str]
+
+    def entries(self, message: Message) -> list[OutboxEntry]:
+        """The entries to record with ``message``, ordered in its room."""
+        event_id = self.event_id if isinstance(self.event_id, str) else self.event_id(message)
+        body = self.render(message)
+        return [OutboxEntry(event_id, endpoint, message.room, body) for endpoint in self.endpoints]
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,8 +83,7 @@ class Admin:
         await self.moderation.set(SanctionKey("ban", room_id, user_id), until)
         current = await self.rooms.store.list_members(room_id)
         if user_id in current:
-            await self.rooms.store.remove_members(room_id, [user_id])
-            await self.rooms.members_changed(room_id, [user_id], False)
+            await self.rooms.remove(room_id, [user_id])
         await self.sessions.evict(room_id, [user_id])
 
     async def mute(self, room_id: str, user_id: str, until: float) -> None:

@@ -25,7 +25,15 @@ import structlog
 
 from server.core import metrics
 from server.core.errors import ChatError, StoreUnavailable
-from server.core.models import ChangeResult, Identity, Message, iso, reactions_wire, utcnow
+from server.core.models import (
+    ChangeResult,
+    Identity,
+    Message,
+    Outgoing,
+    iso,
+    reactions_wire,
+    utcnow,
+)
 from server.services.content import (
     ContentLimits,
     Views,
@@ -52,11 +60,11 @@ class ChangeService:
         messages: MessageService,
         fanout: Fanout,
         limits: ContentLimits,
-        on_changed: Callable[[str, Message], Awaitable[None]] | None = None,
+        outgoing: Callable[[str], Outgoing] | None = None,
     ) -> None:
         self.store = store
-        #: told ("updated" | "deleted", message) once per stored edit or deletion (webhooks)
-        self.on_changed = on_changed
+        #: "updated" | "deleted" -> the events (webhooks) the store records with the change
+        self.outgoing = outgoing
         self.rooms = rooms
         self.messages = messages
         self.fanout = fanout
@@ -112,8 +120,9 @@ class ChangeService:
         members = [] if room.kind == "public" else await self.store.list_members(room.id)
         mentions = tuple(self.rooms.readers(room, members, mentioned))
         key = f"edit\x00{room.id}\x00{request.id}\x00{text}"
+        events = self.outgoing("updated") if self.outgoing is not None else None
         result, broadcast = await self._apply(
-            key, self.store.edit_message(room.id, request.id, text, mentions, utcnow())
+            key, self.store.edit_message(room.id, request.id, text, mentions, utcnow(), events)
         )
         if result.refused == "deleted":
             raise ChatError("bad_request", "the message is deleted")
@@ -133,8 +142,6 @@ class ChangeService:
             )
             added = [u for u in message.mentions if u not in current.mentions]
             await self.messages.notify_mentioned(message, added, wire)
-            if self.on_changed is not None:
-                await self.on_changed("updated", message)
         return wire
 
     async def delete(self, who: Identity, request: MessageRef) -> dict:
@@ -149,8 +156,9 @@ class ChangeService:
         if not allowed:
             raise ChatError("forbidden", "you may not delete this message")
         key = f"delete\x00{room.id}\x00{request.id}"
+        events = self.outgoing("deleted") if self.outgoing is not None else None
         result, broadcast = await self._apply(
-            key, self.store.delete_message(room.id, request.id, utcnow())
+            key, self.store.delete_message(room.id, request.id, utcnow(), events)
         )
         message = result.message
         assert message is not None
@@ -158,8 +166,6 @@ class ChangeService:
             await self._announce(
                 "delete", "message:deleted", room.id, message, deleted_at=iso(message.deleted_at)
             )
-            if self.on_changed is not None:
-                await self.on_changed("deleted", message)
         return await self.views.one(message, who.user_id)
 
     async def react(self, who: Identity, request: React, add: bool) -> dict:

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from server.core import metrics
 from server.core.errors import ChatError, ErrorCode
 from server.core.ids import is_user_id
-from server.core.models import Identity, Room, RoomKind
+from server.core.models import Identity, OutboxEntry, Room, RoomKind
 from server.core.refusals import Quota
 from server.services.moderation import Moderation
 from server.services.payloads import ChangeMembers, CreateRoom
 from server.store.base import Store
 
-MembersChanged = Callable[[str, list[str], bool], Awaitable[None]]
+#: (room, users, added) -> the webhook entries to record with that membership change
+MemberEvents = Callable[[str, list[str], bool], list[OutboxEntry]]
 
 
 def direct_members(room_id: str) -> tuple[str, str] | None:
@@ -75,7 +76,7 @@ class RoomService:
         members_page: int = 500,
         creates: Quota | None = None,
         member_changes: Quota | None = None,
-        on_members: MembersChanged | None = None,
+        member_events: MemberEvents | None = None,
         members_ttl: float = 5.0,
     ) -> None:
         self.store = store
@@ -84,15 +85,34 @@ class RoomService:
         self.members_page = members_page
         self.creates = creates
         self.member_changes = member_changes
-        #: told (room, users, added) after every membership change (webhooks)
-        self.on_members = on_members
+        #: the events (webhooks) each membership change records in the same store write
+        self.member_events = member_events
         self.members_ttl = members_ttl
         self._members: dict[str, tuple[float, list[str]]] = {}  # room -> (expiry, members)
 
-    async def members_changed(self, room_id: str, users: list[str], added: bool) -> None:
+    def _events(self, room_id: str, users: list[str], added: bool) -> list[OutboxEntry] | None:
+        if self.member_events is None or not users:
+            return None
+        return self.member_events(room_id, users, added)
+
+    async def add(self, room_id: str, users: list[str]) -> None:
+        """Add ``users`` to the room, with their ``room.member_added`` event."""
+        await self.store.add_members(room_id, users, self._events(room_id, users, True))
         self._members.pop(room_id, None)
-        if self.on_members is not None and users:
-            await self.on_members(room_id, users, added)
+
+    async def remove(self, room_id: str, users: list[str]) -> None:
+        """Remove ``users`` from the room, with their ``room.member_removed`` event."""
+        await self.store.remove_members(room_id, users, self._events(room_id, users, False))
+        self._members.pop(room_id, None)
+
+    async def _create_room(self, room: Room, members: list[str]) -> tuple[Room, bool]:
+        """Create the room with its members and their ``room.member_added`` event."""
+        stored, created = await self.store.create_room(
+            room, members, self._events(room.id, members, True)
+        )
+        if created:
+            self._members.pop(room.id, None)
+        return stored, created
 
     async def members_recent(self, room_id: str) -> list[str]:
         """The room's members, remembered for ``members_ttl`` seconds: for deliveries that
@@ -143,8 +163,7 @@ class RoomService:
         if room.kind == "public":
             if not await self.store.is_member(room_id, who.user_id):
                 await self._room_is_full(room_id, 1)
-                await self.store.add_members(room_id, [who.user_id])
-                await self.members_changed(room_id, [who.user_id], True)
+                await self.add(room_id, [who.user_id])
             return room
         await self._require_member(who, room)
         return room
@@ -152,23 +171,14 @@ class RoomService:
     async def _create_on_join(self, who: Identity, room_id: str) -> Room:
         pair = direct_members(room_id)
         if pair is not None:  # _check_direct has made sure ``who`` is one of the two
-            room, created = await self.store.create_room(
-                Room(room_id, "direct", room_id), list(pair)
-            )
-            if created:
-                await self.members_changed(room_id, list(pair), True)
+            room, created = await self._create_room(Room(room_id, "direct", room_id), list(pair))
         else:
-            room, created = await self.store.create_room(
-                Room(room_id, "public", room_id), [who.user_id]
-            )
+            room, created = await self._create_room(Room(room_id, "public", room_id), [who.user_id])
         if room.kind == "public":
-            if not created:  # someone else created it first; the creator is already a member
-                if not await self.store.is_member(room_id, who.user_id):
-                    await self._room_is_full(room_id, 1)
-                    await self.store.add_members(room_id, [who.user_id])
-                    await self.members_changed(room_id, [who.user_id], True)
-            else:
-                await self.members_changed(room_id, [who.user_id], True)
+            # someone else created it first; the creator is already a member
+            if not created and not await self.store.is_member(room_id, who.user_id):
+                await self._room_is_full(room_id, 1)
+                await self.add(room_id, [who.user_id])
         else:
             await self._require_member(who, room)
         return room
@@ -274,14 +284,12 @@ class RoomService:
         if len(members) > self.max_members:
             raise refuse("room_members", "too_large", f"a room holds {self.max_members} members")
         await self._spend(self.creates, who, 1, "room_creates")
-        room, created = await self.store.create_room(
+        room, created = await self._create_room(
             Room(request.room, kind, request.name or request.room, owner=who.user_id), members
         )
         if not created and room.owner != who.user_id:
             # Any room's id is taken the same way: this says nothing about its kind.
             raise ChatError("forbidden", f"room id {request.room!r} is taken")
-        if created:
-            await self.members_changed(room.id, members, True)
         return room
 
     async def change_members(self, who: Identity, request: ChangeMembers, add: bool) -> list[str]:
@@ -300,11 +308,9 @@ class RoomService:
         await self._spend(self.member_changes, who, max(1, len(changing)), "member_changes")
         if add:
             await self._room_is_full(room.id, len(changing))
-            await self.store.add_members(room.id, changing)
-            await self.members_changed(room.id, changing, True)
+            await self.add(room.id, changing)
             return users
-        await self.store.remove_members(room.id, changing)
-        await self.members_changed(room.id, changing, False)
+        await self.remove(room.id, changing)
         return changing
 
     async def set_members(self, room_id: str, users: list[str], add: bool) -> list[str]:
@@ -318,12 +324,10 @@ class RoomService:
         if add:
             added = [u for u in wanted if u not in current]
             await self._room_is_full(room.id, len(added))
-            await self.store.add_members(room.id, added)
-            await self.members_changed(room.id, added, True)
+            await self.add(room.id, added)
             return added
         if room.owner in wanted:
             raise ChatError("bad_request", "the owner cannot be removed from their room")
         removed = [u for u in wanted if u in current]
-        await self.store.remove_members(room.id, removed)
-        await self.members_changed(room.id, removed, False)
+        await self.remove(room.id, removed)
         return removed

@@ -1,10 +1,13 @@
 """Webhooks: signed HTTP callbacks to the application's backend, from a durable outbox.
 
-Recording. Every event is written to the store's outbox, one entry per endpoint:
-``message.created`` in the same transaction as the message (``Outgoing`` on the draft),
-the others (``room.member_added`` / ``room.member_removed``, ``user.online`` /
-``user.offline``) right after the change they describe. An event id is stable: a
-delivery retried, or delivered twice after a crash, carries the same ``id``.
+Recording. Every event is written to the store's outbox, one entry per endpoint. The
+events of stored changes go in the same transaction as their change: ``message.created``
+(``Outgoing`` on the draft), ``message.updated`` / ``message.deleted`` (``Outgoing`` given to
+``edit_message`` / ``delete_message``), ``room.member_added`` / ``room.member_removed``
+(entries given to ``create_room`` / ``add_members`` / ``remove_members``). ``user.online`` /
+``user.offline`` come from presence (Redis), not from the store, so they are recorded
+right after the transition instead (``record``). An event id is stable: a delivery
+retried, or delivered twice after a crash, carries the same ``id``.
 
 Delivery. Every instance runs a :class:`Dispatcher`. It leases due entries from the
 store; the store hands out only the oldest pending entry of each (endpoint, ordering)
@@ -108,42 +111,48 @@ class Webhooks:
 
         return Outgoing(f"evt_msg_{draft.message_id}", self.names, render)
 
-    async def record(
-        self, kind: str, ordering: str, data: dict, event_id: str | None = None
-    ) -> None:
-        """Record an event that is not a new message; a given ``event_id`` is recorded once."""
+    def entries(self, kind: str, ordering: str, data: dict) -> list[OutboxEntry]:
+        """One new event (a fresh id), one entry per endpoint."""
+        event_id = f"evt_{uuid.uuid4().hex}"
+        body = event_body(event_id, kind, data)
+        return [OutboxEntry(event_id, name, ordering, body) for name in self.names]
+
+    async def record(self, kind: str, ordering: str, data: dict) -> None:
+        """Record an event that no store write carries (presence), and wake the dispatcher."""
         if not self.enabled:
             return
-        event_id = event_id or f"evt_{uuid.uuid4().hex}"
-        body = event_body(event_id, kind, data)
-        await self.store.outbox_add(
-            [OutboxEntry(event_id, name, ordering, body) for name in self.names]
-        )
+        await self.store.outbox_add(self.entries(kind, ordering, data))
         self.recorded.set()
 
-    async def message_changed(self, kind: str, message: Message) -> None:
-        """``message.updated`` or ``message.deleted``; one id per change (its change seq)."""
-        data: dict = {"id": message.id, "room": message.room, "seq": message.seq}
-        if kind == "updated":
-            data.update(
-                text=message.text,
-                mentions=list(message.mentions),
-                edited_at=iso(message.edited_at),
-                revision=message.revision,
-            )
-        else:
-            data["deleted_at"] = iso(message.deleted_at)
-        await self.record(
-            f"message.{kind}",
-            message.room,
-            {"message": data},
-            event_id=f"evt_chg_{message.id}_{message.change_seq}",
-        )
+    def for_change(self, kind: str) -> Outgoing:
+        """``message.updated`` or ``message.deleted``, for the store to record with the
+        change; one id per change (its change seq)."""
 
-    async def members_changed(self, room_id: str, users: list[str], added: bool) -> None:
-        if users:
-            kind = "room.member_added" if added else "room.member_removed"
-            await self.record(kind, room_id, {"room": room_id, "users": users})
+        def event_id(message: Message) -> str:
+            return f"evt_chg_{message.id}_{message.change_seq}"
+
+        def render(message: Message) -> str:
+            data: dict = {"id": message.id, "room": message.room, "seq": message.seq}
+            if kind == "updated":
+                data.update(
+                    text=message.text,
+                    mentions=list(message.mentions),
+                    edited_at=iso(message.edited_at),
+                    revision=message.revision,
+                )
+            else:
+                data["deleted_at"] = iso(message.deleted_at)
+            return event_body(event_id(message), f"message.{kind}", {"message": data})
+
+        return Outgoing(event_id, self.names, render)
+
+    def for_members(self, room_id: str, users: list[str], added: bool) -> list[OutboxEntry]:
+        """``room.member_added`` / ``room.member_removed``, for the store to record with the
+        membership change (none when nobody's membership changes)."""
+        if not users:
+            return []
+        kind = "room.member_added" if added else "room.member_removed"
+        return self.entries(kind, room_id, {"room": room_id, "users": users})
 
     async def presence_changed(self, user_id: str, status: str, last_seen: str | None) -> None:
         await self.record(

@@ -18,6 +18,7 @@ from server.core.models import (
     MessageDraft,
     OutboxEntry,
     OutboxItem,
+    Outgoing,
     Room,
     SanctionKey,
     Unread,
@@ -48,14 +49,25 @@ class Store(ABC):
     async def get_room(self, room_id: str) -> Room | None: ...
 
     @abstractmethod
-    async def create_room(self, room: Room, members: list[str]) -> tuple[Room, bool]:
-        """Create ``room`` with ``members`` unless it exists; return (stored room, created)."""
+    async def create_room(
+        self, room: Room, members: list[str], outbox: list[OutboxEntry] | None = None
+    ) -> tuple[Room, bool]:
+        """Create ``room`` with ``members`` unless it exists; return (stored room, created).
+
+        ``outbox`` entries are recorded with the room, atomically, only when it is created."""
 
     @abstractmethod
-    async def add_members(self, room_id: str, user_ids: list[str]) -> None: ...
+    async def add_members(
+        self, room_id: str, user_ids: list[str], outbox: list[OutboxEntry] | None = None
+    ) -> None:
+        """Add members; ``outbox`` entries are recorded in the same write (as by
+        ``outbox_add``: one already recorded is left as it is)."""
 
     @abstractmethod
-    async def remove_members(self, room_id: str, user_ids: list[str]) -> None: ...
+    async def remove_members(
+        self, room_id: str, user_ids: list[str], outbox: list[OutboxEntry] | None = None
+    ) -> None:
+        """Remove members; ``outbox`` entries are recorded in the same write."""
 
     @abstractmethod
     async def is_member(self, room_id: str, user_id: str) -> bool: ...
@@ -73,7 +85,8 @@ class Store(ABC):
     # messages
     @abstractmethod
     async def add_message(self, draft: MessageDraft, seq: int | None = None) -> AddResult:
-        """Store ``draft`` durably and return it with its id, seq and time.
+        """Store ``draft`` durably and return it with its id, seq and time; a new message's
+        ``draft.outgoing`` entries are recorded in the same write.
 
         Idempotent on (room, sender, client_id): a repeat returns the stored message with
         ``created=False``. With ``seq=None`` the store allocates ``last_seq + 1``
@@ -114,15 +127,25 @@ class Store(ABC):
 
     @abstractmethod
     async def edit_message(
-        self, room_id: str, message_id: str, text: str, mentions: tuple[str, ...], at: datetime
+        self,
+        room_id: str,
+        message_id: str,
+        text: str,
+        mentions: tuple[str, ...],
+        at: datetime,
+        outgoing: Outgoing | None = None,
     ) -> ChangeResult:
         """Replace the text (revision + 1, ``edited_at``); unchanged when the text is the same,
-        refused ``"deleted"`` on a tombstone."""
+        refused ``"deleted"`` on a tombstone. A stored edit records ``outgoing``'s entries
+        for the edited message in the same transaction."""
 
     @abstractmethod
-    async def delete_message(self, room_id: str, message_id: str, at: datetime) -> ChangeResult:
+    async def delete_message(
+        self, room_id: str, message_id: str, at: datetime, outgoing: Outgoing | None = None
+    ) -> ChangeResult:
         """Make the message a tombstone: erase its text, mentions and reactions (their
-        records too); unchanged when it already is one."""
+        records too); unchanged when it already is one. A stored deletion records
+        ``outgoing``'s entries for the tombstone in the same transaction."""
 
     @abstractmethod
     async def add_reaction(
@@ -196,7 +219,7 @@ class Store(ABC):
     async def get_sanctions(self, keys: list[SanctionKey]) -> dict[SanctionKey, float | None]:
         """The recorded ones among ``keys``, expired or not (the caller judges ``until``)."""
 
-    # webhook outbox (memory and SQLite; Firestore refuses webhooks at start)
+    # webhook outbox: a table (SQLite), a collection (Firestore), dicts (memory)
     supports_outbox: bool = False
 
     async def outbox_add(self, entries: list[OutboxEntry]) -> None:

@@ -14,6 +14,7 @@ from server.core.models import (
     MessageDraft,
     OutboxEntry,
     OutboxItem,
+    Outgoing,
     Room,
     SanctionKey,
     Unread,
@@ -48,19 +49,28 @@ class MemoryStore(Store):
     async def get_room(self, room_id: str) -> Room | None:
         return self._rooms.get(room_id)
 
-    async def create_room(self, room: Room, members: list[str]) -> tuple[Room, bool]:
+    async def create_room(
+        self, room: Room, members: list[str], outbox: list[OutboxEntry] | None = None
+    ) -> tuple[Room, bool]:
         existing = self._rooms.get(room.id)
         if existing is not None:
             return existing, False
         self._rooms[room.id] = room
         self._members[room.id] = set(members)
+        self._outbox_insert(outbox or [])
         return room, True
 
-    async def add_members(self, room_id: str, user_ids: list[str]) -> None:
+    async def add_members(
+        self, room_id: str, user_ids: list[str], outbox: list[OutboxEntry] | None = None
+    ) -> None:
         self._members.setdefault(room_id, set()).update(user_ids)
+        self._outbox_insert(outbox or [])
 
-    async def remove_members(self, room_id: str, user_ids: list[str]) -> None:
+    async def remove_members(
+        self, room_id: str, user_ids: list[str], outbox: list[OutboxEntry] | None = None
+    ) -> None:
         self._members.get(room_id, set()).difference_update(user_ids)
+        self._outbox_insert(outbox or [])
 
     async def is_member(self, room_id: str, user_id: str) -> bool:
         return user_id in self._members.get(room_id, ())
@@ -89,13 +99,7 @@ class MemoryStore(Store):
         bisect.insort(room_messages, message, key=lambda m: m.seq)
         self._by_id[mid] = message
         if draft.outgoing is not None:
-            body = draft.outgoing.render(message)
-            self._outbox_insert(
-                [
-                    OutboxEntry(draft.outgoing.event_id, endpoint, draft.room, body)
-                    for endpoint in draft.outgoing.endpoints
-                ]
-            )
+            self._outbox_insert(draft.outgoing.entries(message))
         return AddResult(message, created=True)
 
     @staticmethod
@@ -139,8 +143,11 @@ class MemoryStore(Store):
         message = self._by_id.get(mid)
         return message if message is not None and message.room == room_id else None
 
-    def _change(self, message: Message, **fields: object) -> ChangeResult:
-        """Store ``message`` with ``fields`` and the room's next change seq."""
+    def _change(
+        self, message: Message, outgoing: Outgoing | None = None, **fields: object
+    ) -> ChangeResult:
+        """Store ``message`` with ``fields`` and the room's next change seq; record
+        ``outgoing``'s entries for the changed message."""
         change = self._change_seqs.get(message.room, 0) + 1
         self._change_seqs[message.room] = change
         emojis = self._reactions.get(message.id, {})
@@ -151,10 +158,18 @@ class MemoryStore(Store):
         index = bisect.bisect_left(room_messages, message.seq, key=lambda m: m.seq)
         room_messages[index] = updated
         self._by_id[message.id] = updated
+        if outgoing is not None:
+            self._outbox_insert(outgoing.entries(updated))
         return ChangeResult(updated, changed=True)
 
     async def edit_message(
-        self, room_id: str, message_id: str, text: str, mentions: tuple[str, ...], at: datetime
+        self,
+        room_id: str,
+        message_id: str,
+        text: str,
+        mentions: tuple[str, ...],
+        at: datetime,
+        outgoing: Outgoing | None = None,
     ) -> ChangeResult:
         message = self._find(room_id, message_id)
         if message is None or message.deleted:
@@ -162,15 +177,22 @@ class MemoryStore(Store):
         if message.text == text:
             return ChangeResult(message, changed=False)
         return self._change(
-            message, text=text, mentions=mentions, edited_at=at, revision=message.revision + 1
+            message,
+            outgoing,
+            text=text,
+            mentions=mentions,
+            edited_at=at,
+            revision=message.revision + 1,
         )
 
-    async def delete_message(self, room_id: str, message_id: str, at: datetime) -> ChangeResult:
+    async def delete_message(
+        self, room_id: str, message_id: str, at: datetime, outgoing: Outgoing | None = None
+    ) -> ChangeResult:
         message = self._find(room_id, message_id)
         if message is None or message.deleted:
             return ChangeResult(message, changed=False)
         self._reactions.pop(message_id, None)
-        return self._change(message, text="", mentions=(), deleted_at=at)
+        return self._change(message, outgoing, text="", mentions=(), deleted_at=at)
 
     async def add_reaction(
         self, room_id: str, message_id: str, user_id: str, emoji: str, max_distinct: int

@@ -37,6 +37,7 @@ from server.core.models import (
     MessageDraft,
     OutboxEntry,
     OutboxItem,
+    Outgoing,
     Room,
     SanctionKey,
     Unread,
@@ -548,7 +549,9 @@ class SQLiteStore(Store):
             del rooms[next(iter(rooms))]
         metrics.STORE_ROOM_CACHE.set(len(rooms))
 
-    async def create_room(self, room: Room, members: list[str]) -> tuple[Room, bool]:
+    async def create_room(
+        self, room: Room, members: list[str], outbox: list[OutboxEntry] | None = None
+    ) -> tuple[Room, bool]:
         def work(conn: sqlite3.Connection) -> bool:
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO rooms (id, kind, name, owner, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -560,6 +563,7 @@ class SQLiteStore(Store):
                 "INSERT OR IGNORE INTO members (room, user) VALUES (?, ?)",
                 [(room.id, uid) for uid in members],
             )
+            _insert_outbox(conn, outbox or [])
             return True
 
         if await self._in_writer(work):
@@ -567,18 +571,28 @@ class SQLiteStore(Store):
         stored = await self.get_room(room.id)
         return (stored or room), False
 
-    async def add_members(self, room_id: str, user_ids: list[str]) -> None:
-        await self._write(
-            [
-                ("INSERT OR IGNORE INTO members (room, user) VALUES (?, ?)", (room_id, u))
-                for u in user_ids
-            ]
-        )
+    async def add_members(
+        self, room_id: str, user_ids: list[str], outbox: list[OutboxEntry] | None = None
+    ) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT OR IGNORE INTO members (room, user) VALUES (?, ?)",
+                [(room_id, u) for u in user_ids],
+            )
+            _insert_outbox(conn, outbox or [])
 
-    async def remove_members(self, room_id: str, user_ids: list[str]) -> None:
-        await self._write(
-            [("DELETE FROM members WHERE room = ? AND user = ?", (room_id, u)) for u in user_ids]
-        )
+        await self._in_writer(work)
+
+    async def remove_members(
+        self, room_id: str, user_ids: list[str], outbox: list[OutboxEntry] | None = None
+    ) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "DELETE FROM members WHERE room = ? AND user = ?", [(room_id, u) for u in user_ids]
+            )
+            _insert_outbox(conn, outbox or [])
+
+        await self._in_writer(work)
 
     async def is_member(self, room_id: str, user_id: str) -> bool:
         row = await self._fetchone(
@@ -642,14 +656,7 @@ class SQLiteStore(Store):
                 _index_mentions(conn, draft.room, chosen, mid, draft.mentions, draft.sender_id)
             message = draft.stored(chosen, now)
             if draft.outgoing is not None:  # in the same transaction as the message
-                body = draft.outgoing.render(message)
-                _insert_outbox(
-                    conn,
-                    [
-                        OutboxEntry(draft.outgoing.event_id, endpoint, draft.room, body)
-                        for endpoint in draft.outgoing.endpoints
-                    ],
-                )
+                _insert_outbox(conn, draft.outgoing.entries(message))
             return message, True
 
         # Without outbox rows the insert is the call's one write and its last statement.
@@ -711,10 +718,12 @@ class SQLiteStore(Store):
         room_id: str,
         mid: str,
         decide: Callable[[sqlite3.Connection, Message], ChangeResult | dict],
+        outgoing: Outgoing | None = None,
     ) -> ChangeResult:
         """One transaction: read the message, let ``decide`` refuse (a ChangeResult) or
         write its side records and name the columns to set (a dict); then stamp the
-        message with the room's next change seq and its reaction counts."""
+        message with the room's next change seq and its reaction counts, and record
+        ``outgoing``'s entries for the changed message."""
 
         def work(conn: sqlite3.Connection) -> ChangeResult:
             row = conn.execute(
@@ -740,15 +749,25 @@ class SQLiteStore(Store):
             conn.execute(
                 f"UPDATE messages SET {assignments} WHERE id = ?", (*columns.values(), mid)
             )
-            updated = conn.execute(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (mid,)
-            ).fetchone()
-            return ChangeResult(_message(tuple(updated)), changed=True)
+            updated = _message(
+                conn.execute(
+                    f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (mid,)
+                ).fetchone()
+            )
+            if outgoing is not None:
+                _insert_outbox(conn, outgoing.entries(updated))
+            return ChangeResult(updated, changed=True)
 
         return await self._in_writer(work)
 
     async def edit_message(
-        self, room_id: str, message_id: str, text: str, mentions: tuple[str, ...], at: datetime
+        self,
+        room_id: str,
+        message_id: str,
+        text: str,
+        mentions: tuple[str, ...],
+        at: datetime,
+        outgoing: Outgoing | None = None,
     ) -> ChangeResult:
         def decide(conn: sqlite3.Connection, message: Message) -> ChangeResult | dict:
             if message.deleted:
@@ -764,9 +783,11 @@ class SQLiteStore(Store):
                 "revision": message.revision + 1,
             }
 
-        return await self._change(room_id, message_id, decide)
+        return await self._change(room_id, message_id, decide, outgoing)
 
-    async def delete_message(self, room_id: str, message_id: str, at: datetime) -> ChangeResult:
+    async def delete_message(
+        self, room_id: str, message_id: str, at: datetime, outgoing: Outgoing | None = None
+    ) -> ChangeResult:
         def decide(conn: sqlite3.Connection, message: Message) -> ChangeResult | dict:
             if message.deleted:
                 return ChangeResult(message, changed=False)
@@ -774,7 +795,7 @@ class SQLiteStore(Store):
             conn.execute("DELETE FROM reactions WHERE message_id = ?", (message.id,))
             return {"text": "", "mentions": "[]", "deleted_at": at.isoformat()}
 
-        return await self._change(room_id, message_id, decide)
+        return await self._change(room_id, message_id, decide, outgoing)
 
     async def add_reaction(
         self, room_id: str, message_id: str, user_id: str, emoji: str, max_distinct: int

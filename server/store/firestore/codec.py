@@ -7,10 +7,22 @@ model or None for a missing document; times come back as plain aware UTC datetim
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
-from server.core.models import Message, MessageDraft, Room, SanctionKey, UserRecord, utcnow
+from google.cloud.firestore_v1 import SERVER_TIMESTAMP
+
+from server.core.models import (
+    Message,
+    MessageDraft,
+    OutboxEntry,
+    OutboxItem,
+    Room,
+    SanctionKey,
+    UserRecord,
+    utcnow,
+)
 
 
 def utc(value: Any) -> datetime | None:
@@ -169,3 +181,78 @@ def sanction_record(key: SanctionKey, until: float | None) -> dict[str, Any]:
 
 def sanction_until(snapshot: Any) -> float | None:
     return fields(snapshot).get("until")
+
+
+# ---------------------------------------------------------------- outbox/{outbox_id(...)}
+
+#: The fields :meth:`FirestoreStore.outbox_claim` reads of each queued entry.
+OUTBOX_QUEUE_FIELDS = ["queue", "recorded_at", "stamp", "state", "next_at", "lease_until"]
+
+
+def outbox_id(event_id: str, endpoint: str) -> str:
+    """One document per (event, endpoint): a repeat of the same event finds it."""
+    key = f"{event_id}\x00{endpoint}".encode()
+    return hashlib.blake2b(key, digest_size=16).hexdigest()
+
+
+def outbox_queue(endpoint: str, ordering: str) -> str:
+    """The queue an entry waits in; endpoint names hold no ``/``, so it is unambiguous."""
+    return f"{endpoint}/{ordering}"
+
+
+def outbox_record(entry: OutboxEntry, stamp: int) -> dict[str, Any]:
+    """A pending entry. Its place in its queue is (``recorded_at``, ``stamp``): the commit
+    time of the write that recorded it, then the writing process's increasing counter
+    (entries of one commit, and the emulator's millisecond clock)."""
+    return {
+        "event_id": entry.event_id,
+        "endpoint": entry.endpoint,
+        "ordering": entry.ordering,
+        "queue": outbox_queue(entry.endpoint, entry.ordering),
+        "body": entry.body,
+        "state": "pending",
+        "attempts": 0,
+        "next_at": 0.0,
+        "lease_owner": None,
+        "lease_until": 0.0,
+        "last_error": None,
+        "recorded_at": SERVER_TIMESTAMP,
+        "stamp": stamp,
+    }
+
+
+def outbox_place(data: dict[str, Any]) -> tuple[Any, int]:
+    """The sort key of an entry in its queue (and across queues, for claiming)."""
+    return data["recorded_at"], int(data["stamp"])
+
+
+def outbox_due(data: dict[str, Any], now: float) -> bool:
+    """Pending, past its retry time, and nobody holds its lease at ``now``."""
+    return (
+        data.get("state") == "pending"
+        and float(data.get("next_at", 0.0)) <= now
+        and float(data.get("lease_until", 0.0)) <= now
+    )
+
+
+def outbox_lease(owner: str, until: float) -> dict[str, Any]:
+    return {"lease_owner": owner, "lease_until": until}
+
+
+def outbox_item_from(snapshot: Any) -> OutboxItem:
+    """``pos`` is the entry's stamp (the document is found again by event and endpoint)."""
+    data = fields(snapshot)
+    entry = OutboxEntry(data["event_id"], data["endpoint"], data["ordering"], data["body"])
+    return OutboxItem(int(data["stamp"]), entry, int(data.get("attempts", 0)))
+
+
+def outbox_settled(attempts: int, next_at: float, dead: bool, error: str) -> dict[str, Any]:
+    """A failed attempt: retried at ``next_at``, or dead; the lease is released."""
+    return {
+        "attempts": attempts,
+        "next_at": next_at,
+        "state": "dead" if dead else "pending",
+        "last_error": error[:500],
+        "lease_owner": None,
+        "lease_until": 0.0,
+    }

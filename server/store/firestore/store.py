@@ -15,6 +15,9 @@ Data model (all ids are strings)::
     rooms/{room}/reactions/{key}        {message_id, emoji, user}
     users/{user}                        {name, last_seen}
     users/{user}/rooms/{room}           {joined_at}                 mirror of members/{user}
+    outbox/{hash(event, endpoint)}      {event_id, endpoint, ordering, queue, body, state,
+                                         attempts, next_at, lease_owner, lease_until,
+                                         last_error, recorded_at, stamp}   webhook outbox
 
 ``message_id`` is a hash of (room, sender, client_id): repeated sends map to the same
 document, and ``create()`` refuses a second one, which makes sends idempotent; the ids are
@@ -32,6 +35,10 @@ Every method is one of a few shapes run by :class:`~.calls.Caller` (deadline, re
 errors): a single-document read (:meth:`_read`), a query (:meth:`_query`), a batch
 (:meth:`_commit`) or a transaction (:meth:`_transact`, one document key at a time per
 process). Field names live in :mod:`.codec`; library overrides in :mod:`.overrides`.
+
+Webhook outbox: an event's entries are written in the same commit or transaction as the
+change they describe (a send's batch, an edit's transaction, a membership batch). Claims
+and settlements are transactions, so one instance at a time holds an entry's lease.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import replace
@@ -56,6 +64,9 @@ from server.core.models import (
     ChangeResult,
     Message,
     MessageDraft,
+    OutboxEntry,
+    OutboxItem,
+    Outgoing,
     Room,
     SanctionKey,
     Unread,
@@ -79,6 +90,8 @@ UNREAD_PAGE = 200  # documents per page when counting unread messages and mentio
 #: (a ChangeResult), or the changed Message fields and the side writes to add.
 Decision = ChangeResult | tuple[dict[str, Any], Callable[[AsyncTransaction], None] | None]
 GUARD_CONFLICTS_PER_ATTEMPT = 4
+#: entries per page when the outbox claim walks the queues
+OUTBOX_PAGE = 100
 
 
 class FirestoreStore(Store):
@@ -113,6 +126,7 @@ class FirestoreStore(Store):
         #: user -> the name this process last wrote, so a reconnect writes nothing
         self._names: Memo[str, str] = Memo("names", cache_entries)
         self._sends = SendQueue(self._write_group, self._spawn, max_group=BATCH_LIMIT // 2)
+        self._stamp = 0  # the last outbox stamp this process gave
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -218,6 +232,28 @@ class FirestoreStore(Store):
 
         await self.calls(what, op)
 
+    async def _commit_recording(
+        self, what: str, entries: list[OutboxEntry], writes: Callable[[AsyncWriteBatch], None]
+    ) -> None:
+        """One batch: the outbox ``entries`` first (each a ``create()``: recorded once), then
+        ``writes``. An entry that exists already was recorded by an earlier attempt of this
+        call (its answer was lost) or before it: then ``writes`` are applied alone."""
+
+        async def op(timeout: float) -> None:
+            batch = self.client.batch()
+            self._record_outbox(batch, entries)
+            writes(batch)
+            try:
+                await batch.commit(retry=None, timeout=timeout)
+            except gexc.AlreadyExists:
+                if not entries:
+                    raise
+                batch = self.client.batch()
+                writes(batch)
+                await batch.commit(retry=None, timeout=timeout)
+
+        await self.calls(what, op)
+
     async def _transact(
         self, what: str, key: Hashable, body: Callable[[AsyncTransaction, float], Awaitable[T]]
     ) -> T:
@@ -285,11 +321,14 @@ class FirestoreStore(Store):
             self._rooms.put(room_id, room)
         return room
 
-    async def create_room(self, room: Room, members: list[str]) -> tuple[Room, bool]:
+    async def create_room(
+        self, room: Room, members: list[str], outbox: list[OutboxEntry] | None = None
+    ) -> tuple[Room, bool]:
         """One commit, no transaction: ``create()`` of the room document first, so an
-        existing room fails the commit before any member is written."""
+        existing room fails the commit before any member or outbox entry is written."""
         ref = self._room(room.id)
-        member_ids = sorted(set(members))[: (BATCH_LIMIT - 1) // 2]
+        entries = outbox or []
+        member_ids = sorted(set(members))[: (BATCH_LIMIT - 1 - len(entries)) // 2]
         now = utcnow()
         what = f"create_room({room.id!r})"
 
@@ -298,6 +337,7 @@ class FirestoreStore(Store):
                 batch.create(ref, codec.room_record(room))
             else:  # a document without a room record (written by an older version)
                 batch.set(ref, codec.room_record(room), merge=True)
+            self._record_outbox(batch, entries)
             for uid in member_ids:
                 batch.set(ref.collection("members").document(uid), codec.member_record(uid, now))
                 batch.set(self._membership(uid, room.id), codec.membership_record(now))
@@ -323,14 +363,21 @@ class FirestoreStore(Store):
         return stored, created
 
     async def _member_batches(
-        self, what: str, room_id: str, user_ids: list[str], write: Callable[..., Any]
+        self,
+        what: str,
+        room_id: str,
+        user_ids: list[str],
+        write: Callable[..., Any],
+        outbox: list[OutboxEntry] | None,
     ) -> None:
         """Apply ``write(batch, ref, user_id, mirror)`` to every user's member document
         (``mirror=False``) and to its mirror under ``users/`` (for the room list), at most
-        BATCH_LIMIT writes per commit."""
+        BATCH_LIMIT writes per commit; the ``outbox`` entries go in the first commit."""
         unique = sorted(set(user_ids))
-        per_commit = BATCH_LIMIT // 2
-        for start in range(0, len(unique), per_commit):
+        entries = outbox or []
+        per_commit = (BATCH_LIMIT - len(entries)) // 2
+        starts = range(0, len(unique), per_commit) if unique else range(1 if entries else 0)
+        for start in starts:
             chunk = unique[start : start + per_commit]
 
             def writes(batch: AsyncWriteBatch, chunk: list[str] = chunk) -> None:
@@ -338,20 +385,30 @@ class FirestoreStore(Store):
                     write(batch, self._in_room(room_id, "members", uid), uid, False)
                     write(batch, self._membership(uid, room_id), uid, True)
 
-            await self._commit(f"{what}({room_id!r})", writes)
+            await self._commit_recording(
+                f"{what}({room_id!r})", entries if start == 0 else [], writes
+            )
 
-    async def add_members(self, room_id: str, user_ids: list[str]) -> None:
+    async def add_members(
+        self, room_id: str, user_ids: list[str], outbox: list[OutboxEntry] | None = None
+    ) -> None:
         now = utcnow()
 
         def write(batch: AsyncWriteBatch, ref: Any, uid: str, mirror: bool) -> None:
             record = codec.membership_record(now) if mirror else codec.member_record(uid, now)
             batch.set(ref, record, merge=True)
 
-        await self._member_batches("add_members", room_id, user_ids, write)
+        await self._member_batches("add_members", room_id, user_ids, write, outbox)
 
-    async def remove_members(self, room_id: str, user_ids: list[str]) -> None:
+    async def remove_members(
+        self, room_id: str, user_ids: list[str], outbox: list[OutboxEntry] | None = None
+    ) -> None:
         await self._member_batches(
-            "remove_members", room_id, user_ids, lambda batch, ref, uid, mirror: batch.delete(ref)
+            "remove_members",
+            room_id,
+            user_ids,
+            lambda batch, ref, uid, mirror: batch.delete(ref),
+            outbox,
         )
 
     async def is_member(self, room_id: str, user_id: str) -> bool:
@@ -465,7 +522,8 @@ class FirestoreStore(Store):
             )
             if found is not None:
                 results[pending.mid] = found
-        for _ in range(GUARD_CONFLICTS_PER_ATTEMPT):
+        conflicts = 0
+        while conflicts < GUARD_CONFLICTS_PER_ATTEMPT:
             todo = [p for p in first.values() if p.mid not in results]
             if not todo:
                 return results
@@ -475,6 +533,7 @@ class FirestoreStore(Store):
             # Unknown until the commit answers: a lost answer may still have applied it.
             self._last_seq.forget(room_id)
             batch = self.client.batch()
+            todo = self._fit(todo)
             for offset, pending in enumerate(todo, start=1):
                 # Guard first: the emulator applies a commit's writes in order until one
                 # fails (production commits are all or nothing).
@@ -487,18 +546,40 @@ class FirestoreStore(Store):
                         pending.draft, last + offset, pending.now, pending.write_id
                     ),
                 )
+                self._record_sent(batch, pending.draft, last + offset, pending.now)
             try:
                 await batch.commit(retry=None, timeout=timeout)
             except gexc.AlreadyExists:
                 await self._after_conflict(room_id, todo, last, results, timeout)
+                conflicts += 1
                 continue
             self._last_seq.put(room_id, last + len(todo))
             for offset, pending in enumerate(todo, start=1):
                 results[pending.mid] = AddResult(
                     pending.draft.stored(last + offset, pending.now), created=True
                 )
-            return results
         raise gexc.Aborted(f"seq guards of room {room_id!r} kept moving")
+
+    @staticmethod
+    def _fit(todo: list[Pending]) -> list[Pending]:
+        """The first of ``todo`` whose writes (guard, message, outbox entries) fit in one
+        commit; the rest go in the next one."""
+        fitted: list[Pending] = []
+        writes = 0
+        for pending in todo:
+            outgoing = pending.draft.outgoing
+            writes += 2 + (len(outgoing.endpoints) if outgoing is not None else 0)
+            if fitted and writes > BATCH_LIMIT:
+                break
+            fitted.append(pending)
+        return fitted
+
+    def _record_sent(self, batch: AsyncWriteBatch, draft: MessageDraft, seq: int, now: Any) -> None:
+        """A new message's ``message.created`` entries, in its commit (after its create():
+        the commit stores them only with a new message, so a plain set() cannot overwrite
+        an entry of an earlier commit)."""
+        if draft.outgoing is not None:
+            self._record_outbox(batch, draft.outgoing.entries(draft.stored(seq, now)), create=False)
 
     async def _after_conflict(
         self,
@@ -538,6 +619,7 @@ class FirestoreStore(Store):
             # Guard first (see _group_attempt): a taken seq leaves nothing behind.
             batch.create(guard_ref, codec.guard_record(mid))
             batch.create(message_ref, codec.message_record(draft, seq, now, write_id))
+            self._record_sent(batch, draft, seq, now)
             try:
                 await batch.commit(retry=None, timeout=timeout)
             except gexc.AlreadyExists:
@@ -643,9 +725,11 @@ class FirestoreStore(Store):
         room_id: str,
         message_id: str,
         decide: Callable[[AsyncTransaction, float, Message], Awaitable[Decision]],
+        outgoing: Outgoing | None = None,
     ) -> ChangeResult:
         """One transaction: read the message, let ``decide`` refuse or name the changes;
-        then the room's change counter + 1, the message with it, and the side writes.
+        then the room's change counter + 1, the message with it, the side writes, and
+        ``outgoing``'s entries for the changed message.
 
         Every change of a room writes its ``counters/changes`` document, so the room's
         changes are dense and ordered (about one sustained change per second per room in
@@ -669,12 +753,22 @@ class FirestoreStore(Store):
                 side_writes(transaction)
             changes = {**changes, "change_seq": change}
             transaction.update(ref, codec.message_changes(changes))
-            return ChangeResult(replace(message, **changes), changed=True)
+            changed = replace(message, **changes)
+            if outgoing is not None:
+                # set(): the event's id names this change seq, which no other commit has
+                self._record_outbox(transaction, outgoing.entries(changed), create=False)
+            return ChangeResult(changed, changed=True)
 
         return await self._transact(what, ("changes", room_id), body)
 
     async def edit_message(
-        self, room_id: str, message_id: str, text: str, mentions: tuple[str, ...], at: datetime
+        self,
+        room_id: str,
+        message_id: str,
+        text: str,
+        mentions: tuple[str, ...],
+        at: datetime,
+        outgoing: Outgoing | None = None,
     ) -> ChangeResult:
         async def decide(
             transaction: AsyncTransaction, timeout: float, message: Message
@@ -691,9 +785,13 @@ class FirestoreStore(Store):
             }
             return changes, None
 
-        return await self._change(f"edit_message({room_id!r})", room_id, message_id, decide)
+        return await self._change(
+            f"edit_message({room_id!r})", room_id, message_id, decide, outgoing
+        )
 
-    async def delete_message(self, room_id: str, message_id: str, at: datetime) -> ChangeResult:
+    async def delete_message(
+        self, room_id: str, message_id: str, at: datetime, outgoing: Outgoing | None = None
+    ) -> ChangeResult:
         async def decide(
             transaction: AsyncTransaction, timeout: float, message: Message
         ) -> Decision:
@@ -701,7 +799,9 @@ class FirestoreStore(Store):
                 return ChangeResult(message, changed=False)
             return {"text": "", "mentions": (), "reactions": (), "deleted_at": at}, None
 
-        result = await self._change(f"delete_message({room_id!r})", room_id, message_id, decide)
+        result = await self._change(
+            f"delete_message({room_id!r})", room_id, message_id, decide, outgoing
+        )
         if result.message is not None:  # also on a repeat: finishes an interrupted erase
             await self._erase_reactions(room_id, message_id)
         return result
@@ -963,3 +1063,150 @@ class FirestoreStore(Store):
             return found
 
         return await self.calls(f"get_sanctions({len(unique)})", op)
+
+    # ------------------------------------------------------------------ webhook outbox
+    # One document per (event, endpoint) in ``outbox``. A queue (endpoint, ordering) is
+    # served in the order (recorded_at, stamp), one entry at a time: only its oldest
+    # pending entry is ever leased (the same contract as the SQLite table).
+    supports_outbox = True
+
+    def _outbox(self) -> Any:
+        return self.client.collection("outbox")
+
+    def _outbox_ref(self, entry: OutboxEntry) -> Any:
+        return self._outbox().document(codec.outbox_id(entry.event_id, entry.endpoint))
+
+    def _next_stamp(self) -> int:
+        """Increasing in this process, close to the time in microseconds (exact in the
+        emulator's 53-bit numbers)."""
+        self._stamp = max(self._stamp + 1, time.time_ns() // 1000)
+        return self._stamp
+
+    def _record_outbox(self, writer: Any, entries: list[OutboxEntry], create: bool = True) -> None:
+        """Add ``entries`` to a batch or transaction: ``create()`` (the commit fails with
+        AlreadyExists on a recorded one) or ``set()`` (where the commit itself makes the
+        event new)."""
+        for entry in entries:
+            record = codec.outbox_record(entry, self._next_stamp())
+            if create:
+                writer.create(self._outbox_ref(entry), record)
+            else:
+                writer.set(self._outbox_ref(entry), record)
+
+    async def outbox_add(self, entries: list[OutboxEntry]) -> None:
+        if not entries:
+            return
+
+        async def op(timeout: float) -> None:
+            batch = self.client.batch()
+            self._record_outbox(batch, entries)
+            try:
+                await batch.commit(retry=None, timeout=timeout)
+                return
+            except gexc.AlreadyExists:
+                pass
+            for entry in entries:  # some were recorded already: the others one by one
+                batch = self.client.batch()
+                self._record_outbox(batch, [entry])
+                try:
+                    await batch.commit(retry=None, timeout=timeout)
+                except gexc.AlreadyExists:
+                    pass
+
+        await self.calls(f"outbox_add({entries[0].event_id!r})", op)
+
+    async def _outbox_heads(self, now: float) -> list[tuple[Any, Any]]:
+        """(reference, place) of the head of every queue, when it is due and free at
+        ``now``. Walks the pending entries ordered by (queue, recorded_at, stamp) a page at
+        a time; each page starts past the last queue of the one before, so a long queue
+        costs at most one page (composite index in firestore.indexes.json)."""
+        heads: list[tuple[Any, Any]] = []
+        after = ""
+        while True:
+            query = (
+                self._outbox()
+                .where(filter=FieldFilter("state", "==", "pending"))
+                .where(filter=FieldFilter("queue", ">", after))
+                .order_by("queue")
+                .order_by("recorded_at")
+                .order_by("stamp")
+                .select(codec.OUTBOX_QUEUE_FIELDS)
+                .limit(OUTBOX_PAGE)
+            )
+            rows = await self._query(
+                "outbox_claim (queues)", query, lambda s: (s.reference, codec.fields(s))
+            )
+            seen: set[str] = set()
+            for ref, data in rows:
+                if data["queue"] in seen:
+                    continue
+                seen.add(data["queue"])  # the first of its queue in the page: its head
+                if codec.outbox_due(data, now):
+                    heads.append((ref, codec.outbox_place(data)))
+            if len(rows) < OUTBOX_PAGE:
+                return heads
+            after = rows[-1][1]["queue"]
+
+    async def outbox_claim(
+        self, owner: str, now: float, lease: float, limit: int
+    ) -> list[OutboxItem]:
+        """The oldest ``limit`` due heads, leased in one transaction that reads them again:
+        an entry another instance leased (or settled) meanwhile is left out. A head stays
+        the head until it is delivered or dead (entries recorded later sort after it)."""
+        heads = await self._outbox_heads(now)
+        if not heads:
+            return []
+        heads.sort(key=lambda head: head[1])
+        refs = [ref for ref, _ in heads[:limit]]
+
+        async def body(transaction: AsyncTransaction, timeout: float) -> list[OutboxItem]:
+            found: dict[str, Any] = {}
+            async for snapshot in self.client.get_all(
+                refs, transaction=transaction, retry=None, timeout=timeout
+            ):
+                found[snapshot.reference.path] = snapshot
+            claimed = []
+            for ref in refs:
+                snapshot = found[ref.path]
+                if snapshot.exists and codec.outbox_due(codec.fields(snapshot), now):
+                    transaction.update(ref, codec.outbox_lease(owner, now + lease))
+                    claimed.append(codec.outbox_item_from(snapshot))
+            return claimed
+
+        return await self._transact("outbox_claim", ("outbox",), body)
+
+    async def outbox_finish(
+        self,
+        item: OutboxItem,
+        owner: str,
+        delivered: bool,
+        next_at: float = 0.0,
+        dead: bool = False,
+        error: str = "",
+    ) -> bool:
+        ref = self._outbox_ref(item.entry)
+
+        async def body(transaction: AsyncTransaction, timeout: float) -> bool:
+            snapshot = await ref.get(transaction=transaction, retry=None, timeout=timeout)
+            data = codec.fields(snapshot)
+            if data.get("lease_owner") != owner:
+                return False
+            if delivered:
+                transaction.delete(ref)
+            else:
+                attempts = int(data.get("attempts", 0)) + 1
+                transaction.update(ref, codec.outbox_settled(attempts, next_at, dead, error))
+            return True
+
+        return await self._transact("outbox_finish", ("outbox", ref.id), body)
+
+    async def outbox_counts(self) -> dict[str, int]:
+        async def op(timeout: float) -> dict[str, int]:
+            counts = {}
+            for state in ("pending", "dead"):
+                query = self._outbox().where(filter=FieldFilter("state", "==", state)).count()
+                result = await query.get(retry=None, timeout=timeout)
+                counts[state] = int(result[0][0].value)
+            return counts
+
+        return await self.calls("outbox_counts", op)
