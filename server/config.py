@@ -248,11 +248,6 @@ class Settings(BaseModel):
                 raise ValueError(f"WEBHOOK_URLS: {url!r} is not an http(s) URL")
         if any(len(secret) < 16 for secret in self.WEBHOOK_SECRETS):
             raise ValueError("WEBHOOK_SECRETS: each secret needs at least 16 characters")
-        if self.WEBHOOK_URLS and self.STORE == "firestore":
-            raise ValueError(
-                "webhooks keep their outbox in SQLite or memory; the Firestore store has no "
-                "outbox yet: unset WEBHOOK_URLS or use STORE=sqlite"
-            )
         if (self.REDIS_PASSWORD_FILE or self.REDIS_IAM_AUTH) and (
             self.REDIS_PASSWORD or "@" in self.REDIS_URL or "@" in self.REDIS_PUBSUB_URL
         ):

@@ -9,6 +9,7 @@ from collections import Counter
 import httpx
 import pytest
 
+from tests.conftest import STORE_BACKENDS
 from tests.support.clients import ChatClient, metric_values, send
 from tests.support.servers import ServerProcess, free_port, key_prefix, make_token, start_all
 from tests.support.webhook_receiver import Receiver, signature_valid
@@ -17,10 +18,25 @@ SECRET = "whsec_test_0123456789abcdef"
 FAST_RETRIES = {"WEBHOOK_BACKOFF_BASE": "0.2", "WEBHOOK_BACKOFF_MAX": "2"}
 
 
-def hook_env(url: str, tmp_path, **extra) -> dict[str, str]:
+def sqlite_env(tmp_path) -> dict[str, str]:
+    return {"STORE": "sqlite", "SQLITE_PATH": str(tmp_path / "chat.db")}
+
+
+@pytest.fixture(params=[b for b in STORE_BACKENDS if b != "memory"])
+def store_env(request, tmp_path) -> dict[str, str]:
+    """The settings of a durable store for a server process: its outbox is in there."""
+    if request.param == "sqlite":
+        return sqlite_env(tmp_path)
     return {
-        "STORE": "sqlite",
-        "SQLITE_PATH": str(tmp_path / "chat.db"),
+        "STORE": "firestore",
+        "FIRESTORE_EMULATOR_HOST": request.getfixturevalue("firestore_emulator"),
+        "FIRESTORE_PROJECT": "chat-test",
+    }
+
+
+def hook_env(url: str, store: dict[str, str], **extra) -> dict[str, str]:
+    return {
+        **store,
         "WEBHOOK_URLS": url,
         "WEBHOOK_SECRETS": SECRET,
         "WS_GRACE_PERIOD": "0.5",
@@ -45,7 +61,7 @@ async def test_a_receiver_down_for_60_s_gets_every_event_afterwards_in_order_and
     # 12 attempts 0.5, 1, 2, 4, 8, then 10 s apart span more than the 60 s of downtime.
     slow = {"WEBHOOK_BACKOFF_BASE": "0.5", "WEBHOOK_BACKOFF_MAX": "10"}
     server = ServerProcess(
-        hook_env(receiver.url, tmp_path, WEBHOOK_MAX_ATTEMPTS=12, **slow)
+        hook_env(receiver.url, sqlite_env(tmp_path), WEBHOOK_MAX_ATTEMPTS=12, **slow)
     ).start()
     try:
         rooms = [uid("r1"), uid("r2")]
@@ -101,7 +117,11 @@ async def test_two_instances_deliver_each_event_once_and_a_kill_mid_delivery_los
     receiver = await Receiver(free_port()).start()
     prefix = key_prefix()
     env = hook_env(
-        receiver.url, tmp_path, REDIS_URL=redis_url, REDIS_KEY_PREFIX=prefix, WEBHOOK_TIMEOUT="2"
+        receiver.url,
+        sqlite_env(tmp_path),
+        REDIS_URL=redis_url,
+        REDIS_KEY_PREFIX=prefix,
+        WEBHOOK_TIMEOUT="2",
     )
     servers = start_all([ServerProcess({**env, "INSTANCE_ID": f"hook-{i}"}) for i in range(2)])
     try:
@@ -148,7 +168,9 @@ async def test_two_instances_deliver_each_event_once_and_a_kill_mid_delivery_los
 @pytest.mark.timeout(300)
 async def test_an_event_refused_too_often_is_dead_and_counted_and_its_room_moves_on(tmp_path, uid):
     receiver = await Receiver(free_port(), status=500).start()
-    server = ServerProcess(hook_env(receiver.url, tmp_path, WEBHOOK_MAX_ATTEMPTS="2")).start()
+    server = ServerProcess(
+        hook_env(receiver.url, sqlite_env(tmp_path), WEBHOOK_MAX_ATTEMPTS="2")
+    ).start()
     try:
         room = uid("room")
         client = await ChatClient(uid("dave")).connect(server.url)
@@ -178,9 +200,10 @@ async def test_an_event_refused_too_often_is_dead_and_counted_and_its_room_moves
         server.stop()
 
 
-async def test_edits_and_deletions_follow_their_message_in_order(tmp_path, uid):
+async def test_edits_and_deletions_follow_their_message_in_order_signed(store_env, uid):
+    """On each durable store: the events come from its outbox, written with each change."""
     receiver = await Receiver(free_port()).start()
-    server = ServerProcess(hook_env(receiver.url, tmp_path)).start()
+    server = ServerProcess(hook_env(receiver.url, store_env)).start()
     try:
         room = uid("room")
         client = await ChatClient(uid("erin")).connect(server.url)
@@ -212,6 +235,8 @@ async def test_edits_and_deletions_follow_their_message_in_order(tmp_path, uid):
         assert events[1]["data"]["message"]["revision"] == 1
         assert events[2]["data"]["message"]["deleted_at"]
         assert len({e["id"] for e in events}) == 3
+        assert events[0]["data"]["message"]["text"] == "first draft"
+        assert all(signature_valid(SECRET, r) for r in receiver.received)
         await client.disconnect()
     finally:
         await receiver.stop()
@@ -226,15 +251,17 @@ def test_bad_webhook_configuration_is_refused_at_start():
         {"WEBHOOK_URLS": ["http://127.0.0.1:9/h"], "WEBHOOK_SECRETS": []},
         {"WEBHOOK_URLS": ["ftp://x/h"], "WEBHOOK_SECRETS": [SECRET]},
         {"WEBHOOK_URLS": ["http://127.0.0.1:9/h"], "WEBHOOK_SECRETS": ["short"]},
-        {
-            "WEBHOOK_URLS": ["http://127.0.0.1:9/h"],
-            "WEBHOOK_SECRETS": [SECRET],
-            "STORE": "firestore",
-            "FIRESTORE_PROJECT": "p",
-        },
     ):
         with pytest.raises(ConfigError) as refused:
             load_settings(**{**base, **overrides})
         assert "WEBHOOK" in str(refused.value)
     ok = load_settings(**base, WEBHOOK_URLS=["https://a/h"], WEBHOOK_SECRETS=[SECRET])
     assert ok.WEBHOOK_URLS == ["https://a/h"]
+    # Every store keeps an outbox, Firestore included.
+    on_firestore = load_settings(
+        STORE="firestore",
+        FIRESTORE_PROJECT="p",
+        WEBHOOK_URLS=["https://a/h"],
+        WEBHOOK_SECRETS=[SECRET],
+    )
+    assert on_firestore.WEBHOOK_URLS == ["https://a/h"]
