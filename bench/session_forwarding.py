@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.session_forwarding [--requests 300]
 
 Starts a private ``redis-server`` and two instances (memory store). Opens one Engine.IO
-polling session on instance A, then times ``--requests`` polling POSTs (a NOOP packet,
+polling session on instance A, then times ``--requests`` polling POSTs (a PONG packet,
 answered ``ok``) sent straight to A, then the same number sent to B, which forwards them
 through Redis to A. Also times the check every Socket.IO request goes through
 (``SessionRouter``'s look for a ``sid`` and its route tag), on a websocket-only handshake
@@ -29,7 +29,7 @@ def _times(client: httpx.Client, url: str, requests: int) -> list[float]:
     out = []
     for _ in range(requests):
         started = time.perf_counter()
-        response = client.post(url, content=b"6", headers={"content-type": "text/plain"})
+        response = client.post(url, content=b"3", headers={"content-type": "text/plain"})
         out.append((time.perf_counter() - started) * 1000)
         assert response.status_code == 200 and response.text == "ok", response.text
     return out

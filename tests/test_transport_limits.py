@@ -185,6 +185,26 @@ async def test_binary_over_polling_closes_the_session(limited):
         await until(session_gone, "the session closed", timeout=10)
 
 
+@pytest.mark.parametrize("packet", ["6", "9", "3\x1e6"])
+async def test_a_packet_clients_may_not_send_over_polling_gets_400_at_once(limited, packet):
+    before = closed_count(limited, "unknown_packet")
+    async with httpx.AsyncClient(base_url=limited.url, timeout=5) as http:
+        sessions = []
+        for _ in range(2):
+            opened = await http.get("/socket.io/", params={"EIO": "4", "transport": "polling"})
+            sessions.append(
+                {"EIO": "4", "transport": "polling", "sid": json.loads(opened.text[1:])["sid"]}
+            )
+        culprit, bystander = sessions
+        answer = await http.post("/socket.io/", params=culprit, content=packet)  # no ReadTimeout
+        assert answer.status_code == 400
+        assert (await http.post("/socket.io/", params=culprit, content="3")).status_code == 400
+        # the other session is untouched: a PONG is taken as usual
+        answer = await http.post("/socket.io/", params=bystander, content="3")
+        assert answer.status_code == 200
+    assert closed_count(limited, "unknown_packet") == before + 1
+
+
 # --- sessions that never connect /chat ------------------------------------------------------
 async def test_session_without_chat_is_closed_after_the_deadline(limited):
     before = closed_count(limited, "connect_timeout")

@@ -40,7 +40,7 @@ Fan-out cost (one process must push as many deliveries as Node's Socket.IO)
     frame is valid whether or not permessage-deflate was negotiated. Any other ASGI
     server gets the plain ASGI ``websocket.send`` path (correct, slower).
 
-Hardening (issue 8)
+Hardening
   * Only the configured namespace exists (``namespaces=[...]`` and no handler on ``/``):
     a CONNECT to any other namespace gets CONNECT_ERROR.
   * Binary attachments are refused before anything is buffered: a packet announcing one
@@ -53,6 +53,12 @@ Hardening (issue 8)
     plus the transport's own write buffer). Past either bound the socket is disconnected
     with the reason ``backlog exceeded``, its queue dropped and its transport aborted, so
     its memory is freed at once. Upstream's per-socket ``asyncio.Queue()`` is unbounded.
+  * A long-polling POST carrying a packet type a client may not send (NOOP, or an unknown
+    digit) closes its session at once and gets 400 (``AsyncSocket.handle_post_request``,
+    ``AsyncSocket.receive``).
+    Upstream answers it with ``server.disconnect(sid)``, which waits for the session's
+    queue to drain; on a polling session nobody drains it, so the POST hung until the
+    client gave up, each one holding a request open.
 
 Every forced close is counted in ``chat_transport_closed_total{reason}`` and logged once.
 """
@@ -95,7 +101,9 @@ TRANSPORT_CLOSED = Counter(
 BACKLOG_EXCEEDED = "backlog exceeded"
 BINARY_REFUSED = "binary attachments are not accepted"
 CONNECT_TIMEOUT = "namespace not connected in time"
+UNKNOWN_PACKET = "packet type a client may not send"
 _METRIC_REASON = {
+    UNKNOWN_PACKET: "unknown_packet",
     BACKLOG_EXCEEDED: "backlog_exceeded",
     BINARY_REFUSED: "binary_refused",
     CONNECT_TIMEOUT: "connect_timeout",
@@ -396,6 +404,23 @@ class ChatSocket(async_socket.AsyncSocket):
         else:  # a pending long-polling GET answers CLOSE at once
             self.queue.put_nowait(eio_packet.Packet(eio_packet.CLOSE))
         await self.close(wait=False, abort=True, reason=reason)
+
+    async def receive(self, pkt: eio_packet.Packet) -> None:
+        # Upstream indexes its packet names by type before checking it: a type past them
+        # raised IndexError, which a polling POST answered "ok", the packet ignored.
+        if not 0 <= pkt.packet_type < len(eio_packet.packet_names):
+            raise eio_exceptions.UnknownPacketError()
+        await super().receive(pkt)
+
+    async def handle_post_request(self, environ: dict) -> None:
+        """A long-polling POST; a packet the client may not send closes the session now
+        (upstream's answer waits for a queue nobody drains: see the module doc)."""
+        try:
+            await super().handle_post_request(environ)
+        except eio_exceptions.UnknownPacketError:
+            self.server.count_close(UNKNOWN_PACKET, self.sid)
+            await self.terminate(UNKNOWN_PACKET)
+            raise  # upstream then forgets the session and answers 400
 
     async def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
         if self._ping_timer is not None:
