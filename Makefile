@@ -19,8 +19,8 @@ $(UV):
 	$(PYTHON) -m venv .tools
 	.tools/bin/pip install --quiet "uv==$(UV_VERSION)"
 
-.venv/.installed: $(UV) pyproject.toml uv.lock
-	$(UV) sync --frozen
+.venv/.installed: $(UV) pyproject.toml uv.lock Makefile
+	$(UV) sync --frozen --extra aws
 	touch $@
 
 install: .venv/.installed
