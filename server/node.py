@@ -320,6 +320,7 @@ class Node:
     async def start(self) -> None:
         try:
             self._refuse_workers_without_redis()
+            workers.stop_with_supervisor()  # no orphaned worker if uvicorn's parent is killed
             await self.store.start()
             await self.presence.start()
             if self.sessions is not None:

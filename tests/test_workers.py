@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -185,3 +186,36 @@ def test_one_process_without_redis_still_starts():
         assert server.wait_healthy()["instance"] == server.wait_healthy()["instance_id"]
     finally:
         server.stop()
+
+
+async def test_workers_of_a_sigkilled_supervisor_drain_and_exit(web1, uid):
+    clients = await clients_on_every_worker(web1.url, uid, 2)
+    pids = [worker_pid(member) for member in clients]
+    assert web1.proc is not None
+    web1.proc.kill()  # the supervisor only: nothing but the kernel tells the workers
+    try:
+        for client in clients.values():
+            deadline = time.monotonic() + 30
+            while client.sio.connected:
+                assert time.monotonic() < deadline, "an orphaned worker kept its clients"
+                await asyncio.sleep(0.1)
+        for pid in pids:
+            deadline = time.monotonic() + 30
+            while _running(pid):
+                assert time.monotonic() < deadline, f"worker {pid} outlived its supervisor"
+                await asyncio.sleep(0.1)
+        log = web1.log_tail(400)
+        assert log.count('"shutdown.drained"') == 2, log
+    finally:
+        for client in clients.values():
+            await client.disconnect()
+
+
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (an exited child of a dead parent may linger
+    as a zombie until init reaps it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "zombie" not in status.split("State:", 1)[-1].split("\n", 1)[0]

@@ -16,6 +16,10 @@ instance, whatever the number of its workers.
 * Without Redis, two workers would be two separate servers behind one port (rooms and
   presence in each process's memory). :class:`SoleWorkerLock` takes a file lock named by
   the supervisor's pid: the second worker cannot, and refuses to start.
+* A worker whose supervisor is SIGKILLed (or dies any other way) would run on as an
+  orphan, still holding its connections and its place in the cluster, with nothing left
+  to stop it. :func:`stop_with_supervisor` asks Linux to send the worker SIGTERM when its
+  parent dies (``prctl(PR_SET_PDEATHSIG)``), so it drains as on a normal stop.
 * Metrics: prometheus-client's multiprocess mode needs ``PROMETHEUS_MULTIPROC_DIR`` set
   before it is first imported (it picks its value class at import time).
   :func:`use_shared_metrics_dir` sets it, when the operator has not, to a directory named
@@ -27,11 +31,15 @@ instance, whatever the number of its workers.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import IO
@@ -60,6 +68,27 @@ def owner_token() -> str:
     """What every process of this instance, and no other, has in common: host and the pid
     of the supervisor (or of this process when it runs alone)."""
     return f"{socket.gethostname()}:{supervisor_pid() or os.getpid()}"
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_supervisor() -> bool:
+    """In a worker on Linux: receive SIGTERM when the supervisor dies. True when armed.
+
+    The signal is sent when the thread that spawned this process exits; uvicorn spawns
+    and respawns its workers from its main thread. A supervisor that died before the call
+    is caught by comparing the parent pid, and SIGTERM is sent at once.
+    """
+    supervisor = supervisor_pid()
+    if supervisor is None or not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != supervisor:  # already an orphan
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 def _pid_alive(pid: int) -> bool:
