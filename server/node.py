@@ -64,7 +64,12 @@ from server.transport.indicators import TypingTimers
 from server.transport.lifecycle import Drainer
 from server.transport.namespace import ChatNamespace
 from server.transport.server_api import ServerApiContext
-from server.transport.sessions import RoutedChatSocketServer, SessionRouter, new_route_tag
+from server.transport.sessions import (
+    RoutedChatSocketServer,
+    SessionRouter,
+    new_route_tag,
+    session_channel,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -135,7 +140,7 @@ class Node:
         ping_timeout = max(5.0, settings.WS_HEARTBEAT_INTERVAL)
         self.sessions = (
             SessionRouter(
-                self.bus.pubsub_client(),
+                self.bus.direct_channel(session_channel(settings.REDIS_KEY_PREFIX, route_tag)),
                 settings.REDIS_KEY_PREFIX,
                 route_tag,
                 request_timeout=settings.WS_HEARTBEAT_INTERVAL + ping_timeout + 5,

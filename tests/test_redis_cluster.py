@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from tests.support.clients import ChatClient
+from tests.support.balancer import RoundRobinBalancer
+from tests.support.clients import ChatClient, metrics_of
 from tests.support.servers import GRACE, ServerProcess, cluster_env, key_prefix, start_all
 
 
@@ -90,3 +91,35 @@ async def test_delivery_resumes_after_master_failover(cluster_pair, redis_cluste
         await a.disconnect()
         await b.disconnect()
         await asyncio.get_running_loop().run_in_executor(None, redis_cluster.heal)
+
+
+@pytest.mark.parametrize("transports", [("polling",), ("polling", "websocket")])
+async def test_sessions_are_served_by_any_instance_on_a_cluster(cluster_pair, uid, transports):
+    """No sticky sessions on Redis Cluster: every request of these clients goes to the next
+    instance, so most polling requests and upgrades reach one that does not own them."""
+    balancer = RoundRobinBalancer([s.port for s in cluster_pair], affinity=False)
+    room = uid("room")
+    a = await ChatClient(uid("a")).connect(balancer.url, transports=transports)
+    b = await ChatClient(uid("b")).connect(balancer.url, transports=transports)
+    try:
+        for client in (a, b):
+            assert (await client.call("room:join", {"room": room}))["ok"]
+        sent = []
+        for n in range(5):
+            ack = await a.call("message:send", {"room": room, "text": f"m{n}", "client_id": f"{n}"})
+            assert ack["ok"], ack
+            sent.append(ack["message"]["seq"])
+        got = await b.wait_for("message:new", count=5)
+        assert [m["seq"] for m in got] == sent
+        assert balancer.requests >= 4  # the balancer did carry them, spread over both
+        forwarded = 0.0
+        for instance in cluster_pair:
+            values = await metrics_of(instance.url)
+            forwarded += sum(
+                v for k, v in values.items() if k.startswith("chat_sessions_forwarded_total")
+            )
+        assert forwarded >= 1
+    finally:
+        await a.disconnect()
+        await b.disconnect()
+        balancer.close()

@@ -206,6 +206,20 @@ class RedisClusterManager(AsyncPubSubManager, ControlEvents):
 
         return await self.delivery.publish(send, after_failure=start_over)
 
+    async def publish_to(self, channel: str, data: bytes) -> int:
+        """Publish ``data`` once on any ``channel``, the way this manager publishes (sharded
+        or not); how many subscribers received it. A failure drops the publisher, as in
+        ``_publish``, and raises."""
+        client = await self._publisher()
+        try:
+            if self.sharded:
+                return int(await client.spublish(channel, data))
+            return int(await client.publish(channel, data))
+        except Exception:
+            if self.redis is client:
+                await self._reset_publisher()
+            raise
+
     # ------------------------------------------------------------------ listen
 
     async def _subscribe(self) -> ClusterPubSub:
@@ -277,6 +291,11 @@ class RedisClusterManager(AsyncPubSubManager, ControlEvents):
                 raise SubscriptionLost(f"server ended the subscription ({kind})")
 
     async def _listen(self) -> AsyncIterator[bytes]:
+        async for data in self.listen_raw():
+            yield data
+
+    async def listen_raw(self) -> AsyncIterator[bytes]:
+        """The payloads published on this manager's channel, as bytes, forever."""
         async for data in self.delivery.listen(self._subscribe, self._messages):
             yield data
 

@@ -4,7 +4,8 @@ and the Socket.IO manager that carries emits between instances."""
 from __future__ import annotations
 
 from server.bus.cluster_manager import RedisClusterManager
-from server.bus.connection import RedisClient, RedisConfig, client_options, create_redis
+from server.bus.connection import RedisConfig, client_options, create_redis
+from server.bus.direct import ClusterChannel, DirectChannel, PlainChannel
 from server.bus.keys import Keys
 from server.bus.redis_manager import RedisManager
 from server.bus.registry import InstanceRegistry
@@ -41,10 +42,17 @@ class RedisBus:
         manager_class = RedisClusterManager if self.config.cluster else RedisManager
         return manager_class(self.config.pubsub_url, channel=self.channel, redis_options=options)
 
-    def pubsub_client(self) -> RedisClient:
-        """A client of the pub/sub Redis (the state Redis unless REDIS_PUBSUB_URL is set);
-        replies are bytes."""
-        return create_redis(self.config, url=self.config.pubsub_url, decode_responses=False)
+    def direct_channel(self, name: str) -> DirectChannel:
+        """This process's own channel ``name`` on the pub/sub Redis (the state Redis unless
+        REDIS_PUBSUB_URL is set), for messages addressed to this process alone."""
+        if self.config.cluster:
+            options = client_options(self.config)
+            options.pop("retry")
+            return ClusterChannel(
+                RedisClusterManager(self.config.pubsub_url, channel=name, redis_options=options)
+            )
+        client = create_redis(self.config, url=self.config.pubsub_url, decode_responses=False)
+        return PlainChannel(client, name)
 
     async def ping(self) -> None:
         with metrics.timed(metrics.REDIS_LATENCY, "ping"):

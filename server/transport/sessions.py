@@ -45,7 +45,7 @@ import orjson
 import socketio
 import structlog
 
-from server.bus.connection import RedisClient
+from server.bus.direct import DirectChannel
 from server.core import metrics
 from server.transport.engine import ChatSocketServer
 
@@ -55,6 +55,11 @@ SEPARATOR = "."
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
+
+
+def session_channel(prefix: str, tag: str) -> str:
+    """The pub/sub channel of the process whose route tag is ``tag``."""
+    return f"{prefix}eio:{tag}"
 
 
 def new_route_tag() -> str:
@@ -139,20 +144,21 @@ def _sid_in(query: bytes) -> str:
 class SessionRouter:
     """ASGI middleware: requests for sessions of another process are served by their owner.
 
-    ``app`` is the Socket.IO ASGI app (set with :meth:`wrap`); ``redis`` a client of the
-    pub/sub Redis; ``tag`` this process's route tag.
+    ``app`` is the Socket.IO ASGI app (set with :meth:`wrap`); ``link`` this process's
+    channel (``session_channel(channel_prefix, tag)``) on the pub/sub Redis, any topology;
+    ``tag`` this process's route tag.
     """
 
     def __init__(
         self,
-        redis: RedisClient,
+        link: DirectChannel,
         channel_prefix: str,
         tag: str,
         request_timeout: float,
         max_body: int,
         socketio_path: str = "/socket.io",
     ) -> None:
-        self.redis = redis
+        self.link = link
         self.channel_prefix = channel_prefix
         self.tag = tag
         self.request_timeout = request_timeout
@@ -164,20 +170,19 @@ class SessionRouter:
         self._client_tunnels: dict[str, asyncio.Queue] = {}  # tunnels we forward
         self._tasks: set[asyncio.Task] = set()
         self._listener: asyncio.Task | None = None
-        self._subscribed = asyncio.Event()
 
     def wrap(self, app: Any) -> SessionRouter:
         self.app = app
         return self
 
     def channel(self, tag: str) -> str:
-        return f"{self.channel_prefix}eio:{tag}"
+        return session_channel(self.channel_prefix, tag)
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         self._listener = asyncio.get_running_loop().create_task(self._listen_forever())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), self.request_timeout)
+            await asyncio.wait_for(self.link.subscribed.wait(), self.request_timeout)
 
     async def stop(self) -> None:
         for queue in self._client_tunnels.values():
@@ -188,28 +193,11 @@ class SessionRouter:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.redis.aclose()
+        await self.link.aclose()
 
     async def _listen_forever(self) -> None:
-        delay = 0.1
-        while True:
-            pubsub = self.redis.pubsub()
-            try:
-                await pubsub.subscribe(self.channel(self.tag))
-                self._subscribed.set()
-                delay = 0.1
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        self._dispatch(message["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("sessions.listener_failed", error=str(exc), retry_in=delay)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        async for data in self.link.listen():
+            self._dispatch(data)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task: asyncio.Task = asyncio.get_running_loop().create_task(work)  # type: ignore[arg-type]
@@ -242,7 +230,7 @@ class SessionRouter:
                 queue.put_nowait((header, body))
 
     async def _publish(self, tag: str, header: dict, body: bytes = b"") -> int:
-        return int(await self.redis.publish(self.channel(tag), _encode(header, body)))
+        return await self.link.publish(self.channel(tag), _encode(header, body))
 
     # --- the middleware -----------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
