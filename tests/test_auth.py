@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tests.support.clients import ChatClient, attempt, refused
+from tests.support.clients import ChatClient, attempt, refused, until
 from tests.support.servers import TEST_SECRET, ServerProcess, make_token, start_all
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -45,16 +45,6 @@ def claims_for(user: str, ttl: float = 3600, **extra) -> dict:
     now = int(time.time())
     # Public-key servers must check aud and iss; HS servers without them ignore both.
     return {"sub": user, "iat": now, "exp": now + ttl, "aud": AUDIENCE, "iss": ISSUER, **extra}
-
-
-async def wait_until(predicate, timeout: float) -> float:
-    """Poll until ``predicate()``; returns the monotonic time it became true."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.02)
-    return time.monotonic()
 
 
 # --- keys and dedicated servers -----------------------------------------------------------
@@ -399,7 +389,9 @@ async def test_disconnected_at_exp_unless_refreshed(server, uid):
         new_token = make_token(user, ttl=12)
         ack = await refreshed.call("auth:refresh", {"token": new_token})
         assert ack["ok"] is True
-        gone_at = await wait_until(lambda: not plain.sio.connected, timeout=20)
+        gone_at = await until(
+            lambda: not plain.sio.connected and time.monotonic(), "expiry", 20, interval=0.02
+        )
         gone_wall = time.time() - (time.monotonic() - gone_at)
         assert gone_wall >= exp_of(first) - 0.05, (gone_wall, exp_of(first))
         assert plain.events["auth:expired"] == [{"reason": "token_expired"}]
@@ -408,7 +400,9 @@ async def test_disconnected_at_exp_unless_refreshed(server, uid):
         assert refreshed.sio.connected
         assert (await refreshed.call("room:join", {"room": uid("room")}))["ok"] is True
         # ...until the new token's own expiry, not before.
-        gone_at = await wait_until(lambda: not refreshed.sio.connected, timeout=20)
+        gone_at = await until(
+            lambda: not refreshed.sio.connected and time.monotonic(), "expiry", 20, interval=0.02
+        )
         gone_wall = time.time() - (time.monotonic() - gone_at)
         assert gone_wall >= exp_of(new_token) - 0.05, (gone_wall, exp_of(new_token))
         assert refreshed.events["auth:expired"] == [{"reason": "token_expired"}]

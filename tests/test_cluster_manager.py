@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 from server.bus.cluster_manager import RedisClusterManager
 from server.bus.delivery import Delivery
 from server.bus.redis_manager import RedisManager
+from tests.support.clients import until
 
 logger = logging.getLogger("tests.cluster_manager")
 
@@ -241,8 +242,10 @@ async def test_cluster_listener_follows_manual_failover(redis_cluster):
         replica = redis_cluster.replica_of(owner)
         with redis_cluster.client(replica) as client:
             client.execute_command("CLUSTER", "FAILOVER")
-        await asyncio.to_thread(
-            lambda: _until(lambda: redis_cluster.master_for_key(channel) == replica, 10)
+        await until(
+            lambda: asyncio.to_thread(lambda: redis_cluster.master_for_key(channel) == replica),
+            "the replica promoted",
+            10,
         )
         _, waited = await publish_until_received(publisher._publish, inbox, timeout=5)
         await drain(inbox)
@@ -250,14 +253,6 @@ async def test_cluster_listener_follows_manual_failover(redis_cluster):
         assert listener.delivery.listener_reconnects >= 1
         assert waited < 3
         await asyncio.to_thread(redis_cluster.wait_healthy)
-
-
-def _until(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.05)
 
 
 # --- Sentinel and plain Redis ------------------------------------------------------------------
