@@ -60,6 +60,8 @@ async def test_fuzzed_packets_hurt_nobody(target):
     assert tally.sent >= 20_000
     assert tally.websocket > 5_000 and tally.polling > 5_000
     assert tally.authenticated_sessions > 10
+    # Garbage gets a 4xx, never a server error.
+    assert 500 not in tally.http_status, tally.http_status
 
     alice = await ChatClient("fuzz-after-alice").connect(target.url)
     bob = await ChatClient("fuzz-after-bob").connect(target.url)

@@ -185,9 +185,19 @@ async def test_binary_over_polling_closes_the_session(limited):
         await until(session_gone, "the session closed", timeout=10)
 
 
-@pytest.mark.parametrize("packet", ["6", "9", "3\x1e6"])
-async def test_a_packet_clients_may_not_send_over_polling_gets_400_at_once(limited, packet):
-    before = closed_count(limited, "unknown_packet")
+@pytest.mark.parametrize(
+    ("packet", "reason"),
+    [
+        (b"6", "unknown_packet"),  # NOOP: only the server sends it
+        (b"9", "unknown_packet"),
+        (b"3\x1e6", "unknown_packet"),
+        (b"x", "bad_payload"),  # not a packet type
+        (b"3\x1e\x1e3", "bad_payload"),  # an empty packet
+        (b"4\xed\xa0\x80", "bad_payload"),  # not UTF-8
+    ],
+)
+async def test_a_malformed_polling_post_gets_400_at_once(limited, packet, reason):
+    before = closed_count(limited, reason)
     async with httpx.AsyncClient(base_url=limited.url, timeout=5) as http:
         sessions = []
         for _ in range(2):
@@ -202,7 +212,7 @@ async def test_a_packet_clients_may_not_send_over_polling_gets_400_at_once(limit
         # the other session is untouched: a PONG is taken as usual
         answer = await http.post("/socket.io/", params=bystander, content="3")
         assert answer.status_code == 200
-    assert closed_count(limited, "unknown_packet") == before + 1
+    assert closed_count(limited, reason) == before + 1
 
 
 # --- sessions that never connect /chat ------------------------------------------------------

@@ -53,12 +53,14 @@ Hardening
     plus the transport's own write buffer). Past either bound the socket is disconnected
     with the reason ``backlog exceeded``, its queue dropped and its transport aborted, so
     its memory is freed at once. Upstream's per-socket ``asyncio.Queue()`` is unbounded.
-  * A long-polling POST carrying a packet type a client may not send (NOOP, or an unknown
-    digit) closes its session at once and gets 400 (``AsyncSocket.handle_post_request``,
-    ``AsyncSocket.receive``).
-    Upstream answers it with ``server.disconnect(sid)``, which waits for the session's
-    queue to drain; on a polling session nobody drains it, so the POST hung until the
-    client gave up, each one holding a request open.
+  * A long-polling POST whose body is not valid Engine.IO (invalid UTF-8, a packet type
+    that is not a digit, an empty packet, too many packets, too long) or carries a packet
+    type a client may not send (NOOP, an unknown digit) closes its session at once and gets
+    400 (``AsyncSocket.handle_post_request``, ``AsyncSocket.receive``). Upstream answered
+    a malformed body 200 "ok" with an error log line per request; an unknown type with
+    ``server.disconnect(sid)``, which waits for the session's queue to drain (on a polling
+    session nobody drains it: the POST hung until the client gave up), and with a 500 when
+    closing the session had already removed it (its response variable left unbound).
 
 Every forced close is counted in ``chat_transport_closed_total{reason}`` and logged once.
 """
@@ -102,8 +104,10 @@ BACKLOG_EXCEEDED = "backlog exceeded"
 BINARY_REFUSED = "binary attachments are not accepted"
 CONNECT_TIMEOUT = "namespace not connected in time"
 UNKNOWN_PACKET = "packet type a client may not send"
+BAD_PAYLOAD = "malformed polling payload"
 _METRIC_REASON = {
     UNKNOWN_PACKET: "unknown_packet",
+    BAD_PAYLOAD: "bad_payload",
     BACKLOG_EXCEEDED: "backlog_exceeded",
     BINARY_REFUSED: "binary_refused",
     CONNECT_TIMEOUT: "connect_timeout",
@@ -413,14 +417,23 @@ class ChatSocket(async_socket.AsyncSocket):
         await super().receive(pkt)
 
     async def handle_post_request(self, environ: dict) -> None:
-        """A long-polling POST; a packet the client may not send closes the session now
-        (upstream's answer waits for a queue nobody drains: see the module doc)."""
+        """A long-polling POST. A payload that is not valid Engine.IO, or a packet the client
+        may not send, closes the session now and gets 400 (see the module doc)."""
         try:
             await super().handle_post_request(environ)
-        except eio_exceptions.UnknownPacketError:
-            self.server.count_close(UNKNOWN_PACKET, self.sid)
-            await self.terminate(UNKNOWN_PACKET)
-            raise  # upstream then forgets the session and answers 400
+        except (eio_exceptions.EngineIOError, ValueError) as exc:  # UnicodeDecodeError too
+            reason = (
+                UNKNOWN_PACKET
+                if isinstance(exc, eio_exceptions.UnknownPacketError)
+                else BAD_PAYLOAD
+            )
+            self.server.count_close(reason, self.sid, error=type(exc).__name__)
+            await self.terminate(reason)
+            # Upstream answers 400 only while it still lists the session (otherwise its
+            # response variable is unbound: a 500); closing may already have removed it.
+            # Listed again, the closed socket is removed by upstream's disconnect at once.
+            self.server.sockets.setdefault(self.sid, self)
+            raise eio_exceptions.UnknownPacketError() from exc
 
     async def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
         if self._ping_timer is not None:
