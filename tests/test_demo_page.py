@@ -11,7 +11,7 @@ from tests.support.servers import ROOT, ServerProcess, cluster_env, key_prefix, 
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ARTIFACTS = ROOT / ".run" / "artifacts"
-WAIT = 15_000  # ms: the machine may be loaded
+WAIT = 30_000  # ms: Chromium, two servers and Redis share two cores that may be loaded
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +58,16 @@ async def sign_in(browser, url: str, user: str, width: int = 1280, height: int =
 async def join(page, room: str) -> None:
     await page.fill("#join-room", room)
     await page.click("#join-form button")
-    await page.wait_for_selector(
-        f"#rooms li[data-room='{room}'] button[aria-current='true']", timeout=WAIT
-    )
+    try:
+        await page.wait_for_selector(
+            f"#rooms li[data-room='{room}'] button[aria-current='true']", timeout=WAIT
+        )
+    except Exception as exc:  # say what the page showed instead
+        error = await page.text_content("#sidebar-error")
+        rooms = await page.inner_html("#rooms")
+        raise AssertionError(
+            f"{room} not open: sidebar error {error!r}, page errors {page.errors}, rooms {rooms}"
+        ) from exc
 
 
 async def send(page, text: str) -> None:
