@@ -228,7 +228,12 @@ async def test_js_chat_between_two_clients(server, node_client, uid, transports)
     assert out["aliceAllMessages"] == [reply]
 
 
-async def test_js_edits_deletes_reactions_replies_mentions(server, node_client, uid):
+@pytest.mark.parametrize(
+    "transports",
+    [["websocket"], ["polling", "websocket"], ["polling"]],
+    ids=["websocket", "upgrade", "polling"],
+)
+async def test_js_edits_deletes_reactions_replies_mentions(server, node_client, uid, transports):
     room = uid("room")
     alice_id, bob_id, carol_id = uid("alice"), uid("bob"), uid("carol")
     out = await run_js(
@@ -237,9 +242,9 @@ async def test_js_edits_deletes_reactions_replies_mentions(server, node_client, 
         {
             "url": server.url,
             "room": room,
-            "alice": {"token": make_token(alice_id, "Alice")},
-            "bob": {"token": make_token(bob_id, "Bob")},
-            "carol": {"token": make_token(carol_id)},
+            "alice": {"token": make_token(alice_id, "Alice"), "transports": transports},
+            "bob": {"token": make_token(bob_id, "Bob"), "transports": transports},
+            "carol": {"token": make_token(carol_id), "transports": transports},
         },
     )
     first = out["send"]["message"]

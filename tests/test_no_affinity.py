@@ -15,13 +15,15 @@ from tests.support.balancer import RoundRobinBalancer
 from tests.support.clients import metrics_of
 from tests.support.servers import ServerProcess, cluster_env, key_prefix, make_token
 
-# Collected again here, through the balancer (the token-expiry test is left out: a 2 s
-# token is often expired before four loaded processes have admitted it).
+# The whole JS client suite, collected again here, through the balancer: websocket,
+# polling then upgrade, and polling only.
 from tests.test_js_client import node_client as js_node_client  # noqa: F401
 from tests.test_js_client import (  # noqa: F401
     run_js,
     test_js_auth_refusals,
     test_js_chat_between_two_clients,
+    test_js_disconnected_at_token_expiry,
+    test_js_edits_deletes_reactions_replies_mentions,
     test_js_token_sources,
 )
 

@@ -1,5 +1,5 @@
 // Edits, deletions, reactions, replies, mentions and the room list through socket.io-client.
-// Input (argv[2], JSON): {url, room, alice: {token}, bob: {token}, carol: {token}}
+// Input (argv[2], JSON): {url, room, alice: {token, transports?}, bob: {...}, carol: {...}}
 // Carol joins no room: mentions still reach her. Prints everything seen as JSON.
 const lib = require("./lib");
 
