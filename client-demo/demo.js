@@ -685,11 +685,15 @@ $("scroller").addEventListener("scroll", () => {
 async function submitRoom(event, make) {
   event.preventDefault();
   report("sidebar-error");
+  const form = event.target;
+  const typed = () => [...form.elements].map((field) => field.value).join("\u0000");
+  const submitted = typed();
   try {
     const room = await make();
     await loadRooms();
     await openRoom(room);
-    event.target.reset();
+    // Clear the form only if nothing new was typed into it while the room opened.
+    if (typed() === submitted) form.reset();
   } catch (error) {
     report("sidebar-error", error);
   }

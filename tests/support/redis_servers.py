@@ -63,11 +63,14 @@ def free_port(bus_offset: int | None = None, low: int = 20000, high: int = 45000
     raise RuntimeError("no free port found")
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    with contextlib.suppress(Exception):
-        import ctypes
+# Redis dies with the test process: util-linux's setpriv sets PR_SET_PDEATHSIG and execs it.
+# Not a preexec_fn: running Python in the forked child aborted it now and then (SIGABRT)
+# once gRPC's fork handlers were loaded by the Firestore tests.
+_SETPRIV = shutil.which("setpriv")
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+def _die_with_parent(command: list[str]) -> list[str]:
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *command] if _SETPRIV else command
 
 
 def _wait(predicate, timeout: float, what: str, interval: float = 0.05):
@@ -171,13 +174,13 @@ class RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         # PDEATHSIG follows the forking *thread*: only safe from the main thread.
         main = threading.current_thread() is threading.main_thread()
+        command = self.command_line()
         self.proc = subprocess.Popen(
-            self.command_line(),
+            _die_with_parent(command) if main else command,
             cwd=self.dir,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if main else None,
         )
         _running.add(self)
         try:
