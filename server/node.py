@@ -221,7 +221,8 @@ class Node:
             events_burst=settings.RATE_LIMIT_EVENTS_BURST,
         )
         typing = TypingTimers(self.messages, settings.TYPING_TIMEOUT)
-        ledger = DeliveryLedger()
+        # Only with Redis can a subscription be lost; one instance has nothing to catch up.
+        ledger = DeliveryLedger() if bus_manager is not None else None
         self.fanout.on_evicted = lambda conn, room: typing.stop(conn, room, "evicted")
         self.sio.register_namespace(
             ChatNamespace(
@@ -238,10 +239,10 @@ class Node:
                 typing=typing,
                 max_presence_subscriptions=MAX_PRESENCE_SUBSCRIPTIONS,
                 max_joined_rooms=settings.MAX_JOINED_ROOMS,
-                ledger=ledger if bus_manager is not None else None,
+                ledger=ledger,
             )
         )
-        if bus_manager is not None:
+        if bus_manager is not None and ledger is not None:
             # What other instances publish while this one is not subscribed is read back
             # from the store once it is again (server/transport/catchup.py).
             bus_manager.ledger = ledger
