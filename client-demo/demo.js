@@ -206,12 +206,18 @@ function renderRooms() {
   }));
 }
 
+/**
+ * A new message in a room, for the sidebar: from room:activity (rooms this tab has not
+ * joined), message:new (rooms it has) or the ack of its own send; the server sends each
+ * message to a connection one of these ways, never two.
+ */
 function onActivity({ room, last_seq, message }) {
   const entry = S.rooms.get(room);
   if (!entry) {
     loadRooms().catch((e) => report("sidebar-error", e));
     return;
   }
+  if (last_seq <= entry.last_seq) return;  // heard of already, or an older one filled in after a gap
   entry.last_seq = last_seq;
   entry.last_message = message;
   entry.activity_at = message.created_at;
@@ -326,6 +332,7 @@ function onMessage(message) {
   if (!v || !v.joined) return;
   const gap = message.seq > v.lastSeq + 1 && v.lastSeq > 0;
   put(v, message);
+  onActivity({ room: message.room, last_seq: message.seq, message });
   if (gap) fillAfter(v).then(() => renderConversation()).catch(() => {});
   if (message.room === S.current) renderConversation();
 }
@@ -573,6 +580,7 @@ async function deliver(v, draft) {
     const { message } = await call("message:send", payload);
     v.pending.delete(draft.client_id);
     put(v, message);
+    onActivity({ room: v.room, last_seq: message.seq, message });
   } catch (error) {
     draft.failed = true;
     report("sidebar-error", error);

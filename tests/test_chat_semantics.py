@@ -34,14 +34,19 @@ class Recorder:
     def __init__(self) -> None:
         self.rooms: list[tuple[str, str, dict]] = []
         self.users: list[tuple[list[str], str, dict]] = []
+        #: the room each per-user event spares the joined sockets of (None: none spared)
+        self.outside: list[str | None] = []
 
     async def to_room(
         self, room_id: str, event: str, data: dict, skip_sid: str | None = None
     ) -> None:
         self.rooms.append((room_id, event, data))
 
-    async def to_users(self, user_ids: list[str], event: str, data: dict) -> None:
+    async def to_users(
+        self, user_ids: list[str], event: str, data: dict, outside_room: str | None = None
+    ) -> None:
         self.users.append((list(user_ids), event, data))
+        self.outside.append(outside_room)
 
     def room_events(self, event: str) -> list[dict]:
         return [data for _, name, data in self.rooms if name == event]
@@ -239,10 +244,12 @@ async def test_mentions_reach_readers_only(chat):
     assert chat.fanout.user_events("mention")[-1][0] == ["carol"]
 
 
-async def test_room_activity_goes_to_every_member(chat):
+async def test_room_activity_goes_to_every_member_outside_the_room(chat):
     await chat.send(BOB, "team", "hello team")
     [(users, activity)] = chat.fanout.user_events("room:activity")
     assert sorted(users) == ["alice", "bob"]
+    # sockets joined to the room have message:new instead
+    assert chat.fanout.outside == ["team"]
     assert activity["room"] == "team" and activity["last_seq"] == 1
     assert activity["message"]["text"] == "hello" and activity["message"]["sender"]["id"] == "bob"
 

@@ -159,10 +159,15 @@ async def test_unread_counts_follow_reads_from_a_second_device(pair, users, uid)
     for i in range(3):
         text = f"@{a_id} look" if i == 2 else f"n{i}"
         await ok(sender, "message:send", {"room": room, "text": text, "client_id": str(i)})
-    # both devices hear about the activity, the laptop without having joined the room
-    for device in (phone, laptop):
-        activity = await device.wait_for("room:activity", count=3)
-        assert activity[-1]["room"] == room and activity[-1]["last_seq"] == 3
+    # both devices hear of each message once: the phone, joined, as message:new; the
+    # laptop, which has not joined the room, as room:activity
+    arrived = await phone.wait_for("message:new", count=3)
+    assert [m["seq"] for m in arrived] == [1, 2, 3]
+    activity = await laptop.wait_for("room:activity", count=3)
+    assert activity[-1]["room"] == room and activity[-1]["last_seq"] == 3
+    assert [a["last_seq"] for a in activity] == [1, 2, 3]
+    await ok(phone, "rooms:list", {"limit": 1})  # a round trip after the laptop's last event
+    assert phone.events.get("room:activity", []) == []
     listed = await ok(laptop, "rooms:list", {"limit": 10})
     [entry] = [r for r in listed["rooms"] if r["room"]["id"] == room]
     assert (entry["last_seq"], entry["read_seq"], entry["unread"], entry["unread_mentions"]) == (

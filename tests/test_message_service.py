@@ -31,7 +31,9 @@ class RecordingFanout:
         self.sent: list[tuple[str, str, dict, str | None]] = []
         self.to_user: list[tuple[list[str], str, dict]] = []
 
-    async def to_users(self, user_ids: list[str], event: str, data: dict) -> None:
+    async def to_users(
+        self, user_ids: list[str], event: str, data: dict, outside_room: str | None = None
+    ) -> None:
         self.to_user.append((list(user_ids), event, data))
 
     async def to_room(

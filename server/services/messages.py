@@ -1,8 +1,8 @@
 """Messages: send (validate → allocate seq → store durably → fan out), history, read, typing.
 
-A stored message reaches the sockets joined to its room (``message:new``), every
-connection of every member (``room:activity``, joined or not, for live badges) and every
-connection of each mentioned user who may read the room (``mention``).
+A stored message reaches the sockets joined to its room (``message:new``), every other
+connection of every member (``room:activity``, for live badges) and every connection of
+each mentioned user who may read the room (``mention``).
 """
 
 from __future__ import annotations
@@ -129,7 +129,9 @@ class MessageService:
         return result.message, result.created, wire
 
     async def _tell_members(self, room: Room, members: list[str], message: Message) -> None:
-        """``room:activity`` to every connection of every member, joined or not."""
+        """``room:activity`` to every connection of every member that has not joined the
+        room: a joined connection has ``message:new`` (or, the sending one, its ack), which
+        says all that and more, so a busy room costs one frame per member, not two."""
         await self.fanout.to_users(
             members,
             "room:activity",
@@ -138,6 +140,7 @@ class MessageService:
                 "last_seq": message.seq,
                 "message": preview(message, self.limits.quote_length),
             },
+            outside_room=room.id,
         )
 
     async def notify_mentioned(self, message: Message, users: list[str], wire: dict) -> None:

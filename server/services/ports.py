@@ -19,8 +19,11 @@ class Fanout(Protocol):
         self, room_id: str, event: str, data: dict, skip_sid: str | None = None
     ) -> None: ...
 
-    async def to_users(self, user_ids: list[str], event: str, data: dict) -> None:
-        """Every connection of each of ``user_ids``, on every instance, joined or not."""
+    async def to_users(
+        self, user_ids: list[str], event: str, data: dict, outside_room: str | None = None
+    ) -> None:
+        """Every connection of each of ``user_ids``, on every instance, joined or not; with
+        ``outside_room``, only the connections that have not joined that room."""
 
 
 class PresenceAnnouncer(Protocol):

@@ -10,6 +10,10 @@ of to clients (see ``server/bus/manager.py``).
 socket why with ``session:closed {reason}``. Other parts subscribe to control events
 with :meth:`Fanout.on_control_event` (moderation drops cached sanctions that way).
 
+``$chat:outside {room, users, event, data}`` delivers ``event`` to the listed users'
+sockets that have *not* joined ``room`` (a joined socket has the room's own broadcast):
+``room:activity`` this way costs nothing per joined member, the common case.
+
 ``$chat:evict {room, users}`` removes the listed users' sockets from a room wherever they
 are connected. One event per request, whatever the number of users; each instance finds
 the affected sockets through the per-user Socket.IO room (an index), never by scanning
@@ -30,6 +34,7 @@ from server.transport.connections import Connection, ConnectionRegistry
 
 EVICT = "evict"
 DISCONNECT = "disconnect"
+OUTSIDE = "outside"
 ControlListener = Callable[[dict], object]
 
 
@@ -50,13 +55,37 @@ class Fanout:
             event, data, room=room_channel(room_id), skip_sid=skip_sid, namespace=NAMESPACE
         )
 
-    async def to_users(self, user_ids: list[str], event: str, data: dict) -> None:
+    async def to_users(
+        self, user_ids: list[str], event: str, data: dict, outside_room: str | None = None
+    ) -> None:
         """One emit to the per-user rooms of ``user_ids``: every instance delivers it once
-        to each of their sockets (a socket of two listed users still gets one copy)."""
-        if user_ids:
-            await self.sio.emit(
-                event, data, to=[user_channel(u) for u in user_ids], namespace=NAMESPACE
+        to each of their sockets (a socket of two listed users still gets one copy).
+        With ``outside_room``, only to those sockets not joined to that room."""
+        if not user_ids:
+            return
+        if outside_room is not None:
+            await self.control(
+                OUTSIDE, {"room": outside_room, "users": user_ids, "event": event, "data": data}
             )
+            return
+        await self.sio.emit(
+            event, data, to=[user_channel(u) for u in user_ids], namespace=NAMESPACE
+        )
+
+    async def outside_local(
+        self, room_id: str, user_ids: list[str], event: str, data: dict
+    ) -> None:
+        """``event`` to this instance's sockets of ``user_ids`` that have not joined
+        ``room_id``; O(their sockets), one encoding for all of them."""
+        manager, registry = self.sio.manager, self.registry
+        sids = []
+        for user_id in user_ids:
+            for sid, _ in manager.get_participants(NAMESPACE, user_channel(user_id)):
+                conn = registry.get(sid)
+                if conn is not None and room_id not in conn.joined:
+                    sids.append(sid)
+        if sids:
+            await self.sio.emit(event, data, to=sids, namespace=NAMESPACE, ignore_queue=True)
 
     async def to_local_sid(self, sid: str, event: str, data: dict) -> None:
         """One socket of this instance: no round trip through Redis."""
@@ -95,6 +124,12 @@ class Fanout:
             if not isinstance(users, list):  # the single-user form of earlier releases
                 users = [data.get("user")]
             await self.evict_local(str(data.get("room")), [str(u) for u in users])
+        elif name == OUTSIDE:
+            users, event, payload = data.get("users"), data.get("event"), data.get("data")
+            if isinstance(users, list) and isinstance(event, str) and isinstance(payload, dict):
+                await self.outside_local(
+                    str(data.get("room")), [str(u) for u in users], event, payload
+                )
         elif name == DISCONNECT:
             before = data.get("issued_before")
             await self.disconnect_local(
