@@ -77,10 +77,14 @@ class Fanout:
     ) -> None:
         """``event`` to this instance's sockets of ``user_ids`` that have not joined
         ``room_id``; O(their sockets), one encoding for all of them."""
-        manager, registry = self.sio.manager, self.registry
+        # the manager's room table (namespace → room → {sid: eio_sid}) is read in place:
+        # get_participants copies each room, and this runs for every member of a room on
+        # every instance for every message
+        channels = self.sio.manager.rooms.get(NAMESPACE, {})
+        registry = self.registry
         sids = []
         for user_id in user_ids:
-            for sid, _ in manager.get_participants(NAMESPACE, user_channel(user_id)):
+            for sid in channels.get(user_channel(user_id), ()):
                 conn = registry.get(sid)
                 if conn is not None and room_id not in conn.joined:
                     sids.append(sid)
