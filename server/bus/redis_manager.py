@@ -9,10 +9,13 @@ pub/sub client gets bytes (``decode_responses`` off), which its ``_listen`` expe
 Override points used: ``_publish``, ``_redis_listen_with_retries`` and ``_redis_connect``
 (outside Sentinel, the client's pool waits for a free connection instead of refusing the
 101st concurrent publish: redis-py's default pool raises "Too many connections").
+Publishes made while one is in flight go together in the next pipeline, one connection,
+in call order (``server/bus/pipeline.py``); upstream awaits one PUBLISH per emit.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import urlparse
 
@@ -21,6 +24,7 @@ import socketio
 from server.bus.connection import blocking_client
 from server.bus.delivery import Delivery
 from server.bus.manager import ControlEvents
+from server.bus.pipeline import Batcher
 
 
 class RedisManager(socketio.AsyncRedisManager, ControlEvents):
@@ -44,6 +48,7 @@ class RedisManager(socketio.AsyncRedisManager, ControlEvents):
     ) -> None:
         super().__init__(url=url, channel=channel, **options)
         self.delivery = delivery or Delivery(channel)
+        self._publishes: Batcher[bytes | str] = Batcher(self._publish_batch, "publish")
 
     def _redis_connect(self) -> None:
         if urlparse(self.redis_url).scheme in {"redis+sentinel", "valkey+sentinel"}:
@@ -56,16 +61,21 @@ class RedisManager(socketio.AsyncRedisManager, ControlEvents):
     async def _publish(self, data: Any) -> bool:
         payload = self.json.dumps(data)
 
-        async def send() -> Any:
-            if not self.connected:
-                self._redis_connect()  # through Sentinel this finds the current master
-            try:
-                return await self.redis.publish(self.channel, payload)
-            except Exception:
-                self.connected = False
-                raise
+        return await self.delivery.publish(lambda: self._publishes.call(payload))
 
-        return await self.delivery.publish(send)
+    async def _publish_batch(self, payloads: list[bytes | str]) -> list[Any]:
+        """One pipeline of PUBLISHes on one connection; a connection error fails them all."""
+        if not self.connected:
+            self._redis_connect()  # through Sentinel this finds the current master
+        try:
+            async with asyncio.timeout(self.delivery.publish_timeout):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for payload in payloads:
+                        pipe.publish(self.channel, payload)
+                    return list(await pipe.execute(raise_on_error=False))
+        except Exception:
+            self.connected = False
+            raise
 
     async def _redis_listen_with_retries(self) -> Any:
         async def subscribe() -> Any:

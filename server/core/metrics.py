@@ -99,6 +99,12 @@ STORE_BATCH = Histogram(
     ["lane"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
+BUS_BATCH = Histogram(
+    "chat_bus_batch_commands",
+    "Redis commands written together in one pipeline (publishes made in one turn of the loop)",
+    ["kind"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
 FIRESTORE_CACHE = Gauge(
     "chat_firestore_cache_entries",
     "Entries the Firestore store remembers, per memo (rooms, seqs, names; FIRESTORE_CACHE each)",
