@@ -27,8 +27,9 @@ Fan-out cost (one process must push as many deliveries as Node's Socket.IO)
     3.11 ``wait_for`` creates a Task for every packet (upstream:
     https://github.com/miguelgrinberg/python-engineio/issues/372 discusses the cost of
     ``wait_for``; fixed in CPython 3.12 by gh-96764).
-  * The websocket reader: one ``asyncio.timeout`` per read instead of
-    ``ensure_future`` + ``wait_for`` (two Tasks per received packet).
+  * The websocket reader: a plain await per read instead of ``ensure_future`` +
+    ``wait_for`` (two Tasks per received packet); a client that stops answering pings is
+    closed by the session monitor, which ends the read.
   * Pings: a timer (``loop.call_later``) per socket instead of a Task sleeping through
     every ping interval.
   * ``AsyncServer._service_task``: one pass over the sockets per second without a
@@ -39,6 +40,20 @@ Fan-out cost (one process must push as many deliveries as Node's Socket.IO)
     frames are unmasked, so the bytes are the same for every recipient; an uncompressed
     frame is valid whether or not permessage-deflate was negotiated. Any other ASGI
     server gets the plain ASGI ``websocket.send`` path (correct, slower).
+
+Memory per connection (an idle connection must cost about what it costs Node)
+  * Once the namespace is connected, a session's environ (Socket.IO keeps it per session;
+    about 2.5 KB of header strings) keeps only ``KEPT_ENVIRON``, and its ASGI scope's
+    header list is emptied: the connect handler has read the headers, and a token passed in
+    the query string no longer lingers in memory.
+  * In raw mode uvicorn's protocol drops the handshake's request and response objects
+    (their header maps) after the accept; uvicorn never reads them again (0.54.0).
+  * uvicorn's incoming queue and Engine.IO's outgoing one are both a :class:`LeanQueue`,
+    whose deque exists only while something waits in it (an ``asyncio.Queue`` is 3.3 KB
+    empty).
+  * websockets' handshake parser keeps the request in its frame for the connection's
+    lifetime (websockets 17.4 ``ServerProtocol.parse``); its headers are cleared.
+  * No timeout object per websocket read (see ``_websocket_handler``).
 
 Hardening
   * Only the configured namespace exists (``namespaces=[...]`` and no handler on ``/``):
@@ -114,6 +129,9 @@ _METRIC_REASON = {
 }
 
 _SERVICE_PERIOD = 1.0  # seconds between two passes of the session monitor
+#: what a session's WSGI-style environ keeps once its namespace is connected: the connect
+#: handler has read the rest (headers, the query string with a token, if any)
+KEPT_ENVIRON = ("REMOTE_ADDR", "REQUEST_METHOD", "PATH_INFO", "asgi.scope")
 
 
 def ws_frame(data: str | bytes) -> bytes:
@@ -138,21 +156,18 @@ def frame_of(pkt: eio_packet.Packet) -> bytes:
     return frame
 
 
-class Outbox:
-    """A socket's outgoing packets: what Engine.IO uses of ``asyncio.Queue`` (``put``,
-    ``get``, ``task_done``, ``join``...), plus its size in bytes and an ``on_put`` callback
-    (so a websocket can start its flush). About 100 bytes while empty, against 3.3 KB for an
-    ``asyncio.Queue`` (four deques and an Event), since every connection has one."""
+class LeanQueue:
+    """What uvicorn and Engine.IO use of ``asyncio.Queue`` (``put_nowait``, ``get``,
+    ``get_nowait``, ``empty``, ``qsize``) in about 100 bytes while empty: an
+    ``asyncio.Queue`` holds four deques and an Event (3.3 KB), and every connection has
+    two (uvicorn's incoming events, Engine.IO's outgoing packets). The deque exists only
+    while something is queued. Single consumer or many; unbounded."""
 
-    __slots__ = ("_items", "nbytes", "on_put", "_waiters", "_unfinished", "_idle")
+    __slots__ = ("_items", "_waiters")
 
     def __init__(self) -> None:
         self._items: deque | None = None
-        self.nbytes = 0
-        self.on_put: Any = None
         self._waiters: list[asyncio.Future] | None = None
-        self._unfinished = 0
-        self._idle: asyncio.Future | None = None
 
     def __bool__(self) -> bool:
         return bool(self._items)
@@ -167,26 +182,22 @@ class Outbox:
         if self._items is None:
             self._items = deque()
         self._items.append(item)
-        self._unfinished += 1
-        if item is not None:
-            self.nbytes += len(frame_of(item))
         waiters = self._waiters
         if waiters:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
-        if self.on_put is not None:
-            self.on_put()
 
     async def put(self, item: Any) -> None:
         self.put_nowait(item)
 
     def get_nowait(self) -> Any:
-        if not self._items:
+        items = self._items
+        if not items:
             raise asyncio.QueueEmpty
-        item = self._items.popleft()
-        if item is not None:
-            self.nbytes -= len(frame_of(item))
+        item = items.popleft()
+        if not items:
+            self._items = None  # an empty deque still holds a 600-byte block
         return item
 
     async def get(self) -> Any:
@@ -200,6 +211,35 @@ class Outbox:
             finally:
                 self._waiters.remove(waiter)
         return self.get_nowait()
+
+
+class Outbox(LeanQueue):
+    """A socket's outgoing packets: a :class:`LeanQueue` with Engine.IO's ``task_done``
+    and ``join``, its size in bytes, and an ``on_put`` callback (so a websocket can start
+    its flush)."""
+
+    __slots__ = ("nbytes", "on_put", "_unfinished", "_idle")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+        self.on_put: Any = None
+        self._unfinished = 0
+        self._idle: asyncio.Future | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._unfinished += 1
+        if item is not None:
+            self.nbytes += len(frame_of(item))
+        super().put_nowait(item)
+        if self.on_put is not None:
+            self.on_put()
+
+    def get_nowait(self) -> Any:
+        item = super().get_nowait()
+        if item is not None:
+            self.nbytes -= len(frame_of(item))
+        return item
 
     def task_done(self) -> None:
         if self._unfinished > 0:
@@ -220,6 +260,16 @@ class Outbox:
         while self._items:
             self.get_nowait()
             self.task_done()
+
+
+def lean_receive_queue(proto: Any) -> None:
+    """Swap uvicorn's per-connection ``asyncio.Queue`` of incoming ASGI events for a
+    :class:`LeanQueue`, keeping what it holds. Called on the accepting task, before
+    anyone awaits the queue; uvicorn uses only ``put_nowait``, ``get`` and ``empty``."""
+    queue, lean = proto.queue, LeanQueue()
+    while not queue.empty():
+        lean.put_nowait(queue.get_nowait())
+    proto.queue = lean
 
 
 class ChatWebSocket(eio_asgi.WebSocket):
@@ -243,6 +293,13 @@ class ChatWebSocket(eio_asgi.WebSocket):
         if _RawProtocol is not None and type(proto) is _RawProtocol:
             self.proto = proto
             self.transport = proto.transport
+            # uvicorn keeps the handshake's request and response (their headers) for the
+            # connection's lifetime and never reads them after the accept: 3 KB apiece
+            lean_receive_queue(proto)
+            if proto.request is not None:  # websockets' parser keeps it too, headers cleared
+                proto.request.headers.clear()
+            for kept_by_uvicorn in ("request", "response"):
+                setattr(proto, kept_by_uvicorn, None)
         await self.handler(self)
         return ""
 
@@ -518,10 +575,15 @@ class ChatSocket(async_socket.AsyncSocket):
         if not self.queue.empty():
             self._kick()
 
+        # No timeout per read: the session monitor closes a socket whose client stopped
+        # answering pings (``_service_task``), which ends this wait; an idle socket keeps
+        # no timer and a received packet creates no Timeout.
         while True:
             try:
-                data = await websocket_wait(read_timeout)
-            except (Exception, asyncio.CancelledError):  # timeout, disconnect, oversized frame
+                data = await ws.wait()
+                if data and len(data) > max_size:
+                    raise ValueError("packet is too large")
+            except (Exception, asyncio.CancelledError):  # disconnect, oversized frame
                 break
             if data is None:
                 break
@@ -792,6 +854,14 @@ class ChatSocketServer(socketio.AsyncServer):
         sid = self.manager.sid_from_eio_sid(eio_sid, self.namespace)
         if sid is not None and self.manager.is_connected(sid, self.namespace):
             self._cancel_deadline(eio_sid)
+            environ = self.environ.get(eio_sid)
+            if environ is not None:
+                kept = {key: environ[key] for key in KEPT_ENVIRON if key in environ}
+                environ.clear()  # in place: Engine.IO's handlers hold the same dict
+                environ.update(kept)
+                scope = kept.get("asgi.scope")
+                if isinstance(scope, dict) and scope.get("type") == "websocket":
+                    scope["headers"] = []  # read at the handshake, never again
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         if not isinstance(data, str) or data[:1] in ("5", "6"):
