@@ -18,6 +18,7 @@ from server.bus.redis_manager import RedisManager
 from server.transport.engine import (
     BroadcastManager,
     ChatSocketServer,
+    LeanQueue,
     Outbox,
     frame_of,
     with_broadcast_fast_path,
@@ -67,6 +68,22 @@ async def test_outbox_counts_bytes_and_reports_puts():
     await asyncio.wait_for(joined, 1)
     with pytest.raises(asyncio.QueueEmpty):
         box.get_nowait()
+
+
+async def test_lean_queue_is_fifo_wakes_every_getter_and_frees_its_deque_when_empty():
+    queue = LeanQueue()
+    getters = [asyncio.ensure_future(queue.get()) for _ in range(3)]
+    await asyncio.sleep(0)
+    for item in ("a", "b", "c"):
+        queue.put_nowait(item)
+    assert sorted(await asyncio.wait_for(asyncio.gather(*getters), 1)) == ["a", "b", "c"]
+    assert queue.empty() and queue.qsize() == 0 and queue._items is None
+    for item in range(5):
+        await queue.put(item)
+    assert queue.qsize() == 5 and [queue.get_nowait() for _ in range(5)] == [0, 1, 2, 3, 4]
+    assert queue._items is None  # an idle connection's queue holds no deque
+    with pytest.raises(asyncio.QueueEmpty):
+        queue.get_nowait()
 
 
 @pytest.mark.parametrize("manager_class", [LocalManager, RedisManager])

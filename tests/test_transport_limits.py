@@ -57,12 +57,14 @@ def rss_kb(server: ServerProcess) -> int:
 
 
 class Raw:
-    """A websocket speaking Engine.IO by hand; ``frames`` collects what the server sent."""
+    """A websocket speaking Engine.IO by hand; ``frames`` collects what the server sent.
+    With ``pong=False`` it never answers Engine.IO pings (a client gone silent)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, pong: bool = True) -> None:
         self.url = url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
         self.frames: list[str | bytes] = []
         self.closed = asyncio.Event()
+        self.pong = pong
 
     async def __aenter__(self) -> Raw:
         self.session = aiohttp.ClientSession()
@@ -77,7 +79,7 @@ class Raw:
             async for message in self.ws:
                 if message.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                     break
-                if message.data == "2":  # answer Engine.IO pings: the session stays alive
+                if message.data == "2" and self.pong:  # answer pings: the session stays alive
                     await self.ws.send_str("3")
                     continue
                 self.frames.append(message.data)
@@ -329,3 +331,22 @@ async def test_parked_sockets_are_disconnected_and_memory_stays_flat(limited, ui
             await c.disconnect()
         if transport == "polling":
             await sleeper.sio.eio.disconnect(abort=True)
+
+
+# --- silent clients -----------------------------------------------------------------------
+async def test_a_client_that_stops_answering_pings_is_closed(tmp_path):
+    """The websocket reader has no timeout of its own: the session monitor must close a
+    socket whose client keeps its TCP connection open but answers no ping."""
+    proc = ServerProcess(
+        {"STORE": "sqlite", "SQLITE_PATH": str(tmp_path / "chat.db"), "WS_HEARTBEAT_INTERVAL": "1"}
+    ).start(timeout=60)
+    try:
+        async with Raw(proc.url) as answering, Raw(proc.url, pong=False) as silent:
+            await answering.connect_chat()
+            await silent.connect_chat()
+            # ping every 1 s, 5 s to answer: closed within about 6 s, well before 20
+            assert await silent.wait_closed(timeout=20)
+            assert not answering.closed.is_set()  # the one answering pings stays
+            assert "2" in silent.frames and silent.frames[-1] == "1"  # pinged, then CLOSE
+    finally:
+        proc.stop()
