@@ -30,8 +30,9 @@ Fan-out cost (one process must push as many deliveries as Node's Socket.IO)
   * The websocket reader: a plain await per read instead of ``ensure_future`` +
     ``wait_for`` (two Tasks per received packet); a client that stops answering pings is
     closed by the session monitor, which ends the read.
-  * Pings: a timer (``loop.call_later``) per socket instead of a Task sleeping through
-    every ping interval.
+  * Pings: the session monitor's pass (once a second, over every session) sends the PINGs
+    that are due, instead of a Task sleeping through every ping interval per socket; a
+    PING may go up to a second late, well within the client's ``pingTimeout`` (≥ 5 s).
   * ``AsyncServer._service_task``: one pass over the sockets per second without a
     ``wait_for`` Task per socket.
   * :class:`ChatWebSocket` (the ``websocket`` entry of the ASGI driver table, engineio's
@@ -53,7 +54,10 @@ Memory per connection (an idle connection must cost about what it costs Node)
     empty).
   * websockets' handshake parser keeps the request in its frame for the connection's
     lifetime (websockets 17.4 ``ServerProtocol.parse``); its headers are cleared.
-  * No timeout object per websocket read (see ``_websocket_handler``).
+  * No timeout object per websocket read (see ``_websocket_handler``), and no timer per
+    socket for pings (see Pings above); uvicorn's own websocket keepalive pings (every
+    ``--ws-ping-interval``) are stopped on raw connections: Engine.IO's heartbeat
+    (``WS_HEARTBEAT_INTERVAL``) is the one heartbeat.
 
 Hardening
   * Only the configured namespace exists (``namespaces=[...]`` and no handler on ``/``):
@@ -300,6 +304,9 @@ class ChatWebSocket(eio_asgi.WebSocket):
                 proto.request.headers.clear()
             for kept_by_uvicorn in ("request", "response"):
                 setattr(proto, kept_by_uvicorn, None)
+            # one heartbeat is enough: Engine.IO's PING/PONG keeps the connection alive
+            # and closes a silent client; uvicorn's websocket pings would be a second
+            proto.stop_keepalive()
         await self.handler(self)
         return ""
 
@@ -380,7 +387,8 @@ class ChatSocket(async_socket.AsyncSocket):
         self.queue.on_put = self._kick
         self.wire: ChatWebSocket | None = None
         self._flusher: asyncio.Task | None = None
-        self._ping_timer: asyncio.TimerHandle | None = None
+        #: loop time at which the session monitor sends the next PING (None: not scheduled)
+        self.ping_due_at: float | None = None
         self.overflowed = False
 
     # --- sending ----------------------------------------------------------------------
@@ -493,9 +501,7 @@ class ChatSocket(async_socket.AsyncSocket):
             raise eio_exceptions.UnknownPacketError() from exc
 
     async def close(self, wait: bool = True, abort: bool = False, reason: Any = None) -> None:
-        if self._ping_timer is not None:
-            self._ping_timer.cancel()
-            self._ping_timer = None
+        self.ping_due_at = None
         await super().close(wait=wait, abort=abort, reason=reason)
 
     # --- polling ----------------------------------------------------------------------
@@ -525,14 +531,13 @@ class ChatSocket(async_socket.AsyncSocket):
 
     # --- pings ------------------------------------------------------------------------
     def schedule_ping(self) -> None:
+        """The next PING goes ``ping_interval`` from now (sent by the session monitor)."""
         if self.last_ping:
             self.last_ping = None
-            self._ping_timer = asyncio.get_running_loop().call_later(
-                self.server.ping_interval, self._ping_due
-            )
+            self.ping_due_at = asyncio.get_running_loop().time() + self.server.ping_interval
 
-    def _ping_due(self) -> None:
-        self._ping_timer = None
+    def ping_due(self) -> None:
+        self.ping_due_at = None
         if not self.closing and not self.closed:
             self.last_ping = time.time()
             self.send_nowait(eio_packet.Packet(eio_packet.PING))
@@ -713,7 +718,8 @@ class ChatEngineServer(engineio.AsyncServer):
             return self._bad_request()
 
     async def _service_task(self) -> None:  # pragma: no cover - runs for the process lifetime
-        """Once a second: forget closed sessions, close those whose client stopped ponging."""
+        """Once a second: forget closed sessions, send the PINGs that are due, close the
+        sessions whose client stopped ponging."""
         self.service_task_event = self.create_event()
         while not self.service_task_event.is_set():
             try:
@@ -722,11 +728,13 @@ class ChatEngineServer(engineio.AsyncServer):
                 break
             except TimeoutError:
                 pass
-            now = time.time()
+            now, clock = time.time(), asyncio.get_running_loop().time()
             for sid, s in list(self.sockets.items()):
                 try:
                     if s.closed:
                         self.sockets.pop(sid, None)
+                    elif s.ping_due_at is not None and clock >= s.ping_due_at:
+                        s.ping_due()
                     elif not s.closing and s.last_ping and now - s.last_ping > self.ping_timeout:
                         await s.check_ping_timeout()
                         if s.wire is not None:
