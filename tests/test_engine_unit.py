@@ -11,12 +11,14 @@ import asyncio
 import pytest
 import socketio
 from engineio import packet as eio_packet
+from socketio import packet as sio_packet
 from websockets.frames import Frame, Opcode
 
 from server.bus.manager import ControlEvents, LocalManager
 from server.bus.redis_manager import RedisManager
 from server.transport.engine import (
     BroadcastManager,
+    ChatPacket,
     ChatSocketServer,
     LeanQueue,
     Outbox,
@@ -86,6 +88,21 @@ async def test_lean_queue_is_fifo_wakes_every_getter_and_frees_its_deque_when_em
         queue.get_nowait()
 
 
+def test_chat_packets_never_scan_for_binary_and_encode_as_upstream(monkeypatch):
+    data = ["message:new", {"text": "hi", "nested": [{"a": 1}, "b"]}]
+    upstream = sio_packet.Packet(sio_packet.EVENT, namespace="/chat", data=data, id=7)
+    upstream_ack = sio_packet.Packet(sio_packet.ACK, namespace="/chat", data=[{"ok": 1}], id=7)
+
+    def no_scan(cls, value):
+        raise AssertionError("scanned for binary")
+
+    monkeypatch.setattr(sio_packet.Packet, "data_is_binary", classmethod(no_scan))
+    ours = ChatPacket(sio_packet.EVENT, namespace="/chat", data=data, id=7)
+    assert ours.packet_type == sio_packet.EVENT and ours.encode() == upstream.encode()
+    ack = ChatPacket(sio_packet.ACK, namespace="/chat", data=[{"ok": 1}], id=7)
+    assert ack.encode() == upstream_ack.encode()
+
+
 @pytest.mark.parametrize("manager_class", [LocalManager, RedisManager])
 def test_fast_path_sits_just_above_async_manager(manager_class):
     manager = manager_class() if manager_class is LocalManager else manager_class("redis://x")
@@ -110,6 +127,7 @@ async def test_server_accepts_only_its_namespace_and_builds_the_fast_manager():
     assert server.namespaces == ["/chat"]
     assert isinstance(server.manager, BroadcastManager)
     assert server.eio.max_backlog_packets == 10
+    assert server.packet_class is ChatPacket
     # the driver table of other Engine.IO servers in the process is left alone
     other = socketio.AsyncServer(async_mode="asgi")
     assert other.eio._async["websocket"] is not server.eio._async["websocket"]

@@ -22,7 +22,10 @@ def iso(ts: datetime | None) -> str | None:
     """ISO 8601 UTC with milliseconds, e.g. ``2026-11-27T05:17:12.123Z``."""
     if ts is None:
         return None
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+    if ts.tzinfo is not UTC:
+        ts = ts.astimezone(UTC)
+    # isoformat is C code; strftime and an f-string cost ~5 % of a busy send path
+    return ts.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def parse_iso(text: str | None) -> datetime | None:
