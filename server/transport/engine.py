@@ -43,7 +43,10 @@ Fan-out cost (one process must push as many deliveries as Node's Socket.IO)
     server gets the plain ASGI ``websocket.send`` path (correct, slower).
   * :class:`ChatPacket` (``serializer``): no scan of every packet's data for binary parts.
 
-Memory per connection (an idle connection must cost about what it costs Node)
+Memory per connection (an idle connection must cost about what it costs Node; upstream's
+per-connection memory, measured the same way with tracemalloc, is discussed in
+https://github.com/Kludex/uvicorn/issues/1862, there for compression, which this server
+declines)
   * Once the namespace is connected, a session's environ (Socket.IO keeps it per session;
     about 2.5 KB of header strings) keeps only ``KEPT_ENVIRON``, and its ASGI scope's
     header list is emptied: the connect handler has read the headers, and a token passed in
@@ -298,9 +301,9 @@ class ChatWebSocket(eio_asgi.WebSocket):
         if _RawProtocol is not None and type(proto) is _RawProtocol:
             self.proto = proto
             self.transport = proto.transport
+            lean_receive_queue(proto)
             # uvicorn keeps the handshake's request and response (their headers) for the
             # connection's lifetime and never reads them after the accept: 3 KB apiece
-            lean_receive_queue(proto)
             if proto.request is not None:  # websockets' parser keeps it too, headers cleared
                 proto.request.headers.clear()
             for kept_by_uvicorn in ("request", "response"):
