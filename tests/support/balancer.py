@@ -113,8 +113,21 @@ class RoundRobinBalancer:
             client_writer.close()
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._server.close)
+        """Stop listening, end every relayed connection (their tasks finish, none is left
+        pending for the garbage collector to close), then stop the loop."""
+        ended = asyncio.run_coroutine_threadsafe(self._end_all(), self._loop)
+        try:
+            ended.result(5)
+        except Exception:  # a relay that would not end: stopping the loop drops it anyway
+            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+    async def _end_all(self) -> None:
+        self._server.close()
+        relays = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
 
 
 def _headers(head: bytes) -> dict[str, str]:
