@@ -554,8 +554,11 @@ class ChatSocket(async_socket.AsyncSocket):
         read_timeout = server.ping_interval + server.ping_timeout
 
         async def websocket_wait(timeout: float | None = None) -> Any:
-            async with asyncio.timeout(timeout):
+            if timeout is None:  # the read loop below: no Timeout object per packet
                 data = await ws.wait()
+            else:
+                async with asyncio.timeout(timeout):
+                    data = await ws.wait()
             if data and len(data) > max_size:
                 raise ValueError("packet is too large")
             return data
@@ -589,9 +592,7 @@ class ChatSocket(async_socket.AsyncSocket):
         # no timer and a received packet creates no Timeout.
         while True:
             try:
-                data = await ws.wait()
-                if data and len(data) > max_size:
-                    raise ValueError("packet is too large")
+                data = await websocket_wait()
             except (Exception, asyncio.CancelledError):  # disconnect, oversized frame
                 break
             if data is None:

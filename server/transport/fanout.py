@@ -77,19 +77,24 @@ class Fanout:
     ) -> None:
         """``event`` to this instance's sockets of ``user_ids`` that have not joined
         ``room_id``; O(their sockets), one encoding for all of them."""
-        # the manager's room table (namespace → room → {sid: eio_sid}) is read in place:
-        # get_participants copies each room, and this runs for every member of a room on
-        # every instance for every message
-        channels = self.sio.manager.rooms.get(NAMESPACE, {})
-        registry = self.registry
-        sids = []
-        for user_id in user_ids:
-            for sid in channels.get(user_channel(user_id), ()):
-                conn = registry.get(sid)
-                if conn is not None and room_id not in conn.joined:
-                    sids.append(sid)
+        sids = [
+            conn.sid
+            for user_id in user_ids
+            for conn in self.local_connections(user_id)
+            if room_id not in conn.joined
+        ]
         if sids:
             await self.sio.emit(event, data, to=sids, namespace=NAMESPACE, ignore_queue=True)
+
+    def local_connections(self, user_id: str) -> list[Connection]:
+        """This instance's connections of ``user_id``, found through the per-user room.
+
+        The manager's room table (namespace → room → {sid: eio_sid}) is read in place:
+        ``get_participants`` copies the room, and ``room:activity`` asks this for every
+        member of a room on every instance for every message."""
+        channel = self.sio.manager.rooms.get(NAMESPACE, {}).get(user_channel(user_id), ())
+        registry = self.registry
+        return [conn for sid in channel if (conn := registry.get(sid)) is not None]
 
     async def to_local_sid(self, sid: str, event: str, data: dict) -> None:
         """One socket of this instance: no round trip through Redis."""
@@ -155,14 +160,11 @@ class Fanout:
     async def disconnect_local(
         self, user_id: str, reason: str, issued_before: float | None = None
     ) -> None:
-        for sid, _ in list(self.sio.manager.get_participants(NAMESPACE, user_channel(user_id))):
-            conn = self.registry.get(sid)
-            if conn is None:
-                continue
+        for conn in self.local_connections(user_id):
             if issued_before is not None and conn.identity.issued_at >= issued_before:
                 continue
-            await self.to_local_sid(sid, "session:closed", {"reason": reason})
-            await self.sio.disconnect(sid, namespace=NAMESPACE)
+            await self.to_local_sid(conn.sid, "session:closed", {"reason": reason})
+            await self.sio.disconnect(conn.sid, namespace=NAMESPACE)
 
     async def evict_local(self, room_id: str, user_ids: list[str]) -> None:
         """Make this instance's sockets of ``user_ids`` leave ``room_id``; O(their sockets)."""
