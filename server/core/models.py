@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, overload
+from typing import Literal, NamedTuple, overload
 
 RoomKind = Literal["public", "private", "direct"]
 
@@ -19,13 +20,29 @@ def iso(ts: datetime) -> str: ...
 @overload
 def iso(ts: datetime | None) -> str | None: ...
 def iso(ts: datetime | None) -> str | None:
-    """ISO 8601 UTC with milliseconds, e.g. ``2026-11-27T05:17:12.123Z``."""
+    """ISO 8601 UTC with milliseconds, e.g. ``2026-11-27T05:17:12.123Z``.
+
+    The last answer is remembered by the datetime object's identity: a new message's
+    time is formatted for its view, its preview and its webhook event in a row. The
+    (object, text) pair is read and replaced whole, so threads cannot mix two answers."""
     if ts is None:
         return None
-    if ts.tzinfo is not UTC:
-        ts = ts.astimezone(UTC)
+    last = _last_iso
+    if last[0] is ts:
+        return last[1]
+    utc = ts if ts.tzinfo is UTC else ts.astimezone(UTC)
     # isoformat is C code; strftime and an f-string cost ~5 % of a busy send path
-    return ts.isoformat(timespec="milliseconds")[:-6] + "Z"  # "+00:00" → "Z"
+    text = utc.isoformat(timespec="milliseconds")[:-6] + "Z"  # "+00:00" → "Z"
+    _remember_iso(ts, text)
+    return text
+
+
+_last_iso: tuple[datetime | None, str] = (None, "")
+
+
+def _remember_iso(ts: datetime, text: str) -> None:
+    global _last_iso
+    _last_iso = (ts, text)
 
 
 def parse_iso(text: str | None) -> datetime | None:
@@ -92,10 +109,13 @@ class MessageDraft:
     outgoing: Outgoing | None = field(default=None, compare=False)
     reply_to: str | None = None
     mentions: tuple[str, ...] = ()
+    #: ``message_id(room, sender_id, client_id)``, worked out once
+    message_id: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def message_id(self) -> str:
-        return message_id(self.room, self.sender_id, self.client_id)
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "message_id", message_id(self.room, self.sender_id, self.client_id)
+        )
 
     def stored(self, seq: int, created_at: datetime) -> Message:
         """The message this draft becomes once stored with ``seq`` at ``created_at``."""
@@ -222,8 +242,6 @@ def message_id(room: str, sender_id: str, client_id: str) -> str:
     Stores use it to make retried sends idempotent (a second create of the same id fails),
     and it is random-looking, so Firestore document ids do not hotspot.
     """
-    import hashlib
-
     key = f"{room}\x00{sender_id}\x00{client_id}".encode()
     return hashlib.blake2b(key, digest_size=12).hexdigest()
 
@@ -231,13 +249,14 @@ def message_id(room: str, sender_id: str, client_id: str) -> str:
 SanctionKind = Literal["ban", "mute", "block", "revoke"]
 
 
-@dataclass(frozen=True, slots=True)
-class SanctionKey:
+class SanctionKey(NamedTuple):
     """What a sanction applies to.
 
     - ``ban`` / ``mute``: ``user_id`` in room ``scope``;
     - ``block``: ``user_id`` blocks user ``scope`` (direct rooms between them are refused);
     - ``revoke``: tokens of ``user_id`` issued before the stored time (``scope`` is empty).
+
+    A tuple, so hashing and comparing it (every send looks two up) is C code.
     """
 
     kind: SanctionKind
@@ -246,8 +265,6 @@ class SanctionKey:
 
     def document_id(self) -> str:
         """A stable id made only of characters every store accepts."""
-        import hashlib
-
         raw = f"{self.kind}\x00{self.scope}\x00{self.user_id}".encode()
         return hashlib.blake2b(raw, digest_size=16).hexdigest()
 

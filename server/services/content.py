@@ -47,6 +47,8 @@ def clean_text(raw: str, limits: ContentLimits) -> str:
 
 def parse_mentions(text: str, limits: ContentLimits) -> list[str]:
     """The distinct user ids of ``@id`` tokens in ``text``, in order of appearance."""
+    if "@" not in text:  # most messages: no regex scan
+        return []
     found: dict[str, None] = {}
     for match in _MENTION.finditer(text):
         user_id = match.group(1).rstrip(".:")
@@ -125,4 +127,6 @@ class Views:
         ]
 
     async def one(self, message: Message, viewer: str | None) -> dict:
+        if message.reply_to is None and not message.reactions:  # a new message: no reads
+            return message.to_wire()
         return (await self.render(message.room, [message], viewer))[0]

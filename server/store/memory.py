@@ -85,7 +85,7 @@ class MemoryStore(Store):
         return len(self._members.get(room_id, ()))
 
     async def add_message(self, draft: MessageDraft, seq: int | None = None) -> AddResult:
-        mid = message_id(draft.room, draft.sender_id, draft.client_id)
+        mid = draft.message_id
         existing = self._by_id.get(mid)
         if existing is not None:
             return AddResult(existing, created=False)

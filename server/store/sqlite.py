@@ -229,6 +229,19 @@ class _Call:
 Claim = Callable[[list[_Call]], list[int]]
 
 
+_MESSAGE_FIELDS = (
+    "id, room, seq, sender_id, sender_name, text, client_id, created_at, reply_to, mentions"
+)
+#: a new message at the room's next seq, which the statement returns
+_INSERT_NEXT_SEQ = (
+    f"INSERT INTO messages ({_MESSAGE_FIELDS}) "
+    "SELECT ?, ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ?, ?, ?, ?, ? FROM messages WHERE room = ? "
+    "RETURNING seq"
+)
+#: a new message at a seq chosen by the caller (the Redis allocator)
+_INSERT_AT_SEQ = f"INSERT INTO messages ({_MESSAGE_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
 class _Lane:
     """One connection on one thread of its own, fed in batches.
 
@@ -622,29 +635,29 @@ class SQLiteStore(Store):
                 "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE room = ?", (draft.room,)
             ).fetchone()[0]
 
+        values = (
+            mid,
+            draft.room,
+            draft.sender_id,
+            draft.sender_name,
+            draft.text,
+            draft.client_id,
+            now.isoformat(),
+            draft.reply_to,
+            json.dumps(draft.mentions) if draft.mentions else "[]",
+        )
+
         def work(conn: sqlite3.Connection) -> tuple[Message, bool]:
-            # Two statements in the common case: each one hands the GIL back and forth with
-            # the event loop, which waits its turn when the loop is busy. A repeat is found
-            # by the primary key refusing the insert (rolled back whole: one statement).
-            chosen = last_seq(conn) + 1 if seq is None else seq
+            # One statement in the common case, the next seq worked out inside it: each
+            # statement hands the GIL back and forth with the event loop, which waits its
+            # turn when the loop is busy. A repeat is found by the primary key refusing the
+            # insert (rolled back whole: one statement).
             try:
-                conn.execute(
-                    "INSERT INTO messages (id, room, seq, sender_id, sender_name, text, "
-                    "client_id, created_at, reply_to, mentions) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        mid,
-                        draft.room,
-                        chosen,
-                        draft.sender_id,
-                        draft.sender_name,
-                        draft.text,
-                        draft.client_id,
-                        now.isoformat(),
-                        draft.reply_to,
-                        json.dumps(draft.mentions),
-                    ),
-                )
+                if seq is None:
+                    chosen = conn.execute(_INSERT_NEXT_SEQ, (*values, draft.room)).fetchall()[0][0]
+                else:
+                    chosen = seq
+                    conn.execute(_INSERT_AT_SEQ, (*values[:2], seq, *values[2:]))
             except sqlite3.IntegrityError as exc:
                 row = conn.execute(
                     f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (mid,)

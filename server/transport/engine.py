@@ -479,6 +479,19 @@ class ChatSocket(async_socket.AsyncSocket):
         await self.close(wait=False, abort=True, reason=reason)
 
     async def receive(self, pkt: eio_packet.Packet) -> None:
+        if pkt.packet_type == eio_packet.MESSAGE:
+            # Every Socket.IO packet: straight to Socket.IO's handler, as upstream's
+            # ``_trigger_event`` does once it has built a log line (the logger is off), checked
+            # that the handler is a coroutine function and made a closure for it.
+            handler = self.server.handlers.get("message")
+            if handler is not None:
+                try:
+                    await handler(self.sid, pkt.data)
+                except asyncio.CancelledError:  # pragma: no cover - as upstream
+                    pass
+                except Exception:
+                    self.server.logger.exception("message async handler error")
+            return
         # Upstream indexes its packet names by type before checking it: a type past them
         # raised IndexError, which a polling POST answered "ok", the packet ignored.
         if not 0 <= pkt.packet_type < len(eio_packet.packet_names):
@@ -764,6 +777,18 @@ class BroadcastManager(socketio.AsyncManager):
         room = to or room
         if namespace not in self.rooms:
             return 0
+        skip = (
+            set(skip_sid)
+            if isinstance(skip_sid, list | tuple | set)
+            else {skip_sid}
+            if skip_sid is not None
+            else ()
+        )
+        recipients = [
+            eio_sid for sid, eio_sid in self.get_participants(namespace, room) if sid not in skip
+        ]
+        if not recipients:  # e.g. a room whose only joined socket is the sender's
+            return 0
         if isinstance(data, tuple):
             data = list(data)
         elif data is not None:
@@ -773,21 +798,12 @@ class BroadcastManager(socketio.AsyncManager):
         encoded = self.server.packet_class(
             sio_packet.EVENT, namespace=namespace, data=[event, *data], binary=False
         ).encode()
-        skip = (
-            set(skip_sid)
-            if isinstance(skip_sid, list | tuple | set)
-            else {skip_sid}
-            if skip_sid is not None
-            else ()
-        )
-        pkt = eio_packet.Packet(eio_packet.MESSAGE, encoded)
-        return eio.broadcast(
-            pkt,
-            (eio_sid for sid, eio_sid in self.get_participants(namespace, room) if sid not in skip),
-        )
+        return eio.broadcast(eio_packet.Packet(eio_packet.MESSAGE, encoded), recipients)
 
 
 _FAST_MANAGERS: dict[type, type] = {}
+#: event handlers in progress (the loop keeps only weak references to Tasks)
+_HANDLERS_RUNNING: set[asyncio.Task] = set()
 
 
 def with_broadcast_fast_path(manager: socketio.AsyncManager) -> socketio.AsyncManager:
@@ -896,7 +912,25 @@ class ChatSocketServer(socketio.AsyncServer):
                 self.eio.count_close(BINARY_REFUSED, eio_sid)
                 await socket.terminate(BINARY_REFUSED)
             return
+        if data[:1] == "2":  # EVENT, nearly every packet: no dispatch on the other types
+            pkt = self.packet_class(encoded_packet=data)
+            await self._handle_event(eio_sid, pkt.namespace, pkt.id, pkt.data)
+            return
         await super()._handle_eio_message(eio_sid, data)
+
+    async def _handle_event(self, eio_sid: str, namespace: Any, id: Any, data: Any) -> None:
+        """Upstream's, without its log line: the handler runs in a Task of its own (a slow
+        store call never holds up the socket's next packets)."""
+        namespace = namespace or "/"
+        manager = self.manager
+        sid = manager.sid_from_eio_sid(eio_sid, namespace)
+        if not manager.is_connected(sid, namespace):
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._handle_event_internal(self, sid, eio_sid, data, namespace, id)
+        )
+        _HANDLERS_RUNNING.add(task)
+        task.add_done_callback(_HANDLERS_RUNNING.discard)
 
     async def _handle_eio_disconnect(self, eio_sid: str, reason: Any) -> None:
         self._cancel_deadline(eio_sid)

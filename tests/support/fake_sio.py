@@ -23,9 +23,16 @@ class Emitted:
 
 
 class FakeManager:
-    def __init__(self) -> None:
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
         self.connected: set[str] = set()
         self.rooms: dict[str, set[str]] = defaultdict(set)
+
+    async def emit(self, event, data, namespace=None, room=None, skip_sid=None, **kwargs) -> None:
+        """What ``AsyncServer.emit`` hands the manager; recorded like the server's own."""
+        await self.server.emit(
+            event, data, room=room, skip_sid=skip_sid, namespace=namespace, **kwargs
+        )
 
     def is_connected(self, sid: str, namespace: str) -> bool:
         return sid in self.connected
@@ -37,7 +44,7 @@ class FakeManager:
 
 class FakeServer:
     def __init__(self) -> None:
-        self.manager = FakeManager()
+        self.manager = FakeManager(self)
         self.emitted: list[Emitted] = []
         self.disconnected: list[str] = []
         self.tasks: set[asyncio.Task] = set()
