@@ -2,6 +2,12 @@
 
     .venv/bin/python -m bench.send_throughput --stores sqlite,memory --instances 1 --senders 1,8,32
     .venv/bin/python -m bench.send_throughput --stores sqlite --instances 2 --rooms shared
+    .venv/bin/python -m bench.send_throughput --client node --stores sqlite --senders 128
+
+``--client python`` (the default) runs the senders as python-socketio clients in this
+process; ``--client node`` runs them in ``bench/node/sender.js`` (socket.io-client), which
+needs about a fifth of the CPU per send: a Python client process runs out of CPU near
+4 000 sends/s, before the server does.
 
 For each store and instance count, starts the server process(es) (two or more share the
 local Redis under a fresh key prefix and, for SQLite, one database file), then for each
@@ -18,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -26,6 +34,7 @@ from collections import Counter
 import httpx
 
 from bench.common import (
+    BenchError,
     CpuMeter,
     Table,
     add_common_arguments,
@@ -39,7 +48,9 @@ from bench.common import (
     timed_send,
 )
 from tests.support.clients import metric_values
-from tests.support.servers import ServerProcess
+from tests.support.servers import ROOT, TEST_SECRET, ServerProcess
+
+NODE_SENDER = ROOT / "bench" / "node" / "sender.js"
 
 TABLE = Table(
     [
@@ -69,6 +80,65 @@ def writer_commits(servers: list[ServerProcess]) -> tuple[float, float]:
         batches += values.get('chat_store_batch_calls_count{lane="writer"}', 0.0)
         calls += values.get('chat_store_batch_calls_sum{lane="writer"}', 0.0)
     return batches, calls
+
+
+def run_node_case(
+    servers: list[ServerProcess], store: str, senders: int, args: argparse.Namespace
+) -> None:
+    """The same case with ``bench/node/sender.js`` as the senders."""
+    command = [
+        "node",
+        str(NODE_SENDER),
+        "--urls",
+        ",".join(server.url for server in servers),
+        "--secret",
+        TEST_SECRET,
+        "--senders",
+        str(senders),
+        "--duration",
+        str(args.duration),
+        "--rooms",
+        args.rooms,
+        "--text",
+        str(args.text_size),
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    meter = CpuMeter({"server": [s.proc.pid for s in servers], "clients": [proc.pid]})
+    commits_before = writer_commits(servers)
+    cpu: dict[str, float] = {}
+    commits_after = commits_before
+    for line in proc.stderr:
+        if line.startswith("phase counting"):
+            commits_before = writer_commits(servers)
+            meter.start()
+        elif line.startswith("phase done"):
+            cpu = meter.stop()
+            commits_after = writer_commits(servers)
+    out, _ = proc.communicate(timeout=120)
+    if proc.returncode != 0 or not out.strip():
+        raise BenchError(f"bench/node/sender.js failed (exit {proc.returncode})")
+    figures = json.loads(out.strip().splitlines()[-1])
+    commits = [after - before for after, before in zip(commits_after, commits_before, strict=True)]
+    ack = figures["ack_ms"]
+    TABLE.row(
+        store,
+        len(servers),
+        args.rooms,
+        figures["senders"],
+        figures["sends"],
+        figures["sends_per_s"],
+        ack["p50"] or 0.0,
+        ack["p99"] or 0.0,
+        ack["max"] or 0.0,
+        sum(figures["errors"].values()),
+        commits[1] / commits[0] if commits[0] else "",
+        cpu.get("server", float("nan")),
+        cpu.get("clients", float("nan")),
+        cpu.get("other", float("nan")),
+    )
+    if figures["errors"]:
+        print(f"  errors by code: {figures['errors']}", flush=True)
 
 
 async def run_case(
@@ -151,15 +221,19 @@ async def run_case(
 async def run(args: argparse.Namespace) -> None:
     print(describe_machine(args.quiet_wait))
     print(
-        f"{args.duration:g} s per case; text {args.text_size} chars; all senders in this "
-        "process; CPU in % of one core: srv servers, cli senders, oth other programs"
+        f"{args.duration:g} s per case; text {args.text_size} chars; senders: "
+        + ("bench/node/sender.js" if args.client == "node" else "python-socketio, this process")
+        + "; CPU in % of one core: srv servers, cli senders, oth other programs"
     )
     TABLE.header()
     for store in args.stores:
         for instances in args.instances:
             with running_servers(instances, store, args.redis_url) as servers:
                 for senders in args.senders:
-                    await run_case(servers, store, senders, args)
+                    if args.client == "node":
+                        run_node_case(servers, store, senders, args)
+                    else:
+                        await run_case(servers, store, senders, args)
 
 
 def number_list(text: str) -> list[int]:
@@ -180,6 +254,12 @@ def main() -> None:
     parser.add_argument("--instances", type=number_list, default=[1], help="e.g. 1,2")
     parser.add_argument("--senders", type=number_list, default=[1, 8, 32], help="e.g. 1,8,32")
     parser.add_argument("--rooms", choices=["own", "shared"], default="own")
+    parser.add_argument(
+        "--client",
+        choices=["python", "node"],
+        default="python",
+        help="senders: python-socketio in this process, or bench/node/sender.js",
+    )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per case")
     parser.add_argument("--max-sends", type=int, default=100_000, help="per sender and case")
     add_common_arguments(parser)
