@@ -24,6 +24,7 @@ from server.services.payloads import (
     React,
     SendMessage,
 )
+from server.services.ports import Notice
 from server.services.rooms import RoomService
 from server.store.memory import MemoryStore
 
@@ -38,15 +39,21 @@ class Recorder:
         self.outside: list[str | None] = []
 
     async def to_room(
-        self, room_id: str, event: str, data: dict, skip_sid: str | None = None
+        self,
+        room_id: str,
+        event: str,
+        data: dict,
+        skip_sid: str | None = None,
+        outside: Notice | None = None,
     ) -> None:
         self.rooms.append((room_id, event, data))
+        if outside is not None:  # recorded as a per-user event sparing the room's sockets
+            self.users.append((list(outside.users), outside.event, outside.data))
+            self.outside.append(room_id)
 
-    async def to_users(
-        self, user_ids: list[str], event: str, data: dict, outside_room: str | None = None
-    ) -> None:
+    async def to_users(self, user_ids: list[str], event: str, data: dict) -> None:
         self.users.append((list(user_ids), event, data))
-        self.outside.append(outside_room)
+        self.outside.append(None)
 
     def room_events(self, event: str) -> list[dict]:
         return [data for _, name, data in self.rooms if name == event]

@@ -31,12 +31,12 @@ pytestmark = pytest.mark.skipif(
 
 
 class NoFanout:
-    async def to_room(self, room_id: str, event: str, data: dict, skip_sid=None) -> None:
+    async def to_room(
+        self, room_id: str, event: str, data: dict, skip_sid=None, outside=None
+    ) -> None:
         return None
 
-    async def to_users(
-        self, user_ids: list[str], event: str, data: dict, outside_room: str | None = None
-    ) -> None:
+    async def to_users(self, user_ids: list[str], event: str, data: dict) -> None:
         return None
 
     async def announce(self, transition) -> None:

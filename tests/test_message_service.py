@@ -31,13 +31,11 @@ class RecordingFanout:
         self.sent: list[tuple[str, str, dict, str | None]] = []
         self.to_user: list[tuple[list[str], str, dict]] = []
 
-    async def to_users(
-        self, user_ids: list[str], event: str, data: dict, outside_room: str | None = None
-    ) -> None:
+    async def to_users(self, user_ids: list[str], event: str, data: dict) -> None:
         self.to_user.append((list(user_ids), event, data))
 
     async def to_room(
-        self, room_id: str, event: str, data: dict, skip_sid: str | None = None
+        self, room_id: str, event: str, data: dict, skip_sid: str | None = None, outside=None
     ) -> None:
         self.sent.append((room_id, event, data, skip_sid))
 

@@ -41,14 +41,14 @@ from redis.exceptions import ResponseError
 from socketio.async_pubsub_manager import AsyncPubSubManager
 
 from server.bus.delivery import Delivery, SubscriptionLost
-from server.bus.manager import ControlEvents
+from server.bus.manager import CarriedOutside, ControlEvents
 
 log = structlog.get_logger(__name__)
 
 PROBE_MESSAGE = "chat-listener-probe"
 
 
-class RedisClusterManager(AsyncPubSubManager, ControlEvents):
+class RedisClusterManager(CarriedOutside, AsyncPubSubManager, ControlEvents):
     """Many instances on one Redis Cluster, over sharded pub/sub when the server has it.
 
     Override points of ``AsyncPubSubManager`` used: ``_publish`` and ``_listen``.

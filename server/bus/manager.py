@@ -24,6 +24,9 @@ from server.core import metrics
 log = structlog.get_logger(__name__)
 
 CONTROL_PREFIX = "$chat:"
+#: the control event that delivers to the listed users' sockets outside a room; an emit
+#: may carry one along (``emit(..., outside={...})``) instead of a publish of its own
+OUTSIDE = "outside"
 ControlHandler = Callable[[str, dict], Awaitable[None]]
 
 
@@ -51,12 +54,28 @@ class ControlEvents(socketio.AsyncManager):
         to: Any = None,
         **kwargs: Any,
     ) -> Any:
+        outside = kwargs.pop("outside", None)  # here: delivered in this process only
+        delivered = await self._emit_here(
+            event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, to=to, **kwargs
+        )
+        if outside is not None:
+            await self.control(OUTSIDE, outside)
+        return delivered
+
+    async def _emit_here(
+        self,
+        event: str,
+        data: Any,
+        namespace: str,
+        room: Any = None,
+        skip_sid: Any = None,
+        callback: Any = None,
+        to: Any = None,
+        **kwargs: Any,
+    ) -> Any:
         if isinstance(event, str) and event.startswith(CONTROL_PREFIX):
-            if self.control_handler is not None and isinstance(data, dict):
-                try:
-                    await self.control_handler(event[len(CONTROL_PREFIX) :], data)
-                except Exception:
-                    log.exception("bus.control_event_failed", control_event=event)
+            if isinstance(data, dict):
+                await self.control(event[len(CONTROL_PREFIX) :], data)
             return None
         if event == "message:new" and self.ledger is not None and isinstance(data, dict):
             room_id, seq = data.get("room"), data.get("seq")
@@ -76,6 +95,15 @@ class ControlEvents(socketio.AsyncManager):
             metrics.MESSAGES_DELIVERED.inc(delivered)
         return delivered
 
+    async def control(self, name: str, data: Any) -> None:
+        """Hand control event ``name`` to this instance's handler; a failure is logged."""
+        if self.control_handler is None or not isinstance(data, dict):
+            return
+        try:
+            await self.control_handler(name, data)
+        except Exception:
+            log.exception("bus.control_event_failed", control_event=CONTROL_PREFIX + name)
+
     def _local_count(self, namespace: str, room: str | None, skip_sid: Any) -> int:
         skip = set(skip_sid) if isinstance(skip_sid, list | tuple | set) else {skip_sid}
         try:
@@ -86,3 +114,70 @@ class ControlEvents(socketio.AsyncManager):
 
 class LocalManager(ControlEvents):
     """One instance: rooms and control events stay in this process."""
+
+
+class CarriedOutside:
+    """Mixed in before python-socketio's ``AsyncPubSubManager``: an emit's ``outside``
+    control event travels in the emit's own pub/sub message, so a message and its
+    ``room:activity`` cost every instance one message to read, not two.
+
+    Upstream's pub/sub ``emit`` has no room for an extra field, so the emit without
+    callback is built here as upstream builds it (python-socketio 5.18.1), with the field
+    ``outside`` added; each instance hands it to its control handler after the local
+    emit. An instance of an earlier release ignores the field (it delivers the message, not
+    the activity, during a rolling upgrade); the separate ``$chat:outside`` control event
+    that earlier releases send is still understood.
+    """
+
+    # from the classes this is mixed with (python-socketio's AsyncPubSubManager, and
+    # ControlEvents, which must come after it: the managers list this class first)
+    host_id: str
+    _publish: Callable[[dict], Awaitable[Any]]
+
+    async def emit(
+        self,
+        event: str,
+        data: Any,
+        namespace: str | None = None,
+        room: Any = None,
+        skip_sid: Any = None,
+        callback: Any = None,
+        to: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        outside = kwargs.pop("outside", None)
+        if outside is None or callback is not None or kwargs.get("ignore_queue"):
+            delivered = await super().emit(  # type: ignore[misc]
+                event,
+                data,
+                namespace,
+                room=room,
+                skip_sid=skip_sid,
+                callback=callback,
+                to=to,
+                **kwargs,
+            )
+            if outside is not None:  # not carried: this instance only
+                await self.control(OUTSIDE, outside)  # type: ignore[attr-defined]
+            return delivered
+        message = {
+            "method": "emit",
+            "event": event,
+            "data": list(data) if isinstance(data, tuple) else [data],
+            "binary": False,  # the chat protocol carries JSON only
+            "namespace": namespace or "/",
+            "room": to or room,
+            "skip_sid": skip_sid,
+            "callback": None,
+            "host_id": self.host_id,
+            OUTSIDE: outside,
+        }
+        await self._handle_emit(message)  # this instance, then the others, as upstream
+        await self._publish(message)
+        return None
+
+    async def _handle_emit(self, message: dict) -> None:
+        await super()._handle_emit(message)  # type: ignore[misc]
+        outside = message.get(OUTSIDE)
+        if outside is not None:
+            await self.control(OUTSIDE, outside)  # type: ignore[attr-defined]

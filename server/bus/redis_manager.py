@@ -23,11 +23,11 @@ import socketio
 
 from server.bus.connection import blocking_client
 from server.bus.delivery import Delivery
-from server.bus.manager import ControlEvents
+from server.bus.manager import CarriedOutside, ControlEvents
 from server.bus.pipeline import Batcher
 
 
-class RedisManager(socketio.AsyncRedisManager, ControlEvents):
+class RedisManager(CarriedOutside, socketio.AsyncRedisManager, ControlEvents):
     """Many instances on one Redis, through plain pub/sub on one channel.
 
     :param delivery: the publishing and listening policy (default: ``Delivery(channel)``);

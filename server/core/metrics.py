@@ -134,6 +134,10 @@ EVICTION_SOCKETS = Counter(
     "chat_eviction_sockets_checked_total",
     "Sockets looked at by evictions on this instance (those of the removed users only)",
 )
+CARRIED_OUTSIDE = Counter(
+    "chat_carried_outside_total",
+    "room:activity notices sent from here inside their message:new broadcast (no control event)",
+)
 CONTROL_EVENTS = Counter(
     "chat_control_events_total", "Control events between instances sent from here", ["name"]
 )

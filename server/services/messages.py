@@ -18,7 +18,7 @@ from server.core.errors import ChatError, SeqTaken, StoreUnavailable
 from server.core.models import AddResult, Identity, Message, MessageDraft, Outgoing, Room
 from server.services.content import ContentLimits, Views, clean_text, parse_mentions, preview
 from server.services.payloads import History, MarkRead, SendMessage
-from server.services.ports import Fanout, SeqAllocator
+from server.services.ports import Fanout, Notice, SeqAllocator
 from server.services.rooms import RoomService
 from server.store.base import Store
 
@@ -123,16 +123,24 @@ class MessageService:
         wire = await self.views.one(result.message, None)
         if result.created or unconfirmed:
             metrics.MESSAGES_RECEIVED.inc()
-            await self.fanout.to_room(request.room, "message:new", wire, skip_sid=sid)
-            await self._tell_members(room, members, result.message)
+            await self.fanout.to_room(
+                request.room,
+                "message:new",
+                wire,
+                skip_sid=sid,
+                outside=self._activity(room, members, result.message),
+            )
             await self.notify_mentioned(result.message, list(result.message.mentions), wire)
         return result.message, result.created, wire
 
-    async def _tell_members(self, room: Room, members: list[str], message: Message) -> None:
-        """``room:activity`` to every connection of every member that has not joined the
+    def _activity(self, room: Room, members: list[str], message: Message) -> Notice | None:
+        """``room:activity`` for every connection of every member that has not joined the
         room: a joined connection has ``message:new`` (or, the sending one, its ack), which
-        says all that and more, so a busy room costs one frame per member, not two."""
-        await self.fanout.to_users(
+        says all that and more, so a busy room costs one frame per member, not two. It
+        travels with the ``message:new`` broadcast: one delivery to each instance."""
+        if not members:
+            return None
+        return Notice(
             members,
             "room:activity",
             {
@@ -140,7 +148,6 @@ class MessageService:
                 "last_seq": message.seq,
                 "message": preview(message, self.limits.quote_length),
             },
-            outside_room=room.id,
         )
 
     async def notify_mentioned(self, message: Message, users: list[str], wire: dict) -> None:

@@ -7,23 +7,36 @@ import these protocols, never the implementations.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from server.presence.base import Transition
+
+
+class Notice(NamedTuple):
+    """``event`` with ``data`` for the connections of ``users`` that have not joined a room."""
+
+    users: list[str]
+    event: str
+    data: dict
 
 
 class Fanout(Protocol):
     """Delivers an event to every socket joined to a room, on every instance."""
 
     async def to_room(
-        self, room_id: str, event: str, data: dict, skip_sid: str | None = None
-    ) -> None: ...
-
-    async def to_users(
-        self, user_ids: list[str], event: str, data: dict, outside_room: str | None = None
+        self,
+        room_id: str,
+        event: str,
+        data: dict,
+        skip_sid: str | None = None,
+        outside: Notice | None = None,
     ) -> None:
-        """Every connection of each of ``user_ids``, on every instance, joined or not; with
-        ``outside_room``, only the connections that have not joined that room."""
+        """``event`` to the room's joined sockets but ``skip_sid``; with ``outside``, also
+        its notice to the listed users' connections that have not joined the room, in the
+        same delivery to each instance."""
+
+    async def to_users(self, user_ids: list[str], event: str, data: dict) -> None:
+        """Every connection of each of ``user_ids``, on every instance, joined or not."""
 
 
 class PresenceAnnouncer(Protocol):

@@ -42,6 +42,15 @@ Fan-out cost (one process must push as many deliveries as Node's Socket.IO)
     frame is valid whether or not permessage-deflate was negotiated. Any other ASGI
     server gets the plain ASGI ``websocket.send`` path (correct, slower).
   * :class:`ChatPacket` (``serializer``): no scan of every packet's data for binary parts.
+  * Receiving: an Engine.IO MESSAGE goes straight to Socket.IO's handler
+    (``AsyncSocket.receive``) and an EVENT straight to its event dispatch
+    (``AsyncServer._handle_eio_message`` / ``_handle_event``). Upstream builds a log line
+    for each (with the logger off, its arguments are still formatted), checks the handler
+    is a coroutine function and wraps it in a closure per packet. Each event handler still
+    runs in a Task of its own (upstream's default ``async_handlers=True``), so a slow
+    store call never holds up the socket's next packets.
+  * A broadcast with no local recipient (a room whose only socket here is the sender's)
+    is not encoded at all.
 
 Memory per connection (an idle connection must cost about what it costs Node; upstream's
 per-connection memory, measured the same way with tracemalloc, is discussed in

@@ -12,7 +12,11 @@ with :meth:`Fanout.on_control_event` (moderation drops cached sanctions that way
 
 ``$chat:outside {room, users, event, data}`` delivers ``event`` to the listed users'
 sockets that have *not* joined ``room`` (a joined socket has the room's own broadcast):
-``room:activity`` this way costs nothing per joined member, the common case.
+``room:activity`` this way costs nothing per joined member, the common case. It travels
+inside the room broadcast it goes with (``to_room(..., outside=...)``; the managers carry
+it in the same pub/sub message, ``server/bus/manager.py``), so a sent message costs each
+instance one pub/sub message; the separate control event of earlier releases is still
+understood.
 
 ``$chat:evict {room, users}`` removes the listed users' sockets from a room wherever they
 are connected. One event per request, whatever the number of users; each instance finds
@@ -27,15 +31,16 @@ from typing import Any
 
 import socketio
 
+from server.bus.manager import OUTSIDE
 from server.core import metrics
 from server.core.models import iso
 from server.presence.base import Transition
+from server.services.ports import Notice
 from server.transport.channels import NAMESPACE, presence_channel, room_channel, user_channel
 from server.transport.connections import Connection, ConnectionRegistry
 
 EVICT = "evict"
 DISCONNECT = "disconnect"
-OUTSIDE = "outside"
 ControlListener = Callable[[dict], object]
 
 
@@ -51,26 +56,34 @@ class Fanout:
         self.on_evicted: Callable[[Connection, str], Awaitable[None]] | None = None
 
     async def to_room(
-        self, room_id: str, event: str, data: dict, skip_sid: str | None = None
+        self,
+        room_id: str,
+        event: str,
+        data: dict,
+        skip_sid: str | None = None,
+        outside: Notice | None = None,
     ) -> None:
+        """With ``outside``, the emit carries an ``outside`` control event (see the module
+        docstring) that each instance runs after delivering ``event`` to its sockets."""
+        extra = {}
+        if outside is not None:
+            metrics.CARRIED_OUTSIDE.inc()
+            extra[OUTSIDE] = {
+                "room": room_id,
+                "users": outside.users,
+                "event": outside.event,
+                "data": outside.data,
+            }
         # Straight to the manager: ``AsyncServer.emit`` only adds a log call and renames
         # arguments, and this is called for every message sent.
         await self.sio.manager.emit(
-            event, data, NAMESPACE, room=room_channel(room_id), skip_sid=skip_sid
+            event, data, NAMESPACE, room=room_channel(room_id), skip_sid=skip_sid, **extra
         )
 
-    async def to_users(
-        self, user_ids: list[str], event: str, data: dict, outside_room: str | None = None
-    ) -> None:
+    async def to_users(self, user_ids: list[str], event: str, data: dict) -> None:
         """One emit to the per-user rooms of ``user_ids``: every instance delivers it once
-        to each of their sockets (a socket of two listed users still gets one copy).
-        With ``outside_room``, only to those sockets not joined to that room."""
+        to each of their sockets (a socket of two listed users still gets one copy)."""
         if not user_ids:
-            return
-        if outside_room is not None:
-            await self.control(
-                OUTSIDE, {"room": outside_room, "users": user_ids, "event": event, "data": data}
-            )
             return
         await self.sio.emit(
             event, data, to=[user_channel(u) for u in user_ids], namespace=NAMESPACE
