@@ -17,46 +17,19 @@
 //   loss             1 - received / expected (expected: room members other than the sender)
 "use strict";
 
-const { io } = require("socket.io-client");
-const jwt = require("jsonwebtoken");
+const { parseOptions, clock, pause, round2, quantile, openSocket } = require("./common");
 
 function options(argv) {
-  const defaults = {
+  const opts = parseOptions(argv, {
     urls: "http://127.0.0.1:9001", secret: "", clients: 1000, rooms: 10, rate: 100,
     duration: 8, senders: 0, batch: 50, tag: "run", "ack-timeout": 10, drain: 10,
-  };
-  const opts = { ...defaults };
-  for (let i = 2; i < argv.length; i += 2) {
-    const key = argv[i].replace(/^--/, "");
-    if (!(key in defaults)) throw new Error(`unknown option --${key}`);
-    opts[key] = typeof defaults[key] === "number" ? Number(argv[i + 1]) : argv[i + 1];
-  }
-  opts.urls = opts.urls.split(",").filter(Boolean);
+  });
   opts.senders = opts.senders || opts.rooms;
   return opts;
 }
 
 // Phase marks on stderr let a caller sample CPU and Redis counters between phases.
 const phase = (name) => process.stderr.write(`phase ${name}\n`);
-const clock = () => performance.now();
-const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-const round2 = (x) => (x == null || Number.isNaN(x) ? null : Math.round(x * 100) / 100);
-
-function quantile(sorted, q) {
-  if (!sorted.length) return null;
-  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
-}
-
-function openSocket(url, user, secret) {
-  const token = jwt.sign({ sub: user, name: user }, secret, { algorithm: "HS256", expiresIn: "2h" });
-  const socket = io(`${url}/chat`, {
-    transports: ["websocket"], auth: { token }, reconnection: false, timeout: 20000,
-  });
-  return new Promise((resolve) => {
-    socket.once("connect", () => resolve(socket));
-    socket.once("connect_error", () => { socket.close(); resolve(null); });
-  });
-}
 
 async function call(socket, event, payload, seconds) {
   try {

@@ -13,47 +13,21 @@
 // and marks the counted window on stderr ("phase counting", "phase done").
 "use strict";
 
-const { io } = require("socket.io-client");
-const jwt = require("jsonwebtoken");
+const { parseOptions, clock, round2, quantile, openSocket } = require("./common");
 
-function options(argv) {
-  const defaults = {
-    urls: "http://127.0.0.1:9001", secret: "", senders: 32, duration: 8, rooms: "own",
-    window: 1, text: 64, tag: "snd", warmup: 1,
-  };
-  const opts = { ...defaults };
-  for (let i = 2; i < argv.length; i += 2) {
-    const key = argv[i].replace(/^--/, "");
-    if (!(key in defaults)) throw new Error(`unknown option --${key}`);
-    opts[key] = typeof defaults[key] === "number" ? Number(argv[i + 1]) : argv[i + 1];
-  }
-  opts.urls = opts.urls.split(",").filter(Boolean);
-  return opts;
-}
-
-const clock = () => performance.now();
-const round2 = (x) => (x == null || Number.isNaN(x) ? null : Math.round(x * 100) / 100);
-const quantile = (sorted, q) =>
-  sorted.length ? sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))] : null;
-
-function openSocket(url, user, secret) {
-  const token = jwt.sign({ sub: user, name: user }, secret, { algorithm: "HS256", expiresIn: "2h" });
-  const socket = io(`${url}/chat`, {
-    transports: ["websocket"], auth: { token }, reconnection: false, timeout: 20000,
-  });
-  return new Promise((resolve, reject) => {
-    socket.once("connect", () => resolve(socket));
-    socket.once("connect_error", (err) => { socket.close(); reject(err); });
-  });
-}
+const DEFAULTS = {
+  urls: "http://127.0.0.1:9001", secret: "", senders: 32, duration: 8, rooms: "own",
+  window: 1, text: 64, tag: "snd", warmup: 1,
+};
 
 async function main() {
-  const opts = options(process.argv);
+  const opts = parseOptions(process.argv, DEFAULTS);
   const run = `${opts.tag}-${process.pid}`;
   const pad = "x".repeat(Math.max(0, opts.text - 24));
   const senders = await Promise.all(
     Array.from({ length: opts.senders }, async (_, i) => {
       const socket = await openSocket(opts.urls[i % opts.urls.length], `${run}-u${i}`, opts.secret);
+      if (!socket) throw new Error(`sender ${i} could not connect`);
       const room = opts.rooms === "own" ? `${run}-r${i}` : `${run}-r`;
       const ack = await socket.timeout(20000).emitWithAck("room:join", { room });
       if (!ack || !ack.ok) throw new Error(`join refused: ${JSON.stringify(ack)}`);

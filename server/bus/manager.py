@@ -54,25 +54,14 @@ class ControlEvents(socketio.AsyncManager):
         to: Any = None,
         **kwargs: Any,
     ) -> Any:
-        outside = kwargs.pop("outside", None)  # here: delivered in this process only
-        delivered = await self._emit_here(
-            event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, to=to, **kwargs
-        )
-        if outside is not None:
+        outside = kwargs.pop("outside", None)
+        if outside is not None:  # reaching here, it is delivered in this process only
+            # ControlEvents' own emit, not self.emit: a pub/sub manager's would publish again
+            delivered = await ControlEvents.emit(
+                self, event, data, namespace, room, skip_sid, callback, to, **kwargs
+            )
             await self.control(OUTSIDE, outside)
-        return delivered
-
-    async def _emit_here(
-        self,
-        event: str,
-        data: Any,
-        namespace: str,
-        room: Any = None,
-        skip_sid: Any = None,
-        callback: Any = None,
-        to: Any = None,
-        **kwargs: Any,
-    ) -> Any:
+            return delivered
         if isinstance(event, str) and event.startswith(CONTROL_PREFIX):
             if isinstance(data, dict):
                 await self.control(event[len(CONTROL_PREFIX) :], data)
