@@ -110,10 +110,12 @@ CHANGES_INDEX = (
     "WHERE change_seq > 0"
 )
 
-MESSAGE_COLUMNS = (
-    "id, room, seq, sender_id, sender_name, text, client_id, created_at, "
-    "reply_to, mentions, edited_at, revision, deleted_at, change_seq, reactions"
+#: what a new message's insert writes (the other columns start at their defaults)
+NEW_MESSAGE_COLUMNS = (
+    "id, room, seq, sender_id, sender_name, text, client_id, created_at, reply_to, mentions"
 )
+MESSAGE_COLUMNS = f"{NEW_MESSAGE_COLUMNS}, edited_at, revision, deleted_at, change_seq, reactions"
+LAST_SEQ = "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE room = ?"
 
 
 def _time(text: str | None) -> datetime | None:
@@ -229,17 +231,16 @@ class _Call:
 Claim = Callable[[list[_Call]], list[int]]
 
 
-_MESSAGE_FIELDS = (
-    "id, room, seq, sender_id, sender_name, text, client_id, created_at, reply_to, mentions"
-)
 #: a new message at the room's next seq, which the statement returns
 _INSERT_NEXT_SEQ = (
-    f"INSERT INTO messages ({_MESSAGE_FIELDS}) "
+    f"INSERT INTO messages ({NEW_MESSAGE_COLUMNS}) "
     "SELECT ?, ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ?, ?, ?, ?, ? FROM messages WHERE room = ? "
     "RETURNING seq"
 )
 #: a new message at a seq chosen by the caller (the Redis allocator)
-_INSERT_AT_SEQ = f"INSERT INTO messages ({_MESSAGE_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_AT_SEQ = (
+    f"INSERT INTO messages ({NEW_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 class _Lane:
@@ -631,9 +632,7 @@ class SQLiteStore(Store):
         now = utcnow()
 
         def last_seq(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE room = ?", (draft.room,)
-            ).fetchone()[0]
+            return conn.execute(LAST_SEQ, (draft.room,)).fetchone()[0]
 
         values = (
             mid,
@@ -685,9 +684,7 @@ class SQLiteStore(Store):
         return _message(row) if row else None
 
     async def last_seq(self, room_id: str) -> int:
-        return await self._fetchvalue(
-            "SELECT COALESCE(MAX(seq), 0) FROM messages WHERE room = ?", (room_id,), 0
-        )
+        return await self._fetchvalue(LAST_SEQ, (room_id,), 0)
 
     async def messages_after(self, room_id: str, after: int, limit: int) -> list[Message]:
         rows = await self._fetchall(

@@ -65,19 +65,20 @@ class Fanout:
     ) -> None:
         """With ``outside``, the emit carries an ``outside`` control event (see the module
         docstring) that each instance runs after delivering ``event`` to its sockets."""
-        extra = {}
+        carried = None
         if outside is not None:
             metrics.CARRIED_OUTSIDE.inc()
-            extra[OUTSIDE] = {
+            carried = {
                 "room": room_id,
                 "users": outside.users,
                 "event": outside.event,
                 "data": outside.data,
             }
         # Straight to the manager: ``AsyncServer.emit`` only adds a log call and renames
-        # arguments, and this is called for every message sent.
+        # arguments, and this is called for every message sent. Every manager of ours
+        # takes ``outside`` (None: nothing carried; ``server/bus/manager.py``).
         await self.sio.manager.emit(
-            event, data, NAMESPACE, room=room_channel(room_id), skip_sid=skip_sid, **extra
+            event, data, NAMESPACE, room=room_channel(room_id), skip_sid=skip_sid, outside=carried
         )
 
     async def to_users(self, user_ids: list[str], event: str, data: dict) -> None:
