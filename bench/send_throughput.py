@@ -121,24 +121,51 @@ def run_node_case(
     figures = json.loads(out.strip().splitlines()[-1])
     commits = [after - before for after, before in zip(commits_after, commits_before, strict=True)]
     ack = figures["ack_ms"]
+    report(
+        store,
+        servers,
+        args,
+        figures["senders"],
+        figures["sends"],
+        figures["sends_per_s"],
+        {key: ack[key] or 0.0 for key in ("p50", "p99", "max")},
+        figures["errors"],
+        commits,
+        cpu,
+    )
+
+
+def report(
+    store: str,
+    servers: list[ServerProcess],
+    args: argparse.Namespace,
+    senders: int,
+    sends: int,
+    per_second: float,
+    ms: dict[str, float],
+    errors: dict[str, int],
+    commits: list[float],
+    cpu: dict[str, float],
+) -> None:
+    """One row of the table (and the errors by code, if any), for either kind of senders."""
     TABLE.row(
         store,
         len(servers),
         args.rooms,
-        figures["senders"],
-        figures["sends"],
-        figures["sends_per_s"],
-        ack["p50"] or 0.0,
-        ack["p99"] or 0.0,
-        ack["max"] or 0.0,
-        sum(figures["errors"].values()),
+        senders,
+        sends,
+        per_second,
+        ms["p50"],
+        ms["p99"],
+        ms["max"],
+        sum(errors.values()),
         commits[1] / commits[0] if commits[0] else "",
         cpu.get("server", float("nan")),
         cpu.get("clients", float("nan")),
         cpu.get("other", float("nan")),
     )
-    if figures["errors"]:
-        print(f"  errors by code: {figures['errors']}", flush=True)
+    if errors:
+        print(f"  errors by code: {dict(errors)}", flush=True)
 
 
 async def run_case(
@@ -197,25 +224,18 @@ async def run_case(
     finally:
         await disconnect_all(joined.clients)
 
-    ms = latency_ms(latencies)
-    TABLE.row(
+    report(
         store,
-        len(servers),
-        args.rooms,
+        servers,
+        args,
         len(joined.clients),
         len(latencies),
         len(latencies) / elapsed,
-        ms["p50"],
-        ms["p99"],
-        ms["max"],
-        sum(errors.values()),
-        commits[1] / commits[0] if commits[0] else "",
-        cpu["server"],
-        cpu["clients"],
-        cpu["other"],
+        latency_ms(latencies),
+        errors,
+        commits,
+        cpu,
     )
-    if errors:
-        print(f"  errors by code: {dict(errors)}", flush=True)
 
 
 async def run(args: argparse.Namespace) -> None:
