@@ -61,6 +61,8 @@ class Settings(BaseModel):
     REDIS_IAM_CACHE_NAME: str = ""
     REDIS_IAM_REGION: str = ""
     REDIS_CREDENTIALS_RENEW_AFTER: float = Field(600, gt=0, lt=900)
+    BUS_ROOM_CHANNELS: bool = True
+    BUS_ROOM_LINGER: float = Field(30, ge=0)
 
     WS_GRACE_PERIOD: float = Field(60, ge=0)
     WS_HEARTBEAT_INTERVAL: float = Field(25, gt=0)

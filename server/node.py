@@ -55,12 +55,13 @@ from server.services.presence import PresenceService
 from server.services.rooms import RoomService
 from server.services.webhooks import Dispatcher, Webhooks
 from server.transport.catchup import CatchUp
-from server.transport.channels import NAMESPACE
+from server.transport.channels import NAMESPACE, room_channel
 from server.transport.connections import Admission, ConnectionRegistry
 from server.transport.engine import ChatSocketServer
-from server.transport.fanout import Fanout
+from server.transport.fanout import MEMBERS, Fanout
 from server.transport.http import HttpContext
 from server.transport.indicators import TypingTimers
+from server.transport.interest import RoomInterest
 from server.transport.lifecycle import Drainer
 from server.transport.namespace import ChatNamespace
 from server.transport.server_api import ServerApiContext
@@ -115,7 +116,11 @@ class Node:
             else None
         )
         self._sole_worker = workers.SoleWorkerLock()
-        bus_manager = self.bus.manager() if self.bus else None
+        bus_manager = (
+            self.bus.manager(room_channel(""), publish_rooms=settings.BUS_ROOM_CHANNELS)
+            if self.bus
+            else None
+        )
         manager = bus_manager or LocalManager()
         route_tag = new_route_tag()
         # With Redis, sessions carry their owner's route tag and any process serves them.
@@ -150,7 +155,10 @@ class Node:
             else None
         )
         self.registry = ConnectionRegistry(worker=self.state.instance_id)
-        self.fanout = Fanout(self.sio, self.registry)
+        # Only with Redis can a subscription be lost; one instance has nothing to catch up.
+        ledger = DeliveryLedger() if bus_manager is not None else None
+        interest = RoomInterest(manager, ledger, settings.BUS_ROOM_LINGER)
+        self.fanout = Fanout(self.sio, self.registry, interest)
         manager.control_handler = self.fanout.on_control
         self.webhooks = Webhooks(self.store, webhook_endpoints(settings), self._online)
         self.presence = PresenceService(
@@ -170,6 +178,10 @@ class Node:
             creates=Quota(settings.ROOM_CREATES_PER_HOUR, hour),
             member_changes=Quota(settings.MEMBER_CHANGES_PER_HOUR, hour),
             member_events=self.webhooks.for_members if self.webhooks.enabled else None,
+            on_members_changed=self.fanout.members_changed if self.bus else None,
+        )
+        self.fanout.on_control_event(
+            MEMBERS, lambda data: self.rooms.forget_members(str(data.get("room")))
         )
         limits = ContentLimits(
             max_length=settings.MAX_MESSAGE_LENGTH,
@@ -219,10 +231,10 @@ class Node:
             max_connections_per_ip=settings.MAX_CONNECTIONS_PER_IP,
             events_per_second=settings.RATE_LIMIT_EVENTS_PER_SECOND,
             events_burst=settings.RATE_LIMIT_EVENTS_BURST,
+            interest=interest,
+            member_rooms=self.store.member_rooms if self.bus else None,
         )
         typing = TypingTimers(self.messages, settings.TYPING_TIMEOUT)
-        # Only with Redis can a subscription be lost; one instance has nothing to catch up.
-        ledger = DeliveryLedger() if bus_manager is not None else None
         self.fanout.on_evicted = lambda conn, room: typing.stop(conn, room, "evicted")
         self.sio.register_namespace(
             ChatNamespace(
@@ -239,6 +251,7 @@ class Node:
                 typing=typing,
                 max_presence_subscriptions=MAX_PRESENCE_SUBSCRIPTIONS,
                 max_joined_rooms=settings.MAX_JOINED_ROOMS,
+                interest=interest,
                 ledger=ledger,
             )
         )

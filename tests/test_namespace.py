@@ -24,6 +24,7 @@ from server.transport.channels import room_channel, user_channel
 from server.transport.connections import Admission, ConnectionRegistry
 from server.transport.fanout import Fanout
 from server.transport.indicators import TypingTimers
+from server.transport.interest import RoomInterest
 from server.transport.namespace import ChatNamespace
 from tests.support.fake_sio import FakeServer
 from tests.support.servers import TEST_SECRET, make_token
@@ -37,7 +38,8 @@ class Wired:
         self.store = MemoryStore()
         self.state = InstanceState("test-1", "0")
         self.registry = ConnectionRegistry()
-        self.fanout = Fanout(self.sio, self.registry)  # type: ignore[arg-type]
+        self.interest = RoomInterest(self.sio.manager, None, linger=0)  # type: ignore[arg-type]
+        self.fanout = Fanout(self.sio, self.registry, self.interest)  # type: ignore[arg-type]
         self.presence = PresenceService(
             lambda on_t: MemoryPresence(60, on_t), self.store, self.fanout
         )
@@ -61,6 +63,8 @@ class Wired:
             max_connections_per_ip=100,
             events_per_second=0.001,
             events_burst=burst,
+            interest=self.interest,
+            member_rooms=self.store.member_rooms,
         )
         self.ns = ChatNamespace(
             state=self.state,
@@ -76,6 +80,7 @@ class Wired:
             typing=TypingTimers(self.messages, 5.0),
             max_presence_subscriptions=10,
             max_joined_rooms=50,
+            interest=self.interest,
         )
         self.ns._set_server(self.sio)
 

@@ -454,6 +454,18 @@ async def test_user_rooms_with_last_message(store, uid):
     assert await store.user_rooms(uid("nobody")) == []
 
 
+async def test_member_rooms_are_the_memberships_alone(store, uid):
+    me, public, private, other = uid("u"), uid("r"), uid("r"), uid("r")
+    await store.create_room(Room(id=public, kind="public", name="P"), [me])
+    await store.create_room(Room(id=private, kind="private", name="Q", owner="x"), ["x", me])
+    await store.create_room(Room(id=other, kind="public", name="not mine"), ["x"])
+    assert sorted(await store.member_rooms(me)) == sorted([public, private])
+    await store.remove_members(private, [me])
+    await store.add_members(other, [me])
+    assert sorted(await store.member_rooms(me)) == sorted([public, other])
+    assert await store.member_rooms(uid("nobody")) == []
+
+
 async def test_unread_counts_skip_own_deleted_and_read(store, uid):
     rid, me = uid("r"), uid("me")
     await store.create_room(Room(id=rid, kind="public", name=rid), [me])

@@ -23,6 +23,11 @@ Invariants, on top of :class:`~server.bus.delivery.Delivery`'s:
   sent after ``idle_probe`` quiet seconds is not answered within ``probe_timeout``.
 * A replaced client is closed node by node (see :func:`close_cluster_client`).
 
+The listener also subscribes to the channels of the rooms this instance follows
+(``server/bus/room_channels.py``): they share the main channel's slot, so one shard and one
+connection carry them all. An unsubscription the server sends counts as a lost subscription
+only for a channel still followed (``unfollow`` gets its own confirmations too).
+
 Messages reach python-socketio as bytes, as from its own Redis manager: the pub/sub clients
 never set ``decode_responses``.
 """
@@ -42,6 +47,8 @@ from socketio.async_pubsub_manager import AsyncPubSubManager
 
 from server.bus.delivery import Delivery, SubscriptionLost
 from server.bus.manager import CarriedOutside, ControlEvents
+from server.bus.room_channels import RoomChannels
+from server.core import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +70,9 @@ class RedisClusterManager(CarriedOutside, AsyncPubSubManager, ControlEvents):
     :param idle_probe: after this many seconds without traffic the listener PINGs its node and
         resubscribes if no answer comes within ``probe_timeout`` (catches half-open links).
     :param delivery: the publishing and listening policy (default: ``Delivery(channel)``).
+    :param room_prefix: Socket.IO rooms with names starting with it have channels of their
+        own (None: none; see ``RoomChannels``).
+    :param publish_rooms: publish those rooms' emits on their channels (False: on the main one).
     """
 
     name = "rediscluster"
@@ -81,6 +91,8 @@ class RedisClusterManager(CarriedOutside, AsyncPubSubManager, ControlEvents):
         probe_timeout: float = 5.0,
         poll_interval: float = 1.0,
         delivery: Delivery | None = None,
+        room_prefix: str | None = None,
+        publish_rooms: bool = True,
     ) -> None:
         super().__init__(channel=channel, write_only=write_only, logger=logger, json=json)
         self.delivery = delivery or Delivery(channel)
@@ -95,6 +107,8 @@ class RedisClusterManager(CarriedOutside, AsyncPubSubManager, ControlEvents):
         self._known_nodes: list[tuple[str, int]] = []
         self._connect_lock = asyncio.Lock()
         self._channel_bytes = channel.encode()
+        self.room_channels = RoomChannels(channel, room_prefix, publish=publish_rooms)
+        self._pubsub: ClusterPubSub | None = None  # the listener's, while subscribed
 
     # ------------------------------------------------------------------ clients
 
@@ -189,14 +203,15 @@ class RedisClusterManager(CarriedOutside, AsyncPubSubManager, ControlEvents):
 
     async def _publish(self, data: Any) -> bool:
         payload = self.json.dumps(data)
+        channel = self.room_channels.channel_for(data) or self.channel
         used: list[RedisCluster] = []
 
         async def send() -> Any:
             client = await self._publisher()
             used.append(client)
             if self.sharded:
-                return await client.spublish(self.channel, payload)
-            return await client.publish(self.channel, payload)
+                return await client.spublish(channel, payload)
+            return await client.publish(channel, payload)
 
         async def start_over() -> None:
             # The next attempt builds a client from the nodes that answer, unless another
@@ -222,7 +237,27 @@ class RedisClusterManager(CarriedOutside, AsyncPubSubManager, ControlEvents):
 
     # ------------------------------------------------------------------ listen
 
+    def _send(self, pubsub: ClusterPubSub, subscribe: bool) -> Any:
+        """How to (un)subscribe a list of channels on ``pubsub``, sharded or not."""
+        command: Any
+        if subscribe:
+            command = pubsub.ssubscribe if self.sharded else pubsub.subscribe
+        else:
+            command = pubsub.sunsubscribe if self.sharded else pubsub.unsubscribe
+        return lambda names: command(*names)
+
+    async def follow(self, rooms: list[str], wait: bool = True) -> None:
+        pubsub = self._pubsub if self.delivery.subscribed.is_set() else None
+        send = self._send(pubsub, True) if pubsub is not None else None
+        await self.room_channels.follow(rooms, send, wait)
+
+    async def unfollow(self, rooms: list[str]) -> None:
+        pubsub = self._pubsub if self.delivery.subscribed.is_set() else None
+        send = self._send(pubsub, False) if pubsub is not None else None
+        await self.room_channels.unfollow(rooms, send)
+
     async def _subscribe(self) -> ClusterPubSub:
+        self._pubsub = None
         old, self._listen_redis = self._listen_redis, None
         if old is not None:  # a fresh client: fresh slot map, no stale per-node state
             await close_cluster_client(old)
@@ -241,13 +276,19 @@ class RedisClusterManager(CarriedOutside, AsyncPubSubManager, ControlEvents):
             while True:
                 message = await self._next_message(pubsub, self.poll_interval)
                 if message is not None and message["type"] == expected:
-                    break
+                    if message["channel"] == self._channel_bytes:
+                        break
+                    self.room_channels.confirmed(message["channel"])
                 if loop.time() > deadline:
                     raise SubscriptionLost(f"no {expected} confirmation for {self.channel!r}")
+            await self.room_channels.settle(
+                set(), self._send(pubsub, True), self._send(pubsub, False)
+            )
         except BaseException:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
             raise
+        self._pubsub = pubsub
         return pubsub
 
     async def _next_message(self, pubsub: ClusterPubSub, timeout: float) -> dict | None:
@@ -282,16 +323,25 @@ class RedisClusterManager(CarriedOutside, AsyncPubSubManager, ControlEvents):
                 continue
             last_seen, probe_sent = now, None
             kind = message["type"]  # redis-py decodes the type; channel and data stay bytes
-            if kind in data_types and message["channel"] == self._channel_bytes:
-                yield message["data"]
-            elif kind in ("sunsubscribe", "unsubscribe"):
+            channel: bytes = message.get("channel") or b""
+            if kind in data_types:
+                if channel == self._channel_bytes or self.room_channels.is_room_channel(channel):
+                    yield message["data"]
+            elif kind in ("ssubscribe", "subscribe"):
+                self.room_channels.confirmed(channel)
+            elif kind in ("sunsubscribe", "unsubscribe") and not self._ours(channel):
                 # Redis ends shard subscriptions when the node stops owning the slot
                 # (https://github.com/redis/redis/pull/12577); redis-py's own follow-up
                 # (https://github.com/redis/redis-py/pull/4044) is not relied upon.
                 raise SubscriptionLost(f"server ended the subscription ({kind})")
 
+    def _ours(self, channel: bytes) -> bool:
+        """An unsubscription ``unfollow`` asked for, or from a room no longer followed."""
+        return channel != self._channel_bytes and self.room_channels.unsubscribed(channel)
+
     async def _listen(self) -> AsyncIterator[bytes]:
         async for data in self.listen_raw():
+            metrics.BUS_MESSAGES_IN.inc()
             yield data
 
     async def listen_raw(self) -> AsyncIterator[bytes]:

@@ -84,6 +84,11 @@ class DeliveryLedger:
             return []
         return [s for s in seqs if s > room.floor and s not in room.seen]
 
+    def forget(self, room_id: str) -> None:
+        """This instance stopped hearing ``room_id``: what it delivers there next starts a
+        new floor (the messages it did not hear meanwhile are not missing)."""
+        self._rooms.pop(room_id, None)
+
     def __len__(self) -> int:
         return len(self._rooms)
 

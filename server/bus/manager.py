@@ -7,7 +7,8 @@ client. ``$chat:evict`` makes a user's sockets leave a room wherever they are co
 
 The managers: :class:`LocalManager` (one instance, here), ``redis_manager.RedisManager``
 (one Redis: standalone, TLS, Sentinel) and ``cluster_manager.RedisClusterManager``
-(Redis Cluster).
+(Redis Cluster). The Redis managers carry each chat room's emits on a channel of its own,
+which an instance hears only while it follows the room (``room_channels.py``).
 """
 
 from __future__ import annotations
@@ -83,6 +84,14 @@ class ControlEvents(socketio.AsyncManager):
                 delivered = self._local_count(namespace, to or room, skip_sid)
             metrics.MESSAGES_DELIVERED.inc(delivered)
         return delivered
+
+    async def follow(self, rooms: list[str], wait: bool = True) -> None:
+        """Hear the emits of Socket.IO ``rooms`` from every instance from now on (one
+        instance: always; the Redis managers: ``server/bus/room_channels.py``, whose
+        ``wait=False`` a control event's handler must pass)."""
+
+    async def unfollow(self, rooms: list[str]) -> None:
+        """The opposite of :meth:`follow`."""
 
     async def control(self, name: str, data: Any) -> None:
         """Hand control event ``name`` to this instance's handler; a failure is logged."""

@@ -35,12 +35,21 @@ class RedisBus:
         )
         self.channel = f"{config.key_prefix}socketio"
 
-    def manager(self) -> RedisManager | RedisClusterManager:
-        """The Socket.IO manager for this topology: Redis Cluster, or one Redis."""
+    def manager(
+        self, room_prefix: str | None = None, publish_rooms: bool = True
+    ) -> RedisManager | RedisClusterManager:
+        """The Socket.IO manager for this topology: Redis Cluster, or one Redis; Socket.IO
+        rooms named ``room_prefix…`` get channels of their own (``room_channels.py``)."""
         options = client_options(self.config)
         options.pop("retry")  # the manager's Delivery retries; redis-py's would stack on it
         manager_class = RedisClusterManager if self.config.cluster else RedisManager
-        return manager_class(self.config.pubsub_url, channel=self.channel, redis_options=options)
+        return manager_class(
+            self.config.pubsub_url,
+            channel=self.channel,
+            redis_options=options,
+            room_prefix=room_prefix,
+            publish_rooms=publish_rooms,
+        )
 
     def direct_channel(self, name: str) -> DirectChannel:
         """This process's own channel ``name`` on the pub/sub Redis (the state Redis unless

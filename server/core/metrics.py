@@ -84,6 +84,19 @@ BUS_LISTENER_RESUBSCRIBES = Counter(
     "chat_bus_listener_resubscribes_total",
     "Times the pub/sub listener lost its subscription and subscribed again",
 )
+BUS_MESSAGES_IN = Counter(
+    "chat_bus_messages_in_total",
+    "Pub/sub messages this instance's listener read (main channel and followed rooms)",
+)
+BUS_FOLLOWED_ROOMS = Gauge(
+    "chat_bus_followed_rooms",
+    "Chat rooms whose pub/sub channel this instance listens to (its connections joined them "
+    "or their members are connected here)",
+)
+BUS_FOLLOW_TIMEOUTS = Counter(
+    "chat_bus_follow_timeouts_total",
+    "Room subscriptions Redis did not confirm within the wait (the join went on)",
+)
 BUS_CAUGHT_UP = Counter(
     "chat_bus_caught_up_messages_total",
     "Messages read from the store and handed to local sockets after a lost subscription",

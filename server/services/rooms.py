@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from server.core import metrics
 from server.core.errors import ChatError, ErrorCode
@@ -27,6 +27,8 @@ from server.store.base import Store
 
 #: (room, users, added) -> the webhook entries to record with that membership change
 MemberEvents = Callable[[str, list[str], bool], list[OutboxEntry]]
+#: (room, users, added), after the change is stored: tells the live side (every instance)
+MembershipListener = Callable[[str, list[str], bool], Awaitable[None]]
 
 
 def direct_members(room_id: str) -> tuple[str, str] | None:
@@ -78,6 +80,7 @@ class RoomService:
         member_changes: Quota | None = None,
         member_events: MemberEvents | None = None,
         members_ttl: float = 5.0,
+        on_members_changed: MembershipListener | None = None,
     ) -> None:
         self.store = store
         self.moderation = moderation
@@ -88,6 +91,9 @@ class RoomService:
         #: the events (webhooks) each membership change records in the same store write
         self.member_events = member_events
         self.members_ttl = members_ttl
+        #: called after every stored membership change (the instances that hear a room
+        #: follow its members: ``server/transport/interest.py``)
+        self.on_members_changed = on_members_changed
         self._members: dict[str, tuple[float, list[str]]] = {}  # room -> (expiry, members)
 
     def _events(self, room_id: str, users: list[str], added: bool) -> list[OutboxEntry] | None:
@@ -99,11 +105,17 @@ class RoomService:
         """Add ``users`` to the room, with their ``room.member_added`` event."""
         await self.store.add_members(room_id, users, self._events(room_id, users, True))
         self._members.pop(room_id, None)
+        await self._changed(room_id, users, True)
 
     async def remove(self, room_id: str, users: list[str]) -> None:
         """Remove ``users`` from the room, with their ``room.member_removed`` event."""
         await self.store.remove_members(room_id, users, self._events(room_id, users, False))
         self._members.pop(room_id, None)
+        await self._changed(room_id, users, False)
+
+    async def _changed(self, room_id: str, users: list[str], added: bool) -> None:
+        if self.on_members_changed is not None and users:
+            await self.on_members_changed(room_id, users, added)
 
     async def _create_room(self, room: Room, members: list[str]) -> tuple[Room, bool]:
         """Create the room with its members and their ``room.member_added`` event."""
@@ -112,13 +124,14 @@ class RoomService:
         )
         if created:
             self._members.pop(room.id, None)
+            await self._changed(room.id, members, True)
         return stored, created
 
     async def members_recent(self, room_id: str) -> list[str]:
         """The room's members, remembered for ``members_ttl`` seconds: for deliveries that
         tolerate it (``room:activity``), never for an access check. This instance forgets a
-        room's list when it changes the membership; another instance's change shows within
-        the TTL. Saves a store read (Firestore: one per member) on most sends."""
+        room's list when it changes the membership, and when another instance says it did
+        (``forget_members``, on the ``members`` control event); the TTL bounds the rest. Saves a store read (Firestore: one per member) on most sends."""
         now = time.monotonic()
         held = self._members.get(room_id)
         if held is not None and held[0] > now:
@@ -128,6 +141,10 @@ class RoomService:
         while len(self._members) > MEMBERS_REMEMBERED:
             self._members.pop(next(iter(self._members)))
         return members
+
+    def forget_members(self, room_id: str) -> None:
+        """Another instance changed ``room_id``'s membership: read it afresh next time."""
+        self._members.pop(room_id, None)
 
     def _check_direct(self, who: Identity, room_id: str) -> None:
         """A direct room id names its users: anyone else is refused, whether it exists or not."""

@@ -852,6 +852,10 @@ class SQLiteStore(Store):
             mine.setdefault(mid, set()).add(emoji)
         return {mid: frozenset(emojis) for mid, emojis in mine.items()}
 
+    async def member_rooms(self, user_id: str) -> list[str]:
+        rows = await self._fetchall("SELECT room FROM members WHERE user = ?", (user_id,))
+        return [row[0] for row in rows]
+
     async def user_rooms(self, user_id: str) -> list[tuple[Room, Message | None]]:
         columns = ", ".join(f"m.{c.strip()}" for c in MESSAGE_COLUMNS.split(","))
         rows = await self._fetchall(

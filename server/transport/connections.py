@@ -11,7 +11,10 @@ Invariants:
 - admission never half-connects: any failure refuses the connection cleanly
   (python-socketio only logs other exceptions and keeps the sid in its rooms);
 - presence of a connection is registered before its ``session`` event is sent, and
-  undone on disconnect, in that order per socket.
+  undone on disconnect, in that order per socket;
+- with ``member_rooms``, the instance hears (follows) every room the user is a member of
+  before the ``session`` event is sent (``room:activity`` reaches the connection from
+  then on), and stops counting the connection's interest on disconnect.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from server.core.state import InstanceState
 from server.services.moderation import Moderation
 from server.services.presence import PresenceService
 from server.transport.channels import NAMESPACE, user_channel
+from server.transport.interest import RoomInterest
 
 log = structlog.get_logger(__name__)
 
@@ -147,6 +151,8 @@ class Admission:
         max_connections_per_ip: int,
         events_per_second: float,
         events_burst: int,
+        interest: RoomInterest,
+        member_rooms: Callable[[str], Awaitable[list[str]]] | None = None,
     ) -> None:
         self.sio = sio
         self.registry = registry
@@ -162,6 +168,9 @@ class Admission:
         self.events_per_second = events_per_second
         self.events_burst = events_burst
         self._handshakes: Counter[str] = Counter()  # per address, being verified now
+        self.interest = interest
+        #: the rooms a user is a member of, to follow them (None: one instance, no need)
+        self.member_rooms = member_rooms
 
     async def connect(self, sid: str, environ: dict, auth: Any = None) -> None:
         """Authenticate and register; anything unexpected refuses cleanly (never half-connects)."""
@@ -175,6 +184,7 @@ class Admission:
         except Exception:
             log.exception("connect.failed", sid=sid)
             self.registry.remove(sid)
+            self.interest.drop(sid)
             raise socketio.exceptions.ConnectionRefusedError(
                 "internal", {"code": "internal"}
             ) from None
@@ -199,6 +209,7 @@ class Admission:
             sid, identity, ip, TokenBucket(self.events_per_second, self.events_burst), key
         )
         self.registry.add(conn)
+        self.interest.open(sid)
         await self.sio.enter_room(sid, user_channel(identity.user_id), namespace=NAMESPACE)
         self.schedule_expiry(conn)
         self.sio.start_background_task(self._after_connect, conn)
@@ -249,6 +260,8 @@ class Admission:
         # Presence first, with no await since the check above: a disconnect from here on
         # finds the connection registered and undoes it.
         await quietly("presence.connect", self.presence.connect(who.user_id, conn.sid))
+        if self.member_rooms is not None:
+            await quietly("bus.follow_member_rooms", self._follow_member_rooms(conn))
         await self.sio.emit(
             "session",
             {
@@ -263,7 +276,13 @@ class Admission:
         )
         await quietly("store.upsert_user", self.remember_user(who.user_id, who.name))
 
+    async def _follow_member_rooms(self, conn: Connection) -> None:
+        assert self.member_rooms is not None
+        rooms = await self.member_rooms(conn.identity.user_id)
+        await self.interest.members(conn.sid, rooms)  # nothing if it disconnected meanwhile
+
     async def disconnect(self, sid: str) -> None:
+        self.interest.drop(sid)
         conn = self.registry.remove(sid)
         if conn is not None:
             await quietly(

@@ -18,6 +18,10 @@ it in the same pub/sub message, ``server/bus/manager.py``), so a sent message co
 instance one pub/sub message; the separate control event of earlier releases is still
 understood.
 
+``$chat:members {room, users, added}`` says the listed users became (or stopped being)
+members of a room: each instance follows the room's channel while members of it are
+connected there, for their ``room:activity`` (``server/transport/interest.py``).
+
 ``$chat:evict {room, users}`` removes the listed users' sockets from a room wherever they
 are connected. One event per request, whatever the number of users; each instance finds
 the affected sockets through the per-user Socket.IO room (an index), never by scanning
@@ -38,18 +42,23 @@ from server.presence.base import Transition
 from server.services.ports import Notice
 from server.transport.channels import NAMESPACE, presence_channel, room_channel, user_channel
 from server.transport.connections import Connection, ConnectionRegistry
+from server.transport.interest import RoomInterest
 
 EVICT = "evict"
 DISCONNECT = "disconnect"
+MEMBERS = "members"
 ControlListener = Callable[[dict], object]
 
 
 class Fanout:
     """Implements the services' ``Fanout`` and ``PresenceAnnouncer`` on Socket.IO rooms."""
 
-    def __init__(self, sio: socketio.AsyncServer, registry: ConnectionRegistry) -> None:
+    def __init__(
+        self, sio: socketio.AsyncServer, registry: ConnectionRegistry, interest: RoomInterest
+    ) -> None:
         self.sio = sio
         self.registry = registry
+        self.interest = interest
         self._listeners: dict[str, list[ControlListener]] = {}
         self._control_counters: dict[str, Any] = {}
         #: called for each socket an eviction removes from a room (ends its typing)
@@ -143,6 +152,19 @@ class Fanout:
         counter.inc()
         await self.sio.manager.emit(f"$chat:{name}", data, NAMESPACE)
 
+    async def members_changed(self, room_id: str, user_ids: list[str], added: bool) -> None:
+        """Tell every instance that ``user_ids`` joined or left ``room_id``'s members."""
+        await self.control(MEMBERS, {"room": room_id, "users": user_ids, "added": added})
+
+    async def members_local(self, room_id: str, user_ids: list[str], added: bool) -> None:
+        """Count (or stop counting) this instance's connections of ``user_ids`` as members."""
+        for user_id in user_ids:
+            for conn in self.local_connections(user_id):
+                if added:  # runs in the bus listener's task: it must not wait for itself
+                    await self.interest.members(conn.sid, [room_id], wait=False)
+                else:
+                    self.interest.not_member(conn.sid, room_id)
+
     def on_control_event(self, name: str, listener: ControlListener) -> None:
         """Call ``listener(data)`` (sync) for every control event ``name`` from any instance."""
         self._listeners.setdefault(name, []).append(listener)
@@ -159,6 +181,12 @@ class Fanout:
             if isinstance(users, list) and isinstance(event, str) and isinstance(payload, dict):
                 await self.outside_local(
                     str(data.get("room")), [str(u) for u in users], event, payload
+                )
+        elif name == MEMBERS:
+            users = data.get("users")
+            if isinstance(users, list):
+                await self.members_local(
+                    str(data.get("room")), [str(u) for u in users], data.get("added") is True
                 )
         elif name == DISCONNECT:
             before = data.get("issued_before")
@@ -197,6 +225,7 @@ class Fanout:
                 if conn is None or room_id not in conn.joined:
                     continue
                 conn.joined.discard(room_id)
+                self.interest.leave(sid, room_id)
                 if self.on_evicted is not None:
                     await self.on_evicted(conn, room_id)
                 await self.sio.leave_room(sid, room_channel(room_id), namespace=NAMESPACE)

@@ -52,6 +52,7 @@ from server.transport.channels import NAMESPACE, presence_channel, room_channel
 from server.transport.connections import Admission, Connection, ConnectionRegistry
 from server.transport.fanout import Fanout
 from server.transport.indicators import TypingTimers
+from server.transport.interest import RoomInterest
 
 log = structlog.get_logger(__name__)
 _ACKS_OK = metrics.ACKS.labels("ok")  # every successful request: no label lookup
@@ -79,6 +80,7 @@ class ChatNamespace(socketio.AsyncNamespace):
         typing: TypingTimers,
         max_presence_subscriptions: int,
         max_joined_rooms: int,
+        interest: RoomInterest,
         ledger: DeliveryLedger | None = None,
     ) -> None:
         super().__init__(NAMESPACE)
@@ -95,6 +97,8 @@ class ChatNamespace(socketio.AsyncNamespace):
         self.typing_timers = typing
         self.max_presence_subscriptions = max_presence_subscriptions
         self.max_joined_rooms = max_joined_rooms
+        #: which rooms this instance hears from the others
+        self.interest = interest
         #: what this instance delivered, for catching up after a lost subscription
         self.ledger = ledger
 
@@ -184,7 +188,9 @@ class ChatNamespace(socketio.AsyncNamespace):
                 "too_large", f"a connection may join at most {self.max_joined_rooms} rooms"
             )
         room = await self.rooms.open_for_join(conn.identity, request.room)
-        # Enter first, then read: a message stored meanwhile arrives live or in `missed`.
+        # Hear the room, enter it, then read: a message stored meanwhile arrives live or in
+        # `missed` (the room's channel is followed once `join` returns).
+        await self.interest.join(conn.sid, room.id)
         await self.enter_room(conn.sid, room_channel(room.id))
         conn.joined.add(room.id)
         last_seq, missed, has_more = await self.messages.missed(room.id, request.since)
@@ -210,6 +216,7 @@ class ChatNamespace(socketio.AsyncNamespace):
         await self.typing_timers.stop(conn, request.room, "leave")
         await self.leave_room(conn.sid, room_channel(request.room))
         conn.joined.discard(request.room)
+        self.interest.leave(conn.sid, request.room)
         return {}
 
     async def room_create(self, conn: Connection, request: CreateRoom) -> dict:

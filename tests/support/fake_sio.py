@@ -27,6 +27,14 @@ class FakeManager:
         self.server = server
         self.connected: set[str] = set()
         self.rooms: dict[str, set[str]] = defaultdict(set)
+        #: the Socket.IO rooms followed now (``follow`` / ``unfollow``, as a Redis manager's)
+        self.followed: set[str] = set()
+
+    async def follow(self, rooms: list[str], wait: bool = True) -> None:
+        self.followed.update(rooms)
+
+    async def unfollow(self, rooms: list[str]) -> None:
+        self.followed.difference_update(rooms)
 
     async def emit(self, event, data, namespace=None, room=None, skip_sid=None, **kwargs) -> None:
         """What ``AsyncServer.emit`` hands the manager; recorded like the server's own."""

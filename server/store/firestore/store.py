@@ -897,6 +897,11 @@ class FirestoreStore(Store):
 
     # ------------------------------------------------------------------ the room list
 
+    async def member_rooms(self, user_id: str) -> list[str]:
+        """The ids of the user's ``users/{user}/rooms`` mirrors: one query, one read per room."""
+        mirrors = self._user(user_id).collection("rooms")
+        return await self._query(f"member_rooms({user_id!r})", mirrors, lambda s: s.id)
+
     async def user_rooms(self, user_id: str) -> list[tuple[Room, Message | None]]:
         """The user's ``users/{user}/rooms`` mirrors (written with every membership change),
         the rooms in one batched read, then each room's last message (one small query per
