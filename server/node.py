@@ -58,7 +58,7 @@ from server.transport.catchup import CatchUp
 from server.transport.channels import NAMESPACE, room_channel
 from server.transport.connections import Admission, ConnectionRegistry
 from server.transport.engine import ChatSocketServer
-from server.transport.fanout import MEMBERS, Fanout
+from server.transport.fanout import Fanout
 from server.transport.http import HttpContext
 from server.transport.indicators import TypingTimers
 from server.transport.interest import RoomInterest
@@ -180,9 +180,7 @@ class Node:
             member_events=self.webhooks.for_members if self.webhooks.enabled else None,
             on_members_changed=self.fanout.members_changed if self.bus else None,
         )
-        self.fanout.on_control_event(
-            MEMBERS, lambda data: self.rooms.forget_members(str(data.get("room")))
-        )
+        self.fanout.on_members = self.rooms.forget_members
         limits = ContentLimits(
             max_length=settings.MAX_MESSAGE_LENGTH,
             max_mentions=settings.MAX_MENTIONS_PER_MESSAGE,
@@ -232,7 +230,7 @@ class Node:
             events_per_second=settings.RATE_LIMIT_EVENTS_PER_SECOND,
             events_burst=settings.RATE_LIMIT_EVENTS_BURST,
             interest=interest,
-            member_rooms=self.store.member_rooms if self.bus else None,
+            member_rooms=self.rooms.member_rooms if self.bus else None,
         )
         typing = TypingTimers(self.messages, settings.TYPING_TIMEOUT)
         self.fanout.on_evicted = lambda conn, room: typing.stop(conn, room, "evicted")

@@ -103,3 +103,28 @@ async def test_creating_an_existing_room_is_idempotent_for_its_owner_only(rooms)
     assert (await rooms.create(ALICE, CreateRoom(room="team", private=True))).id == made.id
     await refused(rooms.create(BOB, CreateRoom(room="team", private=True)), "forbidden")
     await refused(rooms.create(ALICE, CreateRoom(room="dm:alice:bob")), "bad_request")
+
+
+async def test_member_rooms_are_remembered_until_a_change_is_heard_of():
+    store = MemoryStore()
+    await store.start()
+    heard: list[tuple[str, list[str], bool]] = []
+
+    async def listener(room_id: str, users: list[str], added: bool) -> None:
+        heard.append((room_id, users, added))
+
+    rooms = RoomService(store, on_members_changed=listener)
+    await rooms.create(ALICE, CreateRoom(room="plans", private=True, members=["bob"]))
+    assert heard == [("plans", ["alice", "bob"], True)]
+    assert await rooms.member_rooms("bob") == ["plans"]
+    await store.add_members("elsewhere", ["bob"])  # written by another instance
+    assert await rooms.member_rooms("bob") == ["plans"]  # remembered
+    rooms.forget_members("elsewhere", ["bob"])  # its members control event arrives
+    assert sorted(await rooms.member_rooms("bob")) == ["elsewhere", "plans"]
+    await rooms.change_members(ALICE, ChangeMembers(room="plans", users=["bob"]), add=False)
+    assert heard[-1] == ("plans", ["bob"], False)
+    assert await rooms.member_rooms("bob") == ["elsewhere"]  # this instance's own change
+    expiring = RoomService(store, member_rooms_ttl=0)
+    assert await expiring.member_rooms("bob") == ["elsewhere"]
+    await store.add_members("plans", ["bob"])
+    assert sorted(await expiring.member_rooms("bob")) == ["elsewhere", "plans"]

@@ -51,6 +51,8 @@ def direct_members(room_id: str) -> tuple[str, str] | None:
 
 #: Rooms whose member lists ``members_recent`` keeps at most (oldest dropped first).
 MEMBERS_REMEMBERED = 10_000
+#: Users whose room ids ``member_rooms`` keeps at most (oldest dropped first).
+USER_ROOMS_REMEMBERED = 100_000
 
 #: The token role that may delete any message, anywhere.
 ADMIN_ROLE = "admin"
@@ -81,6 +83,7 @@ class RoomService:
         member_events: MemberEvents | None = None,
         members_ttl: float = 5.0,
         on_members_changed: MembershipListener | None = None,
+        member_rooms_ttl: float = 60.0,
     ) -> None:
         self.store = store
         self.moderation = moderation
@@ -95,6 +98,8 @@ class RoomService:
         #: follow its members: ``server/transport/interest.py``)
         self.on_members_changed = on_members_changed
         self._members: dict[str, tuple[float, list[str]]] = {}  # room -> (expiry, members)
+        self.member_rooms_ttl = member_rooms_ttl
+        self._user_rooms: dict[str, tuple[float, list[str]]] = {}  # user -> (expiry, rooms)
 
     def _events(self, room_id: str, users: list[str], added: bool) -> list[OutboxEntry] | None:
         if self.member_events is None or not users:
@@ -104,13 +109,13 @@ class RoomService:
     async def add(self, room_id: str, users: list[str]) -> None:
         """Add ``users`` to the room, with their ``room.member_added`` event."""
         await self.store.add_members(room_id, users, self._events(room_id, users, True))
-        self._members.pop(room_id, None)
+        self.forget_members(room_id, users)
         await self._changed(room_id, users, True)
 
     async def remove(self, room_id: str, users: list[str]) -> None:
         """Remove ``users`` from the room, with their ``room.member_removed`` event."""
         await self.store.remove_members(room_id, users, self._events(room_id, users, False))
-        self._members.pop(room_id, None)
+        self.forget_members(room_id, users)
         await self._changed(room_id, users, False)
 
     async def _changed(self, room_id: str, users: list[str], added: bool) -> None:
@@ -123,7 +128,7 @@ class RoomService:
             room, members, self._events(room.id, members, True)
         )
         if created:
-            self._members.pop(room.id, None)
+            self.forget_members(room.id, members)
             await self._changed(room.id, members, True)
         return stored, created
 
@@ -142,9 +147,27 @@ class RoomService:
             self._members.pop(next(iter(self._members)))
         return members
 
-    def forget_members(self, room_id: str) -> None:
-        """Another instance changed ``room_id``'s membership: read it afresh next time."""
+    def forget_members(self, room_id: str, users: list[str]) -> None:
+        """``users`` joined or left ``room_id``'s members (here, or through another instance,
+        which says so with the ``members`` control event): read both afresh next time."""
         self._members.pop(room_id, None)
+        for user_id in users:
+            self._user_rooms.pop(user_id, None)
+
+    async def member_rooms(self, user_id: str) -> list[str]:
+        """The ids of the rooms ``user_id`` is a member of, remembered for
+        ``member_rooms_ttl`` seconds or until a membership change of the user is heard of
+        (``forget_members``): for following rooms at connect, never for an access check.
+        A reconnect or a second tab costs no store read (Firestore: one per room)."""
+        now = time.monotonic()
+        held = self._user_rooms.get(user_id)
+        if held is not None and held[0] > now:
+            return held[1]
+        rooms = await self.store.member_rooms(user_id)
+        self._user_rooms[user_id] = (now + self.member_rooms_ttl, rooms)
+        while len(self._user_rooms) > USER_ROOMS_REMEMBERED:
+            self._user_rooms.pop(next(iter(self._user_rooms)))
+        return rooms
 
     def _check_direct(self, who: Identity, room_id: str) -> None:
         """A direct room id names its users: anyone else is refused, whether it exists or not."""

@@ -63,6 +63,8 @@ class Fanout:
         self._control_counters: dict[str, Any] = {}
         #: called for each socket an eviction removes from a room (ends its typing)
         self.on_evicted: Callable[[Connection, str], Awaitable[None]] | None = None
+        #: called with (room, users) for every membership change, from any instance
+        self.on_members: Callable[[str, list[str]], None] | None = None
 
     async def to_room(
         self,
@@ -185,9 +187,10 @@ class Fanout:
         elif name == MEMBERS:
             users = data.get("users")
             if isinstance(users, list):
-                await self.members_local(
-                    str(data.get("room")), [str(u) for u in users], data.get("added") is True
-                )
+                room_id, user_ids = str(data.get("room")), [str(u) for u in users]
+                if self.on_members is not None:
+                    self.on_members(room_id, user_ids)
+                await self.members_local(room_id, user_ids, data.get("added") is True)
         elif name == DISCONNECT:
             before = data.get("issued_before")
             await self.disconnect_local(
