@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.requirements import require_tool
-from tests.support.servers import ROOT, ServerProcess, cluster_env, key_prefix, start_all
+from tests.support.servers import ROOT, deployment
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 ARTIFACTS = ROOT / ".run" / "artifacts"
@@ -29,17 +29,8 @@ async def browser():
 @pytest.fixture(scope="module")
 def pair(redis_url, tmp_path_factory):
     """Two instances on one Redis and one SQLite file, as behind a load balancer."""
-    prefix = key_prefix()
-    tmp = tmp_path_factory.mktemp("demo")
-    servers = start_all(
-        [
-            ServerProcess(cluster_env(redis_url, prefix, tmp, INSTANCE_ID=f"demo-{i}"))
-            for i in range(2)
-        ]
-    )
-    yield servers
-    for server in servers:
-        server.stop()
+    with deployment(redis_url, tmp_path_factory.mktemp("demo"), 2, "demo") as servers:
+        yield servers
 
 
 async def sign_in(browser, url: str, user: str, width: int = 1280, height: int = 800):

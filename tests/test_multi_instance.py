@@ -22,10 +22,10 @@ from tests.support.servers import (
     ServerProcess,
     chat_server,
     cluster_env,
+    deployment,
     free_port,
     key_prefix,
     make_token,
-    start_all,
 )
 
 #: The grace period of the three-instance cluster: long enough that a reconnection made
@@ -36,21 +36,9 @@ TRIO_GRACE = 3.0
 @pytest.fixture(scope="module")
 def trio(redis_url, tmp_path_factory):
     """Three instances sharing one Redis and one SQLite file."""
-    prefix = key_prefix()
     tmp = tmp_path_factory.mktemp("trio")
-    servers = start_all(
-        [
-            ServerProcess(
-                cluster_env(
-                    redis_url, prefix, tmp, INSTANCE_ID=f"node-{i}", WS_GRACE_PERIOD=TRIO_GRACE
-                )
-            )
-            for i in range(3)
-        ]
-    )
-    yield servers
-    for server in servers:
-        server.stop()
+    with deployment(redis_url, tmp, 3, "node", WS_GRACE_PERIOD=TRIO_GRACE) as servers:
+        yield servers
 
 
 @pytest.fixture

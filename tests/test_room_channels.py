@@ -21,8 +21,13 @@ from server.bus.room_channels import RoomChannels, hash_tag_of
 from server.transport.interest import RoomInterest
 from tests.support.clients import ChatClient, metric_values, until
 from tests.support.fake_sio import FakeManager, FakeServer
-from tests.support.servers import ServerProcess, cluster_env, key_prefix, start_all
-from tests.test_cluster_manager import listening, shard_subscribers, unique
+from tests.support.servers import ServerProcess, deployment
+from tests.test_cluster_manager import (
+    _close_redis_manager,
+    listening,
+    shard_subscribers,
+    unique,
+)
 
 # --- the rules of one manager ----------------------------------------------------------------
 
@@ -170,12 +175,6 @@ async def quiet_numsub(client: aioredis.Redis, channel: str) -> int:
         return 0
 
 
-async def close_manager(manager: RedisManager) -> None:
-    for client in (getattr(manager, "pubsub", None), getattr(manager, "redis", None)):
-        if client is not None:
-            await client.aclose()
-
-
 async def test_redis_manager_hears_only_the_rooms_it_follows(private_redis):
     channel = unique()
     publisher = RedisManager(private_redis.url, channel=channel, room_prefix="room:")
@@ -208,8 +207,8 @@ async def test_redis_manager_hears_only_the_rooms_it_follows(private_redis):
             await publisher._publish(emit("user:u", 10))
             assert (await asyncio.wait_for(inbox.get(), 5))["n"] == 10
     finally:
-        await close_manager(publisher)
-        await close_manager(listener)
+        await _close_redis_manager(publisher)
+        await _close_redis_manager(listener)
         await probe.aclose()
 
 
@@ -223,8 +222,8 @@ async def test_publish_rooms_off_keeps_room_emits_on_the_main_channel(redis_url)
             await old_style._publish(emit("room:r", 1))
             assert (await asyncio.wait_for(inbox.get(), 5))["n"] == 1
     finally:
-        await close_manager(old_style)
-        await close_manager(listener)
+        await _close_redis_manager(old_style)
+        await _close_redis_manager(listener)
 
 
 async def test_cluster_manager_follows_rooms_on_the_main_channels_shard(redis_cluster):
@@ -265,19 +264,10 @@ async def test_cluster_manager_follows_rooms_on_the_main_channels_shard(redis_cl
 @pytest.fixture(scope="module")
 def pair(redis_url, tmp_path_factory):
     """Two instances on one Redis; a room stops being heard 0.5 s after its last member."""
-    prefix = key_prefix()
-    tmp = tmp_path_factory.mktemp("pair")
-    servers = start_all(
-        [
-            ServerProcess(
-                cluster_env(redis_url, prefix, tmp, INSTANCE_ID=f"rc-{i}", BUS_ROOM_LINGER=0.5)
-            )
-            for i in range(2)
-        ]
-    )
-    yield servers, prefix
-    for server in servers:
-        server.stop()
+    with deployment(
+        redis_url, tmp_path_factory.mktemp("pair"), 2, "rc", BUS_ROOM_LINGER=0.5
+    ) as servers:
+        yield servers, servers[0].env["REDIS_KEY_PREFIX"]
 
 
 async def bus_messages_in(server: ServerProcess) -> float:

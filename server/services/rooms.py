@@ -54,6 +54,32 @@ MEMBERS_REMEMBERED = 10_000
 #: Users whose room ids ``member_rooms`` keeps at most (oldest dropped first).
 USER_ROOMS_REMEMBERED = 100_000
 
+
+class Remembered:
+    """Lists read from the store, kept per key for ``ttl`` seconds, at most ``most`` keys
+    (the oldest dropped first); :meth:`forget` drops one at once."""
+
+    def __init__(self, ttl: float, most: int) -> None:
+        self.ttl = ttl
+        self.most = most
+        self._held: dict[str, tuple[float, list[str]]] = {}  # key -> (expiry, list)
+
+    async def get(self, key: str, read: Callable[[str], Awaitable[list[str]]]) -> list[str]:
+        """The list held for ``key``, or ``await read(key)`` when there is none or it expired."""
+        now = time.monotonic()
+        held = self._held.get(key)
+        if held is not None and held[0] > now:
+            return held[1]
+        found = await read(key)
+        self._held[key] = (now + self.ttl, found)
+        while len(self._held) > self.most:
+            self._held.pop(next(iter(self._held)))
+        return found
+
+    def forget(self, key: str) -> None:
+        self._held.pop(key, None)
+
+
 #: The token role that may delete any message, anywhere.
 ADMIN_ROLE = "admin"
 
@@ -93,13 +119,11 @@ class RoomService:
         self.member_changes = member_changes
         #: the events (webhooks) each membership change records in the same store write
         self.member_events = member_events
-        self.members_ttl = members_ttl
+        self._members = Remembered(members_ttl, MEMBERS_REMEMBERED)  # room -> members
         #: called after every stored membership change (the instances that hear a room
         #: follow its members: ``server/transport/interest.py``)
         self.on_members_changed = on_members_changed
-        self._members: dict[str, tuple[float, list[str]]] = {}  # room -> (expiry, members)
-        self.member_rooms_ttl = member_rooms_ttl
-        self._user_rooms: dict[str, tuple[float, list[str]]] = {}  # user -> (expiry, rooms)
+        self._user_rooms = Remembered(member_rooms_ttl, USER_ROOMS_REMEMBERED)  # user -> rooms
 
     def _events(self, room_id: str, users: list[str], added: bool) -> list[OutboxEntry] | None:
         if self.member_events is None or not users:
@@ -136,38 +160,23 @@ class RoomService:
         """The room's members, remembered for ``members_ttl`` seconds: for deliveries that
         tolerate it (``room:activity``), never for an access check. This instance forgets a
         room's list when it changes the membership, and when another instance says it did
-        (``forget_members``, on the ``members`` control event); the TTL bounds the rest. Saves a store read (Firestore: one per member) on most sends."""
-        now = time.monotonic()
-        held = self._members.get(room_id)
-        if held is not None and held[0] > now:
-            return held[1]
-        members = await self.store.list_members(room_id)
-        self._members[room_id] = (now + self.members_ttl, members)
-        while len(self._members) > MEMBERS_REMEMBERED:
-            self._members.pop(next(iter(self._members)))
-        return members
+        (``forget_members``, on the ``members`` control event); the TTL bounds the rest.
+        Saves a store read (Firestore: one per member) on most sends."""
+        return await self._members.get(room_id, self.store.list_members)
 
     def forget_members(self, room_id: str, users: list[str]) -> None:
         """``users`` joined or left ``room_id``'s members (here, or through another instance,
         which says so with the ``members`` control event): read both afresh next time."""
-        self._members.pop(room_id, None)
+        self._members.forget(room_id)
         for user_id in users:
-            self._user_rooms.pop(user_id, None)
+            self._user_rooms.forget(user_id)
 
     async def member_rooms(self, user_id: str) -> list[str]:
         """The ids of the rooms ``user_id`` is a member of, remembered for
         ``member_rooms_ttl`` seconds or until a membership change of the user is heard of
         (``forget_members``): for following rooms at connect, never for an access check.
         A reconnect or a second tab costs no store read (Firestore: one per room)."""
-        now = time.monotonic()
-        held = self._user_rooms.get(user_id)
-        if held is not None and held[0] > now:
-            return held[1]
-        rooms = await self.store.member_rooms(user_id)
-        self._user_rooms[user_id] = (now + self.member_rooms_ttl, rooms)
-        while len(self._user_rooms) > USER_ROOMS_REMEMBERED:
-            self._user_rooms.pop(next(iter(self._user_rooms)))
-        return rooms
+        return await self._user_rooms.get(user_id, self.store.member_rooms)
 
     def _check_direct(self, who: Identity, room_id: str) -> None:
         """A direct room id names its users: anyone else is refused, whether it exists or not."""

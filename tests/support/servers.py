@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,6 +184,28 @@ def key_prefix() -> str:
     import uuid
 
     return f"t{uuid.uuid4().hex[:8]}:"
+
+
+@contextlib.contextmanager
+def deployment(
+    redis_url: str, tmp_path, count: int, name: str, **extra
+) -> Iterator[list[ServerProcess]]:
+    """``count`` instances on one Redis (a fresh key prefix) and one SQLite file, as behind
+    a load balancer, named ``<name>-0`` …; stopped on the way out."""
+    prefix = key_prefix()
+    servers = start_all(
+        [
+            ServerProcess(
+                cluster_env(redis_url, prefix, tmp_path, INSTANCE_ID=f"{name}-{i}", **extra)
+            )
+            for i in range(count)
+        ]
+    )
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def cluster_env(redis_url: str, prefix: str, tmp_path, **extra) -> dict[str, str]:
