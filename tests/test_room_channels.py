@@ -194,6 +194,16 @@ async def test_redis_manager_hears_only_the_rooms_it_follows(private_redis):
                 ("room:here", 3),
             ]
             assert await numsub(probe, listener.room_channels.name("room:elsewhere")) == 0
+            # A publish that reconnects replaces the manager's pub/sub object: a room
+            # followed afterwards must still be subscribed on the listener's connection.
+            listener.connected = False
+            await listener._publish(emit("user:u", 4))
+            assert (await asyncio.wait_for(inbox.get(), 5))["n"] == 4
+            started = asyncio.get_running_loop().time()
+            await listener.follow(["room:later"])
+            assert asyncio.get_running_loop().time() - started < 2  # confirmed, not timed out
+            await publisher._publish(emit("room:later", 5))
+            assert (await asyncio.wait_for(inbox.get(), 5))["n"] == 5
             # A restart of Redis: the new subscription names the followed room again.
             await asyncio.to_thread(private_redis.restart)
             await until(

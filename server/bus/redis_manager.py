@@ -62,6 +62,7 @@ class RedisManager(CarriedOutside, socketio.AsyncRedisManager, ControlEvents):
         self.delivery = delivery or Delivery(channel)
         self.room_channels = RoomChannels(channel, room_prefix, publish=publish_rooms)
         self._publishes: Batcher[tuple[str, bytes | str]] = Batcher(self._publish_batch, "publish")
+        self._listening: Any = None  # the listener's pub/sub, where follow subscribes
 
     def _redis_connect(self) -> None:
         if urlparse(self.redis_url).scheme in {"redis+sentinel", "valkey+sentinel"}:
@@ -77,13 +78,13 @@ class RedisManager(CarriedOutside, socketio.AsyncRedisManager, ControlEvents):
         return await self.delivery.publish(lambda: self._publishes.call(message))
 
     async def follow(self, rooms: list[str], wait: bool = True) -> None:
-        pubsub = self.pubsub if self.delivery.subscribed.is_set() else None
+        pubsub = self._listening if self.delivery.subscribed.is_set() else None
         await self.room_channels.follow(
             rooms, None if pubsub is None else lambda names: pubsub.subscribe(*names), wait
         )
 
     async def unfollow(self, rooms: list[str]) -> None:
-        pubsub = self.pubsub if self.delivery.subscribed.is_set() else None
+        pubsub = self._listening if self.delivery.subscribed.is_set() else None
         await self.room_channels.unfollow(
             rooms, None if pubsub is None else lambda names: pubsub.unsubscribe(*names)
         )
@@ -112,6 +113,8 @@ class RedisManager(CarriedOutside, socketio.AsyncRedisManager, ControlEvents):
                 lambda names: pubsub.subscribe(*names),
                 lambda names: pubsub.unsubscribe(*names),
             )
+            # Its own reference: a publish that reconnects replaces ``self.pubsub``.
+            self._listening = pubsub
             return pubsub
 
         async for message in self.delivery.listen(subscribe, lambda pubsub: pubsub.listen()):
