@@ -102,6 +102,7 @@ class Settings(BaseModel):
     MAX_CONNECTIONS_PER_IP: int = Field(200, ge=1)
     MAX_ROOM_MEMBERS: int = Field(10_000, ge=2)
     MAX_JOINED_ROOMS: int = Field(200, ge=1)
+    MAX_FOLLOWED_MEMBER_ROOMS: int = Field(1000, ge=0)
     ROOM_MEMBERS_PAGE: int = Field(500, ge=1, le=1000)
     ROOM_CREATES_PER_HOUR: int = Field(60, ge=1)
     MEMBER_CHANGES_PER_HOUR: int = Field(5000, ge=1)

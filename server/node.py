@@ -231,6 +231,7 @@ class Node:
             events_burst=settings.RATE_LIMIT_EVENTS_BURST,
             interest=interest,
             member_rooms=self.rooms.member_rooms if self.bus else None,
+            max_followed_member_rooms=settings.MAX_FOLLOWED_MEMBER_ROOMS,
         )
         typing = TypingTimers(self.messages, settings.TYPING_TIMEOUT)
         self.fanout.on_evicted = lambda conn, room: typing.stop(conn, room, "evicted")

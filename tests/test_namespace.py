@@ -6,9 +6,11 @@ import asyncio
 
 import pytest
 import socketio
+from prometheus_client import REGISTRY
 
 from server.auth import TokenVerifier
 from server.core.clientip import ClientAddress
+from server.core.models import Room
 from server.core.refusals import LocalRefusals, RefusalCounter
 from server.core.state import InstanceState
 from server.presence.memory import MemoryPresence
@@ -193,3 +195,22 @@ async def test_a_connect_that_fails_unexpectedly_is_refused_with_internal(wired)
         await wired.connect("s1", "alice")
     assert refused.value.error_args == {"message": "internal", "data": {"code": "internal"}}
     assert wired.registry.get("s1") is None  # nothing half-connected left behind
+
+
+async def test_a_connection_follows_its_users_rooms_up_to_the_cap(wired):
+    for room in ("r1", "r2", "r3"):
+        await wired.store.create_room(Room(room, "public", room), ["alice", "bob"])
+    wired.admission.max_followed_member_rooms = 2
+    capped = ("chat_limit_refusals_total", {"limit": "followed_member_rooms"})
+    before = REGISTRY.get_sample_value(*capped) or 0
+    await wired.connect("s1", "alice")
+    await asyncio.gather(*wired.sio.tasks)  # after-connect: follows before the session event
+    assert wired.sio.manager.followed == {"room:r1", "room:r2"}  # the first two by id
+    assert [e.event for e in wired.sio.emitted][-1] == "session"
+    assert REGISTRY.get_sample_value(*capped) == before + 1
+    assert (await wired.call("s1", "room:join", {"room": "r3"}))["ok"]
+    assert "room:r3" in wired.sio.manager.followed  # a join follows past the cap
+    wired.sio.manager.connected.discard("s1")
+    await wired.ns.trigger_event("disconnect", "s1", "client disconnect")
+    await asyncio.sleep(0.05)  # linger 0: the unfollows run as tasks
+    assert wired.sio.manager.followed == set()

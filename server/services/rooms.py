@@ -171,12 +171,15 @@ class RoomService:
         for user_id in users:
             self._user_rooms.forget(user_id)
 
-    async def member_rooms(self, user_id: str) -> list[str]:
-        """The ids of the rooms ``user_id`` is a member of, remembered for
+    async def member_rooms(self, user_id: str, limit: int | None = None) -> list[str]:
+        """The ids of the rooms ``user_id`` is a member of (at most ``limit``, in room id
+        order; one caller, one limit: the list is remembered per user), remembered for
         ``member_rooms_ttl`` seconds or until a membership change of the user is heard of
         (``forget_members``): for following rooms at connect, never for an access check.
         A reconnect or a second tab costs no store read (Firestore: one per room)."""
-        return await self._user_rooms.get(user_id, self.store.member_rooms)
+        return await self._user_rooms.get(
+            user_id, lambda user: self.store.member_rooms(user, limit)
+        )
 
     def _check_direct(self, who: Identity, room_id: str) -> None:
         """A direct room id names its users: anyone else is refused, whether it exists or not."""

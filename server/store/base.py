@@ -168,10 +168,12 @@ class Store(ABC):
         """The emojis ``user_id`` reacted with, for those of ``message_ids`` that have any."""
 
     # the room list
-    async def member_rooms(self, user_id: str) -> list[str]:
-        """The ids of the rooms ``user_id`` is a member of, in no order (each store answers
-        from its membership index alone: no room and no message is read)."""
-        return [room.id for room, _ in await self.user_rooms(user_id)]
+    async def member_rooms(self, user_id: str, limit: int | None = None) -> list[str]:
+        """The ids of the rooms ``user_id`` is a member of, at most ``limit``, in room id
+        order (each store answers from its membership index alone: no room and no message
+        is read)."""
+        found = sorted(room.id for room, _ in await self.user_rooms(user_id))
+        return found if limit is None else found[:limit]
 
     @abstractmethod
     async def user_rooms(self, user_id: str) -> list[tuple[Room, Message | None]]:

@@ -231,8 +231,9 @@ class MemoryStore(Store):
                 mine[mid] = chosen
         return mine
 
-    async def member_rooms(self, user_id: str) -> list[str]:
-        return [room_id for room_id, members in self._members.items() if user_id in members]
+    async def member_rooms(self, user_id: str, limit: int | None = None) -> list[str]:
+        found = sorted(room_id for room_id, members in self._members.items() if user_id in members)
+        return found if limit is None else found[:limit]
 
     async def user_rooms(self, user_id: str) -> list[tuple[Room, Message | None]]:
         found: list[tuple[Room, Message | None]] = []

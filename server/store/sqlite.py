@@ -852,8 +852,11 @@ class SQLiteStore(Store):
             mine.setdefault(mid, set()).add(emoji)
         return {mid: frozenset(emojis) for mid, emojis in mine.items()}
 
-    async def member_rooms(self, user_id: str) -> list[str]:
-        rows = await self._fetchall("SELECT room FROM members WHERE user = ?", (user_id,))
+    async def member_rooms(self, user_id: str, limit: int | None = None) -> list[str]:
+        rows = await self._fetchall(
+            "SELECT room FROM members WHERE user = ? ORDER BY room LIMIT ?",
+            (user_id, -1 if limit is None else limit),
+        )
         return [row[0] for row in rows]
 
     async def user_rooms(self, user_id: str) -> list[tuple[Room, Message | None]]:

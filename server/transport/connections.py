@@ -12,9 +12,10 @@ Invariants:
   (python-socketio only logs other exceptions and keeps the sid in its rooms);
 - presence of a connection is registered before its ``session`` event is sent, and
   undone on disconnect, in that order per socket;
-- with ``member_rooms``, the instance hears (follows) every room the user is a member of
-  before the ``session`` event is sent (``room:activity`` reaches the connection from
-  then on), and stops counting the connection's interest on disconnect.
+- with ``member_rooms``, the instance hears (follows) the rooms the user is a member of
+  (the first ``max_followed_member_rooms`` by id) before the ``session`` event is sent
+  (``room:activity`` reaches the connection from then on), and stops counting the
+  connection's interest on disconnect.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ class Admission:
         events_per_second: float,
         events_burst: int,
         interest: RoomInterest,
-        member_rooms: Callable[[str], Awaitable[list[str]]] | None = None,
+        member_rooms: Callable[[str, int], Awaitable[list[str]]] | None = None,
+        max_followed_member_rooms: int = 1000,
     ) -> None:
         self.sio = sio
         self.registry = registry
@@ -171,6 +173,7 @@ class Admission:
         self.interest = interest
         #: the rooms a user is a member of, to follow them (None: one instance, no need)
         self.member_rooms = member_rooms
+        self.max_followed_member_rooms = max_followed_member_rooms
 
     async def connect(self, sid: str, environ: dict, auth: Any = None) -> None:
         """Authenticate and register; anything unexpected refuses cleanly (never half-connects)."""
@@ -278,7 +281,12 @@ class Admission:
 
     async def _follow_member_rooms(self, conn: Connection) -> None:
         assert self.member_rooms is not None
-        rooms = await self.member_rooms(conn.identity.user_id)
+        cap = self.max_followed_member_rooms
+        rooms = await self.member_rooms(conn.identity.user_id, cap + 1)
+        if len(rooms) > cap:  # room:activity of the others needs a join
+            metrics.LIMIT_REFUSALS.labels("followed_member_rooms").inc()
+            log.info("connect.member_rooms_capped", user=conn.identity.user_id, limit=cap)
+            rooms = rooms[:cap]
         await self.interest.members(conn.sid, rooms)  # nothing if it disconnected meanwhile
 
     async def disconnect(self, sid: str) -> None:

@@ -897,10 +897,13 @@ class FirestoreStore(Store):
 
     # ------------------------------------------------------------------ the room list
 
-    async def member_rooms(self, user_id: str) -> list[str]:
-        """The ids of the user's ``users/{user}/rooms`` mirrors: one query, one read per room."""
-        mirrors = self._user(user_id).collection("rooms")
-        return await self._query(f"member_rooms({user_id!r})", mirrors, lambda s: s.id)
+    async def member_rooms(self, user_id: str, limit: int | None = None) -> list[str]:
+        """The ids of the user's ``users/{user}/rooms`` mirrors (document id order): one
+        query, one read per room returned."""
+        query: Any = self._user(user_id).collection("rooms")
+        if limit is not None:
+            query = query.limit(limit)  # a query without order_by returns id order
+        return await self._query(f"member_rooms({user_id!r})", query, lambda s: s.id)
 
     async def user_rooms(self, user_id: str) -> list[tuple[Room, Message | None]]:
         """The user's ``users/{user}/rooms`` mirrors (written with every membership change),
