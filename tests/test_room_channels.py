@@ -139,6 +139,7 @@ async def test_a_connection_counts_once_and_not_after_it_is_gone():
     await rooms.join("s1", "late")  # a handler that finished after the disconnect
     await rooms.members("never-opened", ["x"])
     assert "late" not in rooms and "x" not in rooms
+    assert manager.followed == set()  # nothing followed that nothing would unfollow
 
 
 async def test_a_room_lingers_after_its_last_member_left():

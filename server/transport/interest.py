@@ -79,9 +79,11 @@ class RoomInterest:
         self._by_sid.setdefault(sid, _Reasons())
 
     async def join(self, sid: str, room_id: str) -> None:
-        """Connection ``sid`` joins ``room_id``: returns once the room is followed."""
-        self._add(sid, [room_id], joined=True)
-        await self.manager.follow([room_channel(room_id)])
+        """Connection ``sid`` joins ``room_id``: returns once the room is followed (at once
+        for a connection that is gone: nothing is followed for it)."""
+        if sid in self._by_sid:
+            self._add(sid, [room_id], joined=True)
+            await self.manager.follow([room_channel(room_id)])
 
     def leave(self, sid: str, room_id: str) -> None:
         """Connection ``sid`` left ``room_id`` (itself, or evicted)."""
